@@ -1,0 +1,1 @@
+"""Training strategies (single device; DeepSpeed, imported lazily) behind one interface."""

@@ -1,0 +1,1 @@
+"""Batched KV-cached generation: prefill + decode loop and sampling. Depends on model/."""

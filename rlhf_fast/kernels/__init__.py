@@ -1,0 +1,200 @@
+"""Public functional API of the kernels: `lora_linear`, `masked_attention`, `gae`, `ppo_loss`.
+
+Every function takes `backend=`:
+  "torch"  - the pure-PyTorch reference in `reference.py` (any device);
+  "triton" - the Triton kernel (CUDA tensors; CPU tensors too when TRITON_INTERPRET=1 was set
+             before triton was imported, which is how kernel tests run without a GPU);
+  "auto"   - triton on CUDA when a Triton implementation of that kernel exists, torch elsewhere.
+
+Inputs are validated here, once, so every backend sees the same checked shapes and dtypes and a bad
+call fails with a message naming the argument. This package imports only torch (triton lazily).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch
+
+from . import reference
+from .reference import PPOLossOutput
+
+__all__ = [
+    "BACKENDS",
+    "PPOLossOutput",
+    "gae",
+    "lora_linear",
+    "masked_attention",
+    "ppo_loss",
+    "resolve_backend",
+    "triton_available",
+    "triton_implemented",
+]
+
+BACKENDS = ("auto", "torch", "triton")
+
+# kernel name -> module holding its Triton implementation (a function of the same name, same
+# signature minus `backend`). A kernel whose module is absent has only the torch backend.
+_TRITON_MODULES = {
+    "lora_linear": "rlhf_fast.kernels.lora_linear",
+    "masked_attention": "rlhf_fast.kernels.attention",
+    "gae": "rlhf_fast.kernels.ppo",
+    "ppo_loss": "rlhf_fast.kernels.ppo",
+}
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    """True when the triton package is installed (it is imported only when a kernel runs)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_implemented(name: str) -> bool:
+    """True when kernel `name` has a Triton implementation in this build."""
+    module = _TRITON_MODULES.get(name)
+    return module is not None and importlib.util.find_spec(module) is not None and triton_available()
+
+
+def resolve_backend(name: str, backend: str, device: torch.device) -> str:
+    """Turn `backend` ("auto" | "torch" | "triton") into the concrete backend for kernel `name`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_implemented(name) else "torch"
+    if backend == "triton":
+        if not triton_implemented(name):
+            raise ValueError(f"{name}: backend='triton' is not available (no Triton implementation "
+                             "in this build, or triton is not installed); use backend='torch'")
+        if device.type != "cuda" and not interpreter_enabled():
+            raise ValueError(f"{name}: backend='triton' needs CUDA tensors, got {device.type} tensors "
+                             "(set TRITON_INTERPRET=1 before importing triton to run on CPU)")
+    return backend
+
+
+def _triton_fn(name: str):
+    return getattr(importlib.import_module(_TRITON_MODULES[name]), name)
+
+
+def _check_float(name: str, arg: str, t: torch.Tensor):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: {arg} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_same(name: str, ref_arg: str, ref: torch.Tensor, **others):
+    for arg, t in others.items():
+        if t is None:
+            continue
+        _check_float(name, arg, t)
+        if t.device != ref.device:
+            raise ValueError(f"{name}: {arg} is on {t.device} but {ref_arg} is on {ref.device}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name}: {arg} has dtype {t.dtype} but {ref_arg} has {ref.dtype}")
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scale: float, *, backend: str = "auto"):
+    """x @ weight.T + bias + scale * (x @ lora_a.T) @ lora_b.T.
+
+    x (..., in); weight (out, in); bias (out,) or None; lora_a (r, in); lora_b (out, r).
+    """
+    name = "lora_linear"
+    _check_float(name, "x", x)
+    _check_same(name, "x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
+    if weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2:
+        raise ValueError(f"{name}: weight, lora_a and lora_b must be 2-D, got {tuple(weight.shape)}, "
+                         f"{tuple(lora_a.shape)}, {tuple(lora_b.shape)}")
+    out_f, in_f = weight.shape
+    r = lora_a.shape[0]
+    if x.dim() < 1 or x.shape[-1] != in_f:
+        raise ValueError(f"{name}: x has {tuple(x.shape)}, its last dim must be in_features={in_f}")
+    if lora_a.shape[1] != in_f:
+        raise ValueError(f"{name}: lora_a must be (r, {in_f}), got {tuple(lora_a.shape)}")
+    if tuple(lora_b.shape) != (out_f, r):
+        raise ValueError(f"{name}: lora_b must be ({out_f}, {r}), got {tuple(lora_b.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise ValueError(f"{name}: bias must be ({out_f},), got {tuple(bias.shape)}")
+    scale = float(scale)
+    if resolve_backend(name, backend, x.device) == "triton":
+        return _triton_fn(name)(x, weight, bias, lora_a, lora_b, scale)
+    return reference.lora_linear(x, weight, bias, lora_a, lora_b, scale)
+
+
+def masked_attention(q, k, v, key_padding_mask=None, causal: bool = True, sm_scale: float | None = None,
+                     *, backend: str = "auto"):
+    """Causal (bottom-right) + key-padding attention; (B, H, Tq, D). Rows with no visible key are 0.
+
+    q (B, H, Tq, D); k, v (B, H, Tk, D); key_padding_mask (B, Tk) bool, True = real token.
+    """
+    name = "masked_attention"
+    _check_float(name, "q", q)
+    _check_same(name, "q", q, k=k, v=v)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{name}: q, k, v must be 4-D (B, H, T, D), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, _, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(f"{name}: k and v must be ({B}, {H}, Tk, {D}), got {tuple(k.shape)} and {tuple(v.shape)}")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"{name}: key_padding_mask must be bool (True = real token), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (B, k.shape[2]):
+            raise ValueError(f"{name}: key_padding_mask must be ({B}, {k.shape[2]}), "
+                             f"got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"{name}: key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+    if resolve_backend(name, backend, q.device) == "triton":
+        return _triton_fn(name)(q, k, v, key_padding_mask, causal, sm_scale)
+    return reference.masked_attention(q, k, v, key_padding_mask, causal, sm_scale)
+
+
+def _check_bt(name: str, **tensors):
+    shape = device = None
+    for arg, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name}: {arg} must be (B, T), got shape {tuple(t.shape)}")
+        if shape is None:
+            shape, device, first = t.shape, t.device, arg
+        elif t.shape != shape:
+            raise ValueError(f"{name}: {arg} has shape {tuple(t.shape)} but {first} has {tuple(shape)}")
+        elif t.device != device:
+            raise ValueError(f"{name}: {arg} is on {t.device} but {first} is on {device}")
+        if arg != "mask" and not t.is_floating_point():
+            raise TypeError(f"{name}: {arg} must be floating point, got {t.dtype}")
+
+
+def gae(rewards, values, mask, gamma: float, lam: float, *, backend: str = "auto"):
+    """Masked GAE: (advantages, returns), both (B, T) fp32, no gradient. See DESIGN.md."""
+    name = "gae"
+    _check_bt(name, rewards=rewards, values=values, mask=mask)
+    if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
+        raise ValueError(f"{name}: gamma and lam must lie in [0, 1], got gamma={gamma}, lam={lam}")
+    if resolve_backend(name, backend, rewards.device) == "triton":
+        return _triton_fn(name)(rewards, values, mask, float(gamma), float(lam))
+    return reference.gae(rewards, values, mask, gamma, lam)
+
+
+def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, *,
+             clip_eps: float = 0.2, value_clip_eps: float = 0.2, vf_coef: float = 0.5,
+             ref_logprobs=None, kl_coef: float = 0.0, backend: str = "auto") -> PPOLossOutput:
+    """Clipped PPO policy + value (+ k3 KL) loss, token mean over mask == 1. See DESIGN.md."""
+    name = "ppo_loss"
+    _check_bt(name, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, values=values,
+              old_values=old_values, returns=returns, mask=mask, ref_logprobs=ref_logprobs)
+    if clip_eps < 0 or value_clip_eps < 0:
+        raise ValueError(f"{name}: clip_eps and value_clip_eps must be >= 0")
+    kwargs = dict(clip_eps=float(clip_eps), value_clip_eps=float(value_clip_eps), vf_coef=float(vf_coef),
+                  ref_logprobs=ref_logprobs, kl_coef=float(kl_coef))
+    args = (logprobs, old_logprobs, advantages, values, old_values, returns, mask)
+    if resolve_backend(name, backend, logprobs.device) == "triton":
+        return _triton_fn(name)(*args, **kwargs)
+    return reference.ppo_loss(*args, **kwargs)

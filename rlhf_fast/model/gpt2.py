@@ -1,0 +1,310 @@
+"""GPT-2 in one file, nanoGPT style: LayerNorm -> attention -> MLP -> Block -> config -> GPT.
+
+Differences from nanoGPT that RLHF needs:
+- left padding everywhere: position ids come from the attention mask (cumsum - 1), and attention is
+  causal *and* key-padding masked, so a left-padded batch gives each row the logits it would get alone;
+- attention goes through a backend switch (`GPTConfig.attn_backend`), the linears of LoRA layers
+  through `rlhf_fast.kernels.lora_linear` (`GPTConfig.kernel_backend`);
+- `hidden_states()` exposes the final hidden states (B, T, C) for value/reward heads;
+- HF GPT-2 checkpoints import/export (`from_pretrained` / `save_pretrained`, in `hf.py`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rlhf_fast import kernels
+
+ATTN_BACKENDS = ("auto", "torch", "sdpa", "triton", "flash")
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention backends. All take q, k, v (B, H, Tq|Tk, D) and key_padding_mask (B, Tk) bool or None,
+# apply bottom-right causal masking, and return (B, H, Tq, D) with zeros for rows that see no key.
+
+
+def _sdpa_attention(q, k, v, key_padding_mask):
+    """SDPA in the input dtype. Fully masked rows are given a dummy visible set, then zeroed."""
+    tq, tk = q.shape[2], k.shape[2]
+    if key_padding_mask is None and tq == tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    visible = kernels.reference.attention_visibility(tq, tk, key_padding_mask, True, q.device)
+    has_key = visible.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~has_key)
+    return torch.where(has_key, out, 0.0)
+
+
+def _flash_attention(q, k, v, key_padding_mask):
+    """flash-attn (CUDA, fp16/bf16). Padded batches go through the varlen kernel on unpadded tokens."""
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    B, H, T, D = q.shape
+    if k.shape[2] != T:
+        raise NotImplementedError("attn_backend='flash' supports only Tq == Tk (no KV-cache decode)")
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, H, D)
+    if key_padding_mask is None:
+        return flash_attn_func(qt, kt, vt, causal=True).transpose(1, 2)
+    # Left padding: each row's real tokens are contiguous, so causal within them is bottom-right.
+    idx = key_padding_mask.flatten().nonzero(as_tuple=True)[0]
+    seqlens = key_padding_mask.sum(dim=1, dtype=torch.int32)
+    cu = F.pad(torch.cumsum(seqlens, 0, dtype=torch.int32), (1, 0))
+    max_len = int(seqlens.max())
+    flat = lambda t: t.reshape(B * T, H, D).index_select(0, idx)  # noqa: E731
+    out = flash_attn_varlen_func(flat(qt), flat(kt), flat(vt), cu, cu, max_len, max_len, causal=True)
+    full = torch.zeros(B * T, H, D, dtype=q.dtype, device=q.device).index_copy(0, idx, out)
+    return full.view(B, T, H, D).transpose(1, 2)
+
+
+def attention(q, k, v, key_padding_mask, backend: str):
+    if backend in ("torch", "triton"):
+        return kernels.masked_attention(q, k, v, key_padding_mask, causal=True, backend=backend)
+    if backend == "sdpa":
+        return _sdpa_attention(q, k, v, key_padding_mask)
+    if backend == "flash":
+        return _flash_attention(q, k, v, key_padding_mask)
+    raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTN_BACKENDS}")
+
+
+def resolve_attn_backend(backend: str, device: torch.device) -> str:
+    """Concrete backend for "auto": the Triton kernel on CUDA when built, else SDPA (torch on CPU)."""
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        return "triton" if kernels.triton_implemented("masked_attention") else "sdpa"
+    return "torch"
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.attn_backend = config.attn_backend
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, key_padding_mask):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        backend = resolve_attn_backend(self.attn_backend, x.device)
+        y = attention(q, k, v, key_padding_mask, backend)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, key_padding_mask):
+        x = x + self.attn(self.ln_1(x), key_padding_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Config and presets
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50257
+    n_positions: int = 1024  # context length (HF name; nanoGPT's block_size)
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    dropout: float = 0.0  # 0 for RLHF: PPO's first-epoch ratio must be exactly 1
+    bias: bool = True
+    layer_norm_epsilon: float = 1e-5
+    attn_backend: str = "auto"  # auto | torch | sdpa | triton | flash
+    kernel_backend: str = "auto"  # auto | torch | triton (LoRA linears and other fused kernels)
+
+    def __post_init__(self):
+        for f in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"GPTConfig.{f} must be a positive int, got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.layer_norm_epsilon <= 0:
+            raise ValueError(f"GPTConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"GPTConfig.attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
+        if self.kernel_backend not in kernels.BACKENDS:
+            raise ValueError(f"GPTConfig.kernel_backend must be one of {kernels.BACKENDS}, "
+                             f"got {self.kernel_backend!r}")
+        if self.attn_backend == "flash" and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("GPTConfig.attn_backend='flash' needs the flash-attn package "
+                             "(pip install 'rlhf_fast[flash]')")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+PRESETS: dict[str, dict] = {
+    # The four OpenAI GPT-2 sizes, with the exact Hugging Face shapes.
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    # Small random-init models for tests and the offline demo; vocab 320 holds the byte tokenizer's
+    # 256 bytes + special tokens, rounded up to a multiple of 64.
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=320),
+    "demo": dict(n_layer=4, n_head=4, n_embd=128, n_positions=256, vocab_size=320),
+}
+
+
+def preset_config(name: str, **overrides) -> GPTConfig:
+    """GPTConfig for a preset name, with field overrides (e.g. attn_backend="torch")."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------
+# GPT
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.n_positions, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GPT:
+        """A randomly initialised model of a preset's shape (use from_pretrained for real weights)."""
+        return cls(preset_config(name, **overrides))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **config_overrides) -> GPT:
+        """Load an HF GPT-2 checkpoint from a local directory or a hub name (see `hf.py`)."""
+        from .hf import load_hf_gpt2
+
+        return load_hf_gpt2(cls, name_or_path, **config_overrides)
+
+    def save_pretrained(self, directory, *, merge_adapter: str | None = None) -> None:
+        """Write an HF GPT-2 directory that `transformers.GPT2LMHeadModel.from_pretrained` loads.
+
+        LoRA adapters are not part of an HF GPT-2 checkpoint: the base weights are written, or, with
+        `merge_adapter=name`, the base weights with that adapter folded in (the model is untouched).
+        """
+        from .hf import save_hf_gpt2
+
+        save_hf_gpt2(self, directory, merge_adapter=merge_adapter)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def _check_inputs(self, input_ids, attention_mask):
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be an integer tensor (B, T), got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}")
+        T = input_ids.shape[1]
+        if T > self.config.n_positions:
+            raise ValueError(f"sequence length {T} exceeds the model's n_positions={self.config.n_positions}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                             f"input_ids {tuple(input_ids.shape)}")
+        # A value check needs a device->host sync, so it is skipped inside compiled graphs; eagerly it
+        # replaces an opaque CUDA device-side assert (or CPU "index out of range") with a clear error.
+        if not torch.compiler.is_compiling() and input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"input_ids out of range: found ids in [{lo}, {hi}], "
+                                 f"vocab_size is {self.config.vocab_size}")
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
+        """Final (post ln_f) hidden states (B, T, C). attention_mask (B, T): 1 = real token."""
+        self._check_inputs(input_ids, attention_mask)
+        key_padding_mask = None
+        if attention_mask is not None:
+            key_padding_mask = attention_mask.bool()
+            if position_ids is None:  # left padding: the first real token gets position 0
+                position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        tr = self.transformer
+        x = tr.drop(tr.wte(input_ids) + tr.wpe(position_ids))  # (B, T, C)
+        for block in tr.h:
+            x = block(x, key_padding_mask)
+        return tr.ln_f(x)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        """Logits (B, T, V)."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids))
+
+    # LoRA adapter controls (implemented in lora.py, exposed here for `model.set_adapter(...)`).
+    def set_adapter(self, name: str | None) -> None:
+        from .lora import set_adapter
+
+        set_adapter(self, name)
+
+    def disable_adapters(self):
+        from .lora import disable_adapters
+
+        return disable_adapters(self)
+
+    def merge_adapter(self, name: str) -> None:
+        from .lora import merge_adapter
+
+        merge_adapter(self, name)
+
+    def unmerge_adapter(self) -> None:
+        from .lora import unmerge_adapter
+
+        unmerge_adapter(self)

@@ -1,0 +1,167 @@
+"""Hugging Face GPT-2 interop: load HF checkpoints into `GPT`, export `GPT` as an HF GPT-2 directory.
+
+HF GPT-2 stores its attention/MLP projections as `Conv1D` with weight (in, out); ours are
+nn.Linear (out, in), so those four weights are transposed both ways. Everything else maps by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .gpt2 import GPTConfig
+
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # HF's causal-mask buffers in old checkpoints
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def resolve_checkpoint_dir(name_or_path: str) -> Path:
+    """A local directory as is; otherwise a hub name (e.g. "gpt2-medium") downloaded by huggingface_hub."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    looks_local = os.sep in str(name_or_path) and not _looks_like_repo_id(str(name_or_path))
+    if looks_local or path.exists():
+        raise FileNotFoundError(f"checkpoint directory not found: {name_or_path}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name_or_path), allow_patterns=["config.json", *_WEIGHT_FILES,
+                                                                         "*.safetensors"]))
+    except Exception as e:  # offline, unknown repo, ...: say what was tried
+        raise FileNotFoundError(f"{name_or_path!r} is not a local directory and could not be fetched "
+                                f"from the model hub ({type(e).__name__}: {e})") from e
+
+
+def _looks_like_repo_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "~"))
+
+
+def _read_hf_config(directory: Path) -> dict:
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{directory} has no config.json: not a Hugging Face model directory")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+    if cfg.get("model_type") != "gpt2":
+        raise ValueError(f"{directory} holds a {cfg.get('model_type')!r} model, not a GPT-2 checkpoint "
+                         "(config.json model_type must be 'gpt2')")
+    act = cfg.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"{directory}: activation_function {act!r} is not supported (GPT-2 uses gelu_new)")
+    if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("add_cross_attention"):
+        raise ValueError(f"{directory}: scale_attn_by_inverse_layer_idx / cross-attention are not supported")
+    return cfg
+
+
+def _load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    if (directory / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(directory / "model.safetensors"))
+    if (directory / "model.safetensors.index.json").is_file():
+        from safetensors.torch import load_file
+
+        index = json.loads((directory / "model.safetensors.index.json").read_text())
+        state = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            state.update(load_file(str(directory / shard)))
+        return state
+    if (directory / "pytorch_model.bin").is_file():
+        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{directory} has no weights (looked for {', '.join(_WEIGHT_FILES)})")
+
+
+def load_hf_gpt2(cls, name_or_path: str, **config_overrides):
+    directory = resolve_checkpoint_dir(name_or_path)
+    hf = _read_hf_config(directory)
+    config = GPTConfig(**{
+        "vocab_size": hf["vocab_size"],
+        "n_positions": hf.get("n_positions", hf.get("n_ctx", 1024)),
+        "n_embd": hf["n_embd"],
+        "n_layer": hf["n_layer"],
+        "n_head": hf["n_head"],
+        "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5),
+        **config_overrides,
+    })
+    state = _load_state_dict(directory)
+    model = cls(config)
+    ours = model.state_dict()
+    loaded = set()
+    with torch.no_grad():
+        for key, tensor in state.items():
+            if key.endswith(_IGNORED_SUFFIXES):
+                continue
+            name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+            if name not in ours:
+                raise ValueError(f"{directory}: unexpected weight {key!r} for a GPT-2 checkpoint")
+            if name.endswith(_CONV1D):
+                tensor = tensor.t()
+            if tensor.shape != ours[name].shape:
+                raise ValueError(f"{directory}: {key} has shape {tuple(tensor.shape)}, "
+                                 f"config.json implies {tuple(ours[name].shape)}")
+            ours[name].copy_(tensor)
+            loaded.add(name)
+    missing = set(ours) - loaded - {"lm_head.weight"}  # lm_head is tied to wte
+    if missing:
+        raise ValueError(f"{directory}: checkpoint is missing {len(missing)} weights, e.g. {sorted(missing)[:3]}")
+    return model
+
+
+def save_hf_gpt2(model, directory, *, merge_adapter: str | None = None) -> None:
+    from safetensors.torch import save_file
+
+    from .lora import lora_modules
+
+    cfg = model.config
+    if not cfg.bias:
+        raise ValueError("save_pretrained: HF GPT-2 has biases; a model with bias=False cannot be exported")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    deltas = {}
+    if merge_adapter is not None:
+        from .lora import _check_adapter
+
+        _check_adapter(model, merge_adapter)
+        for mod_name, m in lora_modules(model):
+            if merge_adapter in m.lora_A and m.merged_adapter != merge_adapter:
+                deltas[f"{mod_name}.weight"] = m.delta_weight(merge_adapter).detach()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if ".lora_" in name or name == "lm_head.weight":  # adapters are not HF weights; lm_head is tied
+            continue
+        tensor = tensor.detach()
+        if name in deltas:
+            tensor = tensor + deltas[name].to(tensor.dtype)
+        if name.endswith(_CONV1D):
+            tensor = tensor.t()
+        state[name] = tensor.contiguous().cpu()
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.n_positions,
+        "n_ctx": cfg.n_positions,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": 0.0,
+        "tie_word_embeddings": True,
+        # <|endoftext|> for the real GPT-2 vocabulary; small vocabularies name their EOS elsewhere.
+        "bos_token_id": 50256 if cfg.vocab_size == 50257 else None,
+        "eos_token_id": 50256 if cfg.vocab_size == 50257 else None,
+    }
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})

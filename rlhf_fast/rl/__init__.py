@@ -1,0 +1,1 @@
+"""Pure tensor RL maths: advantages, losses, KL, experience dataclasses. torch only."""

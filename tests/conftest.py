@@ -1,0 +1,33 @@
+"""Shared test setup.
+
+- Without a GPU, TRITON_INTERPRET=1 is set here, in pytest_configure, before any test imports
+  triton: Triton kernels then run on CPU tensors through the interpreter (the kernel test tier).
+  Set TRITON_INTERPRET yourself to override (e.g. TRITON_INTERPRET=1 on a GPU machine to run the
+  interpreter tier there too).
+- GPU tests (marked `gpu`) skip cleanly without CUDA. CUDA is queried in hooks, never at import.
+"""
+
+import os
+
+import pytest
+
+
+def pytest_configure(config):
+    if "TRITON_INTERPRET" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return
+    reason = "needs a CUDA GPU (and TRITON_INTERPRET unset)"
+    for item in gpu_items:
+        item.add_marker(pytest.mark.skip(reason=reason))
