@@ -39,8 +39,9 @@ def environment() -> dict:
         except md.PackageNotFoundError:
             return None
 
+    cuda = torch.cuda.is_available()
     env = {
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "triton": version("triton"),

@@ -13,7 +13,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-
 # ----------------------------------------------------------------------------------------------
 # LoRA linear
 
