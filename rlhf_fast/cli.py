@@ -38,7 +38,9 @@ def cmd_info(args) -> int:
     print("kernels (backend='auto' on this machine's default device):")
     for name in ("lora_linear", "masked_attention", "gae", "ppo_loss"):
         built = kernels.triton_implemented(name)
-        state = "usable" if built and (cuda or interp) else "built, needs CUDA or TRITON_INTERPRET=1" if built else "not built"
+        state = "not built"
+        if built:
+            state = "usable" if cuda or interp else "built, needs CUDA or TRITON_INTERPRET=1"
         print(f"  {name:<17} triton {state}; auto -> {kernels.resolve_backend(name, 'auto', device)}")
     flash = importlib.util.find_spec("flash_attn") is not None
     print("attention backends: torch, sdpa"
