@@ -92,6 +92,12 @@ def load_hf_gpt2(cls, name_or_path: str, **config_overrides):
         **config_overrides,
     })
     state = _load_state_dict(directory)
+    if hf.get("tie_word_embeddings", True) is False:
+        raise ValueError(f"{directory}: untied lm_head (tie_word_embeddings=false) is not supported; GPT-2 ties it")
+    head = state.pop("lm_head.weight", None)
+    wte = state.get("transformer.wte.weight", state.get("wte.weight"))
+    if head is not None and wte is not None and not torch.equal(head, wte):
+        raise ValueError(f"{directory}: lm_head.weight differs from the token embedding; GPT-2 ties them")
     model = cls(config)
     ours = model.state_dict()
     loaded = set()
