@@ -2,6 +2,7 @@
 
 from .generate import (
     CACHE_BUCKET,
+    EOS_CHECK_EVERY,
     GenerationOutput,
     cache_length,
     compiled_decode_step,
@@ -15,6 +16,7 @@ from .sampling import SamplingConfig, filter_logits, sample_next_token, token_lo
 
 __all__ = [
     "CACHE_BUCKET",
+    "EOS_CHECK_EVERY",
     "GenerationOutput",
     "SamplingConfig",
     "cache_length",

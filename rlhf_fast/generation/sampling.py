@@ -36,8 +36,9 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens strictly more likely than it already cover top_p.
-        drop_sorted = (probs.cumsum(dim=-1) - probs) > top_p
+        # Nucleus = the smallest prefix of the sorted tokens whose mass reaches top_p: drop a token once
+        # the tokens ranked above it already cover top_p (the best token is never dropped: top_p > 0).
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
