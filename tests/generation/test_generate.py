@@ -70,7 +70,8 @@ def test_greedy_matches_hf_generate(tmp_path):
     assert torch.equal(free.sequences, hf_generate(None))
     # An EOS that row 0 emits at step 2: rows stop at different times (or never), HF pads the same way.
     eos = int(free.sequences[0, 9 + 2])
-    ours_eos = generate(ours, ids, mask, max_new_tokens=N, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    ours_eos = generate(ours, ids, mask, max_new_tokens=N, do_sample=False, eos_token_id=eos,
+                        pad_token_id=pad)
     ref = hf_generate(eos)
     assert ours_eos.sequences.shape == ref.shape
     assert torch.equal(ours_eos.sequences, ref)
