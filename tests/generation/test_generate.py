@@ -7,6 +7,7 @@ import torch
 from rlhf_fast.generation import (
     EOS_CHECK_EVERY,
     cache_length,
+    compiled_decode_step,
     decode_one_token,
     generate,
     kv_cache_for,
@@ -250,5 +251,31 @@ def test_compiled_decode_does_not_recompile_within_a_bucket(tiny):
             # A new batch size is a new shape: the guard does fire (so the check above can fail).
             with pytest.raises(torch._dynamo.exc.RecompileError):
                 generate(tiny, ids2[:2], mask2[:2], max_new_tokens=3, do_sample=False, compile=True)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_cuda_graph_decode_step_matches_eager_and_is_reused():
+    torch._dynamo.reset()
+    try:
+        torch.manual_seed(0)
+        model = GPT.from_preset("tiny").cuda().eval()
+        ids, mask = (t.cuda() for t in left_padded([7, 3, 1], 7))
+        step = compiled_decode_step("cuda")  # mode="reduce-overhead": CUDA graphs
+        cache = kv_cache_for(model, 3, 128, torch.float32, "cuda")
+        logits = prefill(model, ids, mask, cache)
+        pos = mask.sum(dim=1, keepdim=True)
+        for t in range(6):
+            token = logits.argmax(dim=-1, keepdim=True)
+            torch.compiler.cudagraph_mark_step_begin()
+            got = step(model, cache, token, pos + t, torch.tensor([7 + t], device="cuda")).clone()
+            want = model(torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1))[:, -1]
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            ids, mask, logits = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1), got
+        ids2, mask2 = (t.cuda() for t in left_padded([12, 5, 2], 12, seed=6))
+        with torch._dynamo.config.patch(error_on_recompile=True):  # same (B, T_max): same graph
+            generate(model, ids2, mask2, max_new_tokens=9, do_sample=False)
     finally:
         torch._dynamo.reset()
