@@ -50,11 +50,63 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import torch
+
+    from rlhf_fast.data import load_tokenizer
+    from rlhf_fast.generation import generate
+    from rlhf_fast.model import GPT, PRESETS
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise SystemExit("rlhf-fast generate: give --prompt and/or --prompts-file")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.model in PRESETS:  # random init: a smoke test of the engine, not meaningful text
+        torch.manual_seed(args.seed)
+        model = GPT.from_preset(args.model)
+    else:
+        model = GPT.from_pretrained(args.model)
+    model = model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
+    tok = load_tokenizer(args.tokenizer or ("byte" if args.model in PRESETS else args.model))
+    encoded = [tok.encode(p) or [tok.eos_token_id] for p in prompts]  # an empty prompt starts from EOS
+    input_ids, attention_mask = tok.pad(encoded, side="left")
+    try:
+        out = generate(model, input_ids.to(device), attention_mask.to(device),
+                       max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                       temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                       generator=torch.Generator(device).manual_seed(args.seed))
+    except ValueError as e:
+        raise SystemExit(f"rlhf-fast generate: {e}") from e
+    P = input_ids.shape[1]
+    for prompt, row, mask in zip(prompts, out.sequences[:, P:], out.response_mask, strict=True):
+        print(f"=== {prompt}")
+        print(tok.decode(row[mask.bool()].tolist()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, devices and usable kernel/attention backends")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("generate", help="complete prompts with a preset (random init) or an HF GPT-2 dir")
+    p.add_argument("--model", required=True, help="preset (tiny, demo, gpt2, ...) or HF GPT-2 directory")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    p.add_argument("--prompts-file", help="text file, one prompt per line")
+    p.add_argument("--tokenizer", help="'byte' or an HF tokenizer dir (default: byte for a preset, "
+                   "else --model)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

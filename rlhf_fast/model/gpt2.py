@@ -6,6 +6,8 @@ Differences from nanoGPT that RLHF needs:
 - attention goes through a backend switch (`GPTConfig.attn_backend`), the linears of LoRA layers
   through `rlhf_fast.kernels.lora_linear` (`GPTConfig.kernel_backend`);
 - `hidden_states()` exposes the final hidden states (B, T, C) for value/reward heads;
+- an optional static KV cache (`kv_cache.py`) for generation: prefill writes the prompt's keys/values,
+  decode steps attend one query over the whole cache through the same attention backends;
 - HF GPT-2 checkpoints import/export (`from_pretrained` / `save_pretrained`, in `hf.py`).
 """
 
@@ -94,12 +96,14 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, key_padding_mask):
+    def forward(self, x, key_padding_mask, layer_cache=None, input_pos=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if layer_cache is not None:  # decode: k, v become the whole cache (B, nh, T_max, hs)
+            k, v = layer_cache.update(k, v, input_pos)
         backend = resolve_attn_backend(self.attn_backend, x.device)
         y = attention(q, k, v, key_padding_mask, backend)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -125,8 +129,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, key_padding_mask):
-        x = x + self.attn(self.ln_1(x), key_padding_mask)
+    def forward(self, x, key_padding_mask, layer_cache=None, input_pos=None):
+        x = x + self.attn(self.ln_1(x), key_padding_mask, layer_cache, input_pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -250,7 +254,7 @@ class GPT(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def _check_inputs(self, input_ids, attention_mask):
+    def _check_inputs(self, input_ids, attention_mask, check_values: bool = True):
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"input_ids must be an integer tensor (B, T), got {input_ids.dtype} "
                              f"{tuple(input_ids.shape)}")
@@ -262,15 +266,25 @@ class GPT(nn.Module):
                              f"input_ids {tuple(input_ids.shape)}")
         # A value check needs a device->host sync, so it is skipped inside compiled graphs; eagerly it
         # replaces an opaque CUDA device-side assert (or CPU "index out of range") with a clear error.
-        if not torch.compiler.is_compiling() and input_ids.numel():
+        # Decode steps skip it too: their ids come from the sampler, and a sync per token is what
+        # generation must avoid.
+        if check_values and not torch.compiler.is_compiling() and input_ids.numel():
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"input_ids out of range: found ids in [{lo}, {hi}], "
                                  f"vocab_size is {self.config.vocab_size}")
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
-        """Final (post ln_f) hidden states (B, T, C). attention_mask (B, T): 1 = real token."""
-        self._check_inputs(input_ids, attention_mask)
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, input_pos=None):
+        """Final (post ln_f) hidden states (B, T, C). attention_mask (B, T): 1 = real token.
+
+        With a `KVCache`: input_pos None prefills slots 0..T-1 with this (left-padded) prompt; input_pos
+        (1,) long decodes one token (T == 1, position_ids (B, 1) required) into that slot, attending
+        over every valid slot of the cache.
+        """
+        decoding = kv_cache is not None and input_pos is not None
+        self._check_inputs(input_ids, attention_mask, check_values=not decoding)
+        if kv_cache is not None:
+            self._check_cache(input_ids, attention_mask, kv_cache, input_pos, position_ids)
         key_padding_mask = None
         if attention_mask is not None:
             key_padding_mask = attention_mask.bool()
@@ -278,15 +292,35 @@ class GPT(nn.Module):
                 position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        if kv_cache is not None:
+            key_padding_mask = kv_cache.update_mask(attention_mask, input_pos, input_ids.shape[1])
         tr = self.transformer
         x = tr.drop(tr.wte(input_ids) + tr.wpe(position_ids))  # (B, T, C)
-        for block in tr.h:
-            x = block(x, key_padding_mask)
+        for i, block in enumerate(tr.h):
+            x = block(x, key_padding_mask, None if kv_cache is None else kv_cache.layers[i], input_pos)
         return tr.ln_f(x)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
-        """Logits (B, T, V)."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids))
+    def _check_cache(self, input_ids, attention_mask, kv_cache, input_pos, position_ids):
+        B, T = input_ids.shape
+        if kv_cache.batch_size != B or len(kv_cache.layers) != self.config.n_layer:
+            raise ValueError(f"kv_cache is for batch {kv_cache.batch_size} and {len(kv_cache.layers)} "
+                             f"layers; got batch {B} and a model with {self.config.n_layer} layers")
+        if input_pos is None:
+            if T > kv_cache.max_len:
+                raise ValueError(f"prompt length {T} exceeds the kv_cache's max_len={kv_cache.max_len}")
+            return
+        if T != 1 or input_pos.shape != (1,) or input_pos.dtype != torch.long:
+            raise ValueError(f"a decode step takes one token per row and input_pos (1,) long; got "
+                             f"input_ids {tuple(input_ids.shape)}, input_pos {tuple(input_pos.shape)} "
+                             f"{input_pos.dtype}")
+        if attention_mask is not None:
+            raise ValueError("a decode step takes no attention_mask: the kv_cache tracks the valid slots")
+        if position_ids is None or position_ids.shape != (B, 1):
+            raise ValueError(f"a decode step needs position_ids ({B}, 1) (left padding makes them per row)")
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None, input_pos=None):
+        """Logits (B, T, V). See `hidden_states` for the KV-cache arguments."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, input_pos))
 
     # LoRA adapter controls (implemented in lora.py, exposed here for `model.set_adapter(...)`).
     def set_adapter(self, name: str | None) -> None:

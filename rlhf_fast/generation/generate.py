@@ -1,0 +1,190 @@
+"""Batched generation over a static KV cache: prefill the left-padded prompts once, then decode one
+token per step (gpt-fast style), with no device->host sync per token.
+
+- The cache is (B, H, T_max, D) per layer, T_max = P + max_new_tokens rounded up to a bucket, and is
+  kept per model and shape: an RL loop calling `generate` with prompts of varying length reuses the
+  same buffers and the same compiled step instead of allocating and recompiling.
+- On CUDA the decode step is `torch.compile(mode="reduce-overhead", fullgraph=True, dynamic=False)`:
+  one CUDA graph per (batch, bucket), replayed each token. Elsewhere it runs eagerly (or compiled
+  without CUDA graphs when asked, which is how the recompile behaviour is tested on CPU).
+- Rows finish at their EOS (which is part of the response: it is an action); after it they get pad
+  and mask 0. Whether every row has finished is read back only every `EOS_CHECK_EVERY` tokens.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_fast.model.kv_cache import KVCache
+
+from .sampling import SamplingConfig, sample_next_token, token_logprobs
+
+CACHE_BUCKET = 128  # T_max granularity: few distinct shapes to compile, at most 127 idle slots per row
+EOS_CHECK_EVERY = 8  # tokens between "all finished?" host reads: early stop without a sync per token
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor  # (B, P+N) long: left-padded prompt, then response (pad after EOS)
+    attention_mask: torch.Tensor  # (B, P+N) long: 1 = real token (prompt or response)
+    response_mask: torch.Tensor  # (B, N) long: 1 = generated token, EOS included
+    logprobs: torch.Tensor | None = None  # (B, N) fp32 log p(token) at temperature 1; 0 where masked
+
+
+def cache_length(total_len: int, n_positions: int, bucket: int = CACHE_BUCKET) -> int:
+    """T_max for total_len = prompt + new tokens: rounded up to a multiple of `bucket`, <= n_positions."""
+    return min(-(-total_len // bucket) * bucket, n_positions)
+
+
+# Caches per model, keyed by shape, so repeated calls reuse buffers (and, on CUDA, their CUDA graphs:
+# the compiled step guards on the cache tensors' identity). Freed with the model or release_kv_caches.
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def kv_cache_for(model, batch_size: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
+    """The model's persistent KVCache for this shape (allocated on first use)."""
+    caches = _CACHES.setdefault(model, {})
+    key = (batch_size, max_len, dtype, torch.device(device))
+    if key not in caches:
+        caches[key] = KVCache.for_model(model.config, batch_size, max_len, dtype, device)
+    return caches[key]
+
+
+def release_kv_caches(model) -> None:
+    """Free the KV caches kept for `model` (e.g. before a memory-hungry training phase)."""
+    _CACHES.pop(model, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefill and decode steps
+
+
+def prefill(model, input_ids, attention_mask, kv_cache: KVCache) -> torch.Tensor:
+    """Write the prompts (B, P) into cache slots 0..P-1; logits (B, V) for each row's next token."""
+    h = model.hidden_states(input_ids, attention_mask, kv_cache=kv_cache)  # (B, P, C)
+    return model.lm_head(h[:, -1])  # left padding: the last column is every row's last real token
+
+
+def decode_one_token(model, kv_cache: KVCache, token, position_ids, input_pos) -> torch.Tensor:
+    """token (B, 1) at positions position_ids (B, 1) into slot input_pos (1,); logits (B, V)."""
+    h = model.hidden_states(token, position_ids=position_ids, kv_cache=kv_cache, input_pos=input_pos)
+    return model.lm_head(h[:, -1])
+
+
+_COMPILED_STEPS: dict[str, object] = {}
+
+
+def compiled_decode_step(device_type: str):
+    """`decode_one_token` compiled once per device type; CUDA graphs on CUDA. Shapes are static
+    (dynamic=False), so each (batch, T_max bucket, dtype) compiles once and is then replayed."""
+    if device_type not in _COMPILED_STEPS:
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        _COMPILED_STEPS[device_type] = torch.compile(decode_one_token, mode=mode, fullgraph=True,
+                                                     dynamic=False)
+    return _COMPILED_STEPS[device_type]
+
+
+# ----------------------------------------------------------------------------------------------
+# generate
+
+
+def _check_inputs(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, generator):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError(f"input_ids must be a (B, P) long tensor, got "
+                         f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
+                         f"{tuple(getattr(input_ids, 'shape', ()))}")
+    B, P = input_ids.shape
+    if B == 0 or P == 0:
+        raise ValueError(f"input_ids must hold at least one prompt token per row, got shape {(B, P)}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    n_positions = model.config.n_positions
+    if P + max_new_tokens > n_positions:
+        raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} = {P + max_new_tokens} "
+                         f"exceeds the model's n_positions={n_positions}")
+    device = model.transformer.wte.weight.device
+    if input_ids.device != device:
+        raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                             f"input_ids {tuple(input_ids.shape)}")
+        if attention_mask.device != device:
+            raise ValueError(f"attention_mask is on {attention_mask.device} but the model is on {device}")
+        m = attention_mask.long()
+        if ((m != 0) & (m != 1)).any():
+            raise ValueError("attention_mask must hold only 0 (pad) and 1 (real token)")
+        if (m[:, 1:] < m[:, :-1]).any():
+            row = int((m[:, 1:] < m[:, :-1]).any(dim=1).nonzero()[0])
+            raise ValueError(f"prompt row {row} has padding after a real token: prompts must be left-padded")
+        if (m.sum(dim=1) == 0).any():
+            raise ValueError("every prompt needs at least one real token (a row of attention_mask is all 0)")
+    vocab = model.config.vocab_size
+    for name, tid in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if tid is not None and not (isinstance(tid, int) and 0 <= tid < vocab):
+            raise ValueError(f"{name} must be an int in [0, {vocab}), got {tid!r}")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the model is on {device}")
+
+
+@torch.no_grad()
+def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_sample: bool = True,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
+             pad_token_id: int | None = None, generator: torch.Generator | None = None,
+             return_logprobs: bool = False, compile: bool | None = None) -> GenerationOutput:
+    """Generate up to max_new_tokens for a left-padded batch of prompts (B, P).
+
+    N in the output is the longest response (< max_new_tokens only when every row hit EOS). pad_token_id
+    defaults to eos_token_id (GPT-2 has no pad token), else 0. compile: None = on CUDA only (with CUDA
+    graphs), True/False to force. The model's train/eval mode is left as is (dropout is 0 for RLHF).
+    """
+    sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    _check_inputs(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, generator)
+    B, P = input_ids.shape
+    N, device = max_new_tokens, input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+    kv_cache = kv_cache_for(model, B, cache_length(P + N, model.config.n_positions),
+                            model.transformer.wte.weight.dtype, device)
+    use_compile = device.type == "cuda" if compile is None else compile
+    step = compiled_decode_step(device.type) if use_compile else decode_one_token
+
+    tokens = torch.full((B, N), pad, dtype=torch.long, device=device)
+    response_mask = torch.zeros((B, N), dtype=torch.long, device=device)
+    logprobs = torch.zeros((B, N), dtype=torch.float32, device=device) if return_logprobs else None
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    position_ids = attention_mask.long().sum(dim=1, keepdim=True)  # (B, 1): next position of each row
+    input_pos = torch.tensor([P], dtype=torch.long, device=device)  # cache slot of the next token
+
+    logits = prefill(model, input_ids, attention_mask, kv_cache)  # (B, V)
+    for t in range(N):
+        token = sample_next_token(logits, sampling, generator).masked_fill(finished, pad)  # (B,)
+        tokens[:, t] = token
+        response_mask[:, t] = ~finished
+        if return_logprobs:
+            logprobs[:, t] = token_logprobs(logits, token).masked_fill(finished, 0.0)
+        if eos_token_id is not None:
+            finished = finished | (token == eos_token_id)
+            if (t + 1) % EOS_CHECK_EVERY == 0 and bool(finished.all()):
+                break
+        if t == N - 1:
+            break
+        if use_compile and device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        logits = step(model, kv_cache, token.unsqueeze(1), position_ids, input_pos)
+        position_ids = position_ids + 1
+        input_pos = input_pos + 1
+
+    # Trim columns in which every row had already finished (one host read, after the loop).
+    n = int(response_mask.sum(dim=1).max()) if eos_token_id is not None else N
+    response_mask = response_mask[:, :n]
+    return GenerationOutput(
+        sequences=torch.cat([input_ids, tokens[:, :n]], dim=1),
+        attention_mask=torch.cat([attention_mask.long(), response_mask], dim=1),
+        response_mask=response_mask,
+        logprobs=None if logprobs is None else logprobs[:, :n],
+    )
