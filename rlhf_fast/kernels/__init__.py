@@ -77,7 +77,11 @@ def resolve_backend(name: str, backend: str, device: torch.device) -> str:
 
 
 def _triton_fn(name: str):
-    return getattr(importlib.import_module(_TRITON_MODULES[name]), name)
+    fn = getattr(importlib.import_module(_TRITON_MODULES[name]), name)
+    # Importing kernels/lora_linear.py binds that submodule as attribute `lora_linear` of this package,
+    # shadowing the public function of the same name: put the public functions back.
+    globals().update(_PUBLIC_FUNCTIONS)
+    return fn
 
 
 def _check_float(name: str, arg: str, t: torch.Tensor):
@@ -198,3 +202,7 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, ma
     if resolve_backend(name, backend, logprobs.device) == "triton":
         return _triton_fn(name)(*args, **kwargs)
     return reference.ppo_loss(*args, **kwargs)
+
+
+_PUBLIC_FUNCTIONS = {"lora_linear": lora_linear, "masked_attention": masked_attention, "gae": gae,
+                     "ppo_loss": ppo_loss}
