@@ -181,7 +181,7 @@ _GRAD_CFG = (16, 32, 4, 1) if _INTERPRET else (64, 128, 8, 3)
 
 def _wrap(kernel):
     # The interpreter's kernels are plain Python callables: launch them directly (older torch's
-    # wrap_triton rejects them; compile of interpreted kernels is not supported anyway).
+    # wrap_triton rejects them; the ops are opaque custom_ops there, see _register).
     return kernel if _INTERPRET else wrap_triton(kernel)
 
 
@@ -239,8 +239,8 @@ def _project(p, q):
     return z
 
 
-def _adapter_grad(lo, p):
-    """(R, N) fp32 = lo (M, R)^T @ p (M, N), reduced over M in deterministic split-K."""
+def _adapter_grad(lo, p, transposed: bool = False):
+    """(R, N) fp32 = lo (M, R)^T @ p (M, N), reduced over M in deterministic split-K; (N, R) if transposed."""
     M, R = lo.shape
     N = p.shape[1]
     block_m, block_n, warps, stages = _GRAD_CFG
@@ -250,11 +250,12 @@ def _adapter_grad(lo, p):
     split = max(1, min(triton.cdiv(M, block_m), triton.cdiv(target, n_col)))
     rows_per_split = triton.cdiv(triton.cdiv(M, split), block_m) * block_m if M else block_m
     split = max(1, triton.cdiv(M, rows_per_split))
-    part = torch.zeros((split, R, N), dtype=torch.float32, device=p.device)
+    part = torch.zeros((split, N, R) if transposed else (split, R, N), dtype=torch.float32, device=p.device)
+    stride_r, stride_n = (part.stride(2), part.stride(1)) if transposed else (part.stride(1), part.stride(2))
     if M > 0 and N > 0:
         _wrap(_lora_adapter_grad_kernel)[(n_col, split)](
             lo, p, part, M, N, R, rows_per_split,
-            lo.stride(0), lo.stride(1), p.stride(0), p.stride(1), part.stride(0), part.stride(1), part.stride(2),
+            lo.stride(0), lo.stride(1), p.stride(0), p.stride(1), part.stride(0), stride_r, stride_n,
             DOT_PRECISION=_dot_precision(p.dtype), R_PAD=_rank_pad(R), BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=warps, num_stages=stages,
         )
@@ -299,7 +300,40 @@ def _check_inputs(x, weight, bias, lora_a, lora_b):
 # torch.library ops + autograd
 
 
-@triton_op("rlhf_fast::lora_linear_fwd", mutates_args={})
+def _register(name: str, fake):
+    """A torch.library op: a triton_op on GPUs (compile traces into its kernels); under the interpreter
+    an opaque custom_op with a fake impl instead, because compile would trace through the body and
+    silently drop interpreted kernel launches (they are plain Python calls, invisible to tracing)."""
+
+    def register(fn):
+        if not _INTERPRET:
+            return triton_op(name, fn, mutates_args=())
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+
+    return register
+
+
+def _lora_linear_fwd_fake(x, weight, bias, lora_a, lora_b, scale):
+    _check_inputs(x, weight, bias, lora_a, lora_b)
+    n = x.numel() // x.shape[-1]
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])),
+            x.new_empty((n, lora_a.shape[0]), dtype=torch.float32))
+
+
+def _lora_linear_bwd_fake(grad_y, x, weight, lora_a, lora_b, xa, scale, need_grad_x, need_grad_adapter):
+    empty = x.new_empty(0)
+    return (x.new_empty(x.shape) if need_grad_x else empty,
+            lora_a.new_empty(lora_a.shape) if need_grad_adapter else empty,
+            lora_b.new_empty(lora_b.shape) if need_grad_adapter else empty)
+
+
+def _lora_linear_bwd_weight_fake(grad_y, x):
+    return x.new_empty((grad_y.shape[-1], x.shape[-1]))
+
+
+@_register("rlhf_fast::lora_linear_fwd", _lora_linear_fwd_fake)
 def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                     lora_b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (y (..., out), xa (N, r) fp32 = x A^T): xa is the activation saved for backward."""
@@ -312,7 +346,7 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return y, xa
 
 
-@triton_op("rlhf_fast::lora_linear_bwd", mutates_args={})
+@_register("rlhf_fast::lora_linear_bwd", _lora_linear_bwd_fake)
 def lora_linear_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
                     lora_b: torch.Tensor, xa: torch.Tensor, scale: float, need_grad_x: bool,
                     need_grad_adapter: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -329,11 +363,11 @@ def lora_linear_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     if need_grad_adapter:
         x2 = x.reshape(-1, in_f)
         da = (_adapter_grad(dyb, x2) * scale).to(x.dtype)  # (r, in)
-        db = (_adapter_grad(xa, dy) * scale).to(x.dtype).t()  # (out, r)
+        db = (_adapter_grad(xa, dy, transposed=True) * scale).to(x.dtype)  # (out, r)
     return dx, da, db
 
 
-@triton_op("rlhf_fast::lora_linear_bwd_weight", mutates_args={})
+@_register("rlhf_fast::lora_linear_bwd_weight", _lora_linear_bwd_weight_fake)
 def lora_linear_bwd_weight(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """dW (out, in) = dY^T x over all tokens; only used when the base weight is trainable."""
     out_f, in_f = grad_y.shape[-1], x.shape[-1]
