@@ -165,8 +165,9 @@ def _gemm_configs():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
     cfg = lambda bm, bn, bk, w, s: triton.Config(  # noqa: E731
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-    return [cfg(128, 256, 64, 8, 3), cfg(256, 128, 64, 8, 3), cfg(128, 128, 64, 8, 4), cfg(128, 128, 64, 4, 4),
-            cfg(128, 128, 32, 4, 4), cfg(128, 64, 64, 4, 4), cfg(64, 128, 64, 4, 4), cfg(64, 64, 64, 4, 4)]
+    return [cfg(128, 256, 64, 8, 3), cfg(256, 128, 64, 8, 3), cfg(128, 128, 64, 8, 4),
+            cfg(128, 128, 64, 4, 4), cfg(128, 128, 32, 4, 4), cfg(128, 64, 64, 4, 4),
+            cfg(64, 128, 64, 4, 4), cfg(64, 64, 64, 4, 4)]
 
 
 # Autotuned per (power-of-two bucket of M, N, K, R_PAD, dtypes); a varying token count does not re-tune.

@@ -73,3 +73,16 @@ def assert_within_eager_error(kernel_out, eager_out, ref_fp32, *, factor=2.0, at
 def fill_masked(t: torch.Tensor, keep: torch.Tensor, value: float) -> torch.Tensor:
     """Copy of t with `value` (garbage: 1e4, nan, ...) wherever `keep` (broadcastable) is False."""
     return torch.where(keep, t, torch.full_like(t, value))
+
+
+def noncontiguous_with_garbage(t: torch.Tensor, value: float = float("nan")) -> torch.Tensor:
+    """A non-contiguous view equal to `t`, inside a buffer whose other elements are `value`.
+
+    The last dim is padded by 3 garbage columns, so a kernel that ignores strides or reads past a row
+    picks up `value` (NaN by default) and fails the comparison. A leaf, requiring grad like `t`.
+    """
+    buf = torch.full((*t.shape[:-1], t.shape[-1] + 3), value, dtype=t.dtype, device=t.device)
+    buf[..., : t.shape[-1]] = t.detach()
+    view = buf[..., : t.shape[-1]]
+    assert not view.is_contiguous() or t.numel() <= 1
+    return view.requires_grad_(t.requires_grad)
