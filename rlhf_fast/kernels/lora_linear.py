@@ -49,12 +49,29 @@ def _lora_linear_fwd_kernel(
     up_ptr,  # (R, N) B^T (forward) or A (dX)
     bias_ptr,  # (N,)
     out_ptr,  # (M, N)
-    M, N, K, R, M_BUCKET,  # M_BUCKET: autotune key only (power-of-two bucket of M)
-    stride_pm, stride_pk, stride_qk, stride_qn, stride_lm, stride_lr, stride_ur, stride_un,
-    stride_om, stride_on,
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,  # M_BUCKET: autotune key only (power-of-two bucket of M)
+    stride_pm,
+    stride_pk,
+    stride_qk,
+    stride_qn,
+    stride_lm,
+    stride_lr,
+    stride_ur,
+    stride_un,
+    stride_om,
+    stride_on,
     scale,
-    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share each column band of q while it is hot in L2.
@@ -78,10 +95,16 @@ def _lora_linear_fwd_kernel(
     if HAS_LORA:
         # Seed the accumulator with this tile's low-rank term; padded ranks load as 0.
         offs_r = tl.arange(0, R_PAD)
-        lo = tl.load(lo_ptr + rows_in[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                     mask=offs_r[None, :] < R, other=0.0)
-        up = tl.load(up_ptr + offs_r[:, None] * stride_ur + cols_in[None, :] * stride_un,
-                     mask=offs_r[:, None] < R, other=0.0)
+        lo = tl.load(
+            lo_ptr + rows_in[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+            mask=offs_r[None, :] < R,
+            other=0.0,
+        )
+        up = tl.load(
+            up_ptr + offs_r[:, None] * stride_ur + cols_in[None, :] * stride_un,
+            mask=offs_r[:, None] < R,
+            other=0.0,
+        )
         acc = tl.dot((lo * scale).to(up.dtype), up, acc, input_precision=DOT_PRECISION)
 
     p_ptrs = p_ptr + rows_in[:, None] * stride_pm + offs_k[None, :] * stride_pk
@@ -105,9 +128,19 @@ def _lora_project_kernel(
     p_ptr,  # (M, K) x (forward) or dY (backward)
     q_ptr,  # (K, R) A^T (forward) or B (backward); any strides
     z_ptr,  # (M, R) fp32 out: x A^T or dY B
-    M, K, R,
-    stride_pm, stride_pk, stride_qk, stride_qr, stride_zm, stride_zr,
-    DOT_PRECISION: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    M,
+    K,
+    R,
+    stride_pm,
+    stride_pk,
+    stride_qk,
+    stride_qr,
+    stride_zm,
+    stride_zr,
+    DOT_PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_in = (rows % M).to(tl.int64)
@@ -132,9 +165,21 @@ def _lora_adapter_grad_kernel(
     lo_ptr,  # (M, R) fp32: dY B (for dA) or x A^T (for dB^T)
     p_ptr,  # (M, N) x (for dA) or dY (for dB^T)
     part_ptr,  # (SPLIT, R, N) fp32 out: lo^T p summed over this program's rows
-    M, N, R, ROWS_PER_SPLIT,
-    stride_lm, stride_lr, stride_pm, stride_pn, stride_ps, stride_sr, stride_sn,
-    DOT_PRECISION: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    M,
+    N,
+    R,
+    ROWS_PER_SPLIT,
+    stride_lm,
+    stride_lr,
+    stride_pm,
+    stride_pn,
+    stride_ps,
+    stride_sr,
+    stride_sn,
+    DOT_PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # Split-K over tokens: program (pid_n, pid_s) owns columns pid_n and rows of split pid_s. Each
     # split writes its own partial, so the final sum (on the host, fixed order) is deterministic.
@@ -151,10 +196,16 @@ def _lora_adapter_grad_kernel(
         rows = m0 + offs_m
         row_ok = rows < row_end
         rows64 = rows.to(tl.int64)
-        lo_t = tl.load(lo_ptr + offs_r[:, None] * stride_lr + rows64[None, :] * stride_lm,
-                       mask=(offs_r[:, None] < R) & row_ok[None, :], other=0.0)  # (R_PAD, BLOCK_M)
-        p = tl.load(p_ptr + rows64[:, None] * stride_pm + cols_in[None, :] * stride_pn,
-                    mask=row_ok[:, None], other=0.0)  # (BLOCK_M, BLOCK_N)
+        lo_t = tl.load(
+            lo_ptr + offs_r[:, None] * stride_lr + rows64[None, :] * stride_lm,
+            mask=(offs_r[:, None] < R) & row_ok[None, :],
+            other=0.0,
+        )  # (R_PAD, BLOCK_M)
+        p = tl.load(
+            p_ptr + rows64[:, None] * stride_pm + cols_in[None, :] * stride_pn,
+            mask=row_ok[:, None],
+            other=0.0,
+        )  # (BLOCK_M, BLOCK_N)
         acc = tl.dot(lo_t.to(p.dtype), p, acc, input_precision=DOT_PRECISION)
     part_ptrs = part_ptr + pid_s * stride_ps + offs_r[:, None] * stride_sr + cols[None, :] * stride_sn
     tl.store(part_ptrs, acc, mask=(offs_r[:, None] < R) & (cols[None, :] < N))
@@ -164,15 +215,24 @@ def _gemm_configs():
     if _INTERPRET:  # one fixed config: the interpreter gains nothing from tuning
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
     cfg = lambda bm, bn, bk, w, s: triton.Config(  # noqa: E731
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-    return [cfg(128, 256, 64, 8, 3), cfg(256, 128, 64, 8, 3), cfg(128, 128, 64, 8, 4),
-            cfg(128, 128, 64, 4, 4), cfg(128, 128, 32, 4, 4), cfg(128, 64, 64, 4, 4),
-            cfg(64, 128, 64, 4, 4), cfg(64, 64, 64, 4, 4)]
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s
+    )
+    return [
+        cfg(128, 256, 64, 8, 3),
+        cfg(256, 128, 64, 8, 3),
+        cfg(128, 128, 64, 8, 4),
+        cfg(128, 128, 64, 4, 4),
+        cfg(128, 128, 32, 4, 4),
+        cfg(128, 64, 64, 4, 4),
+        cfg(64, 128, 64, 4, 4),
+        cfg(64, 64, 64, 4, 4),
+    ]
 
 
 # Autotuned per (power-of-two bucket of M, N, K, R_PAD, dtypes); a varying token count does not re-tune.
 _lora_linear_fwd_tuned = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R_PAD"])(
-    _lora_linear_fwd_kernel)
+    _lora_linear_fwd_kernel
+)
 
 # Fixed tiles for the skinny kernels: they are bandwidth-bound (K or N = r is tiny), so tuning buys
 # little. (BLOCK_M, BLOCK_K / BLOCK_N, num_warps, num_stages)
@@ -199,10 +259,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _gemm(p, q, out, lo=None, up=None, bias=None, scale: float = 0.0):
-    """out (M, N) = p (M, K) @ q (K, N) [+ scale * lo (M, R) @ up (R, N)] [+ bias (N,)]."""
+    """out (M, N) = p (M, K) @ q (K, N) [+ scale * lo (M, R) @ up (R, N)] [+ bias (N,)].
+
+    `out` is any contiguous tensor of M * N elements (e.g. y (..., out)), written as row-major (M, N):
+    passing the tensor itself rather than a 2-D view keeps compile's functionalization of the kernel's
+    writes simple (no mutated views)."""
     M, K = p.shape
     N = q.shape[1]
-    assert q.shape[0] == K and out.shape == (M, N), (p.shape, q.shape, out.shape)
+    assert q.shape[0] == K and out.is_contiguous() and out.numel() == M * N, (p.shape, q.shape, out.shape)
     if M == 0 or N == 0:
         return out
     has_lora = lo is not None
@@ -212,12 +276,31 @@ def _gemm(p, q, out, lo=None, up=None, bias=None, scale: float = 0.0):
     lo_t, up_t = (lo, up) if has_lora else (p, q)  # unused placeholders when there is no seed
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _wrap(_lora_linear_fwd_tuned)[grid](
-        p, q, lo_t, up_t, bias if bias is not None else out, out,
-        M, N, K, R, min(triton.next_power_of_2(M), 1 << 16),
-        p.stride(0), p.stride(1), q.stride(0), q.stride(1), lo_t.stride(0), lo_t.stride(1),
-        up_t.stride(0), up_t.stride(1), out.stride(0), out.stride(1),
+        p,
+        q,
+        lo_t,
+        up_t,
+        bias if bias is not None else out,
+        out,
+        M,
+        N,
+        K,
+        R,
+        min(triton.next_power_of_2(M), 1 << 16),
+        p.stride(0),
+        p.stride(1),
+        q.stride(0),
+        q.stride(1),
+        lo_t.stride(0),
+        lo_t.stride(1),
+        up_t.stride(0),
+        up_t.stride(1),
+        N,
+        1,
         scale,
-        HAS_LORA=has_lora, HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(p.dtype),
+        HAS_LORA=has_lora,
+        HAS_BIAS=bias is not None,
+        DOT_PRECISION=_dot_precision(p.dtype),
         R_PAD=_rank_pad(R) if has_lora else 16,
     )
     return out
@@ -232,10 +315,24 @@ def _project(p, q):
         return z
     block_m, block_k, warps, stages = _PROJECT_CFG
     _wrap(_lora_project_kernel)[(triton.cdiv(M, block_m),)](
-        p, q, z, M, K, R,
-        p.stride(0), p.stride(1), q.stride(0), q.stride(1), z.stride(0), z.stride(1),
-        DOT_PRECISION=_dot_precision(p.dtype), R_PAD=_rank_pad(R), BLOCK_M=block_m, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages,
+        p,
+        q,
+        z,
+        M,
+        K,
+        R,
+        p.stride(0),
+        p.stride(1),
+        q.stride(0),
+        q.stride(1),
+        z.stride(0),
+        z.stride(1),
+        DOT_PRECISION=_dot_precision(p.dtype),
+        R_PAD=_rank_pad(R),
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        num_warps=warps,
+        num_stages=stages,
     )
     return z
 
@@ -255,10 +352,26 @@ def _adapter_grad(lo, p, transposed: bool = False):
     stride_r, stride_n = (part.stride(2), part.stride(1)) if transposed else (part.stride(1), part.stride(2))
     if M > 0 and N > 0:
         _wrap(_lora_adapter_grad_kernel)[(n_col, split)](
-            lo, p, part, M, N, R, rows_per_split,
-            lo.stride(0), lo.stride(1), p.stride(0), p.stride(1), part.stride(0), stride_r, stride_n,
-            DOT_PRECISION=_dot_precision(p.dtype), R_PAD=_rank_pad(R), BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=warps, num_stages=stages,
+            lo,
+            p,
+            part,
+            M,
+            N,
+            R,
+            rows_per_split,
+            lo.stride(0),
+            lo.stride(1),
+            p.stride(0),
+            p.stride(1),
+            part.stride(0),
+            stride_r,
+            stride_n,
+            DOT_PRECISION=_dot_precision(p.dtype),
+            R_PAD=_rank_pad(R),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=warps,
+            num_stages=stages,
         )
     return part.sum(0)
 
@@ -277,20 +390,26 @@ def _check_inputs(x, weight, bias, lora_a, lora_b):
         if t.device != x.device:
             raise ValueError(f"{name}: {arg} is on {t.device} but x is on {x.device}")
     if x.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"{name}: needs CUDA tensors, got {x.device.type} (or set TRITON_INTERPRET=1 "
-                         "before importing triton)")
+        raise ValueError(
+            f"{name}: needs CUDA tensors, got {x.device.type} (or set TRITON_INTERPRET=1 "
+            "before importing triton)"
+        )
     if _INTERPRET and x.dtype == torch.bfloat16:
         raise TypeError(f"{name}: the Triton interpreter has no bfloat16; use float32/float16 or a GPU")
     if weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2 or x.dim() < 1:
-        raise ValueError(f"{name}: weight, lora_a, lora_b must be 2-D and x at least 1-D, got x "
-                         f"{tuple(x.shape)}, weight {tuple(weight.shape)}, lora_a {tuple(lora_a.shape)}, "
-                         f"lora_b {tuple(lora_b.shape)}")
+        raise ValueError(
+            f"{name}: weight, lora_a, lora_b must be 2-D and x at least 1-D, got x "
+            f"{tuple(x.shape)}, weight {tuple(weight.shape)}, lora_a {tuple(lora_a.shape)}, "
+            f"lora_b {tuple(lora_b.shape)}"
+        )
     out_f, in_f = weight.shape
     r = lora_a.shape[0]
     if x.shape[-1] != in_f or lora_a.shape[1] != in_f or tuple(lora_b.shape) != (out_f, r):
-        raise ValueError(f"{name}: shapes do not fit: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
-                         f"lora_a {tuple(lora_a.shape)} (want (r, {in_f})), lora_b {tuple(lora_b.shape)} "
-                         f"(want ({out_f}, r))")
+        raise ValueError(
+            f"{name}: shapes do not fit: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+            f"lora_a {tuple(lora_a.shape)} (want (r, {in_f})), lora_b {tuple(lora_b.shape)} "
+            f"(want ({out_f}, r))"
+        )
     if bias is not None and tuple(bias.shape) != (out_f,):
         raise ValueError(f"{name}: bias must be ({out_f},), got {tuple(bias.shape)}")
     if not 1 <= r <= MAX_RANK:
@@ -319,15 +438,19 @@ def _register(name: str, fake):
 def _lora_linear_fwd_fake(x, weight, bias, lora_a, lora_b, scale):
     _check_inputs(x, weight, bias, lora_a, lora_b)
     n = x.numel() // x.shape[-1]
-    return (x.new_empty((*x.shape[:-1], weight.shape[0])),
-            x.new_empty((n, lora_a.shape[0]), dtype=torch.float32))
+    return (
+        x.new_empty((*x.shape[:-1], weight.shape[0])),
+        x.new_empty((n, lora_a.shape[0]), dtype=torch.float32),
+    )
 
 
 def _lora_linear_bwd_fake(grad_y, x, weight, lora_a, lora_b, xa, scale, need_grad_x, need_grad_adapter):
     empty = x.new_empty(0)
-    return (x.new_empty(x.shape) if need_grad_x else empty,
-            lora_a.new_empty(lora_a.shape) if need_grad_adapter else empty,
-            lora_b.new_empty(lora_b.shape) if need_grad_adapter else empty)
+    return (
+        x.new_empty(x.shape) if need_grad_x else empty,
+        lora_a.new_empty(lora_a.shape) if need_grad_adapter else empty,
+        lora_b.new_empty(lora_b.shape) if need_grad_adapter else empty,
+    )
 
 
 def _lora_linear_bwd_weight_fake(grad_y, x):
@@ -335,22 +458,36 @@ def _lora_linear_bwd_weight_fake(grad_y, x):
 
 
 @_register("rlhf_fast::lora_linear_fwd", _lora_linear_fwd_fake)
-def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                    lora_b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_linear_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (y (..., out), xa (N, r) fp32 = x A^T): xa is the activation saved for backward."""
     _check_inputs(x, weight, bias, lora_a, lora_b)
     out_f, in_f = weight.shape
     x2 = x.reshape(-1, in_f)  # (N, in)
     xa = _project(x2, lora_a.t())  # (N, r) fp32
     y = torch.empty((*x.shape[:-1], out_f), dtype=x.dtype, device=x.device)
-    _gemm(x2, weight.t(), y.view(-1, out_f), lo=xa, up=lora_b.t(), bias=bias, scale=scale)
+    _gemm(x2, weight.t(), y, lo=xa, up=lora_b.t(), bias=bias, scale=scale)
     return y, xa
 
 
 @_register("rlhf_fast::lora_linear_bwd", _lora_linear_bwd_fake)
-def lora_linear_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
-                    lora_b: torch.Tensor, xa: torch.Tensor, scale: float, need_grad_x: bool,
-                    need_grad_adapter: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lora_linear_bwd(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    xa: torch.Tensor,
+    scale: float,
+    need_grad_x: bool,
+    need_grad_adapter: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx (..., in), dA (r, in), dB (out, r)); an unneeded gradient comes back as an empty tensor."""
     out_f, in_f = weight.shape
     dy = grad_y.reshape(-1, out_f)  # (N, out)
@@ -359,7 +496,7 @@ def lora_linear_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     dx = empty
     if need_grad_x:
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        _gemm(dy, weight, dx.view(-1, in_f), lo=dyb, up=lora_a, scale=scale)
+        _gemm(dy, weight, dx, lo=dyb, up=lora_a, scale=scale)
     da = db = empty
     if need_grad_adapter:
         x2 = x.reshape(-1, in_f)
@@ -388,8 +525,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, _grad_xa):
     x, weight, lora_a, lora_b, xa = ctx.saved_tensors
     need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-    dx, da, db = torch.ops.rlhf_fast.lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, xa, ctx.scale,
-                                                     need_x, need_a or need_bb)
+    dx, da, db = torch.ops.rlhf_fast.lora_linear_bwd(
+        grad_y, x, weight, lora_a, lora_b, xa, ctx.scale, need_x, need_a or need_bb
+    )
     dw = torch.ops.rlhf_fast.lora_linear_bwd_weight(grad_y, x) if need_w else None
     dbias = grad_y.reshape(-1, weight.shape[0]).float().sum(0).to(grad_y.dtype) if need_b else None
     return (dx if need_x else None, dw, dbias, da if need_a else None, db if need_bb else None, None)

@@ -36,8 +36,9 @@ def _describe_mismatch(actual, expected, bad, name, atol, rtol, extra=""):
     flat_idx = bad.flatten().nonzero().flatten()[:5]
     positions = [tuple(int(i) for i in torch.unravel_index(j, bad.shape)) for j in flat_idx]
     examples = ", ".join(f"{p}: got {actual[p].item():.6g}, want {expected[p].item():.6g}" for p in positions)
-    return (f"{name}: {int(bad.sum())}/{bad.numel()} elements mismatch (atol={atol:g}, rtol={rtol:g}{extra}); "
-            f"max abs err {diff.max().item():.3g}; first at {examples}")
+    return (f"{name}: {int(bad.sum())}/{bad.numel()} elements mismatch "
+            f"(atol={atol:g}, rtol={rtol:g}{extra}); max abs err {diff.max().item():.3g}; "
+            f"first at {examples}")
 
 
 def assert_close_verbose(actual, expected, *, atol=None, rtol=None, name="output"):
@@ -48,7 +49,8 @@ def assert_close_verbose(actual, expected, *, atol=None, rtol=None, name="output
     rtol = d_rtol if rtol is None else rtol
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     nonfinite = ~torch.isfinite(a) | ~torch.isfinite(e)
-    nan_mismatch = (torch.isnan(a) != torch.isnan(e)) | (nonfinite & ~torch.isnan(a) & ~torch.isnan(e) & (a != e))
+    has_inf = nonfinite & ~torch.isnan(a) & ~torch.isnan(e)
+    nan_mismatch = (torch.isnan(a) != torch.isnan(e)) | (has_inf & (a != e))
     if nan_mismatch.any():
         raise AssertionError(_describe_mismatch(a, e, nan_mismatch, name, atol, rtol, ", NaN/inf mismatch"))
     ok = torch.isclose(a, e, atol=atol, rtol=rtol) | (nonfinite & ~nan_mismatch)

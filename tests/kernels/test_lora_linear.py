@@ -48,14 +48,20 @@ def _run(fn, x, weight, bias, lora_a, lora_b, scale, grad_y=None):
     named = {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b}
     named = {k: t for k, t in named.items() if t is not None and t.requires_grad}
     grads = torch.autograd.grad(y, list(named.values()), grad_y, allow_unused=True)
-    grads = {k: torch.zeros_like(t) if gr is None else gr for (k, t), gr in zip(named.items(), grads)}
+    grads = {
+        k: torch.zeros_like(t) if gr is None else gr for (k, t), gr in zip(named.items(), grads, strict=True)
+    }
     return y, grads, grad_y
 
 
 def _reference_fp64(x, weight, bias, lora_a, lora_b, scale, grad_y):
     up = lambda t: None if t is None else t.detach().double().requires_grad_(t.requires_grad)  # noqa: E731
-    return _run(reference.lora_linear, *(up(t) for t in (x, weight, bias, lora_a, lora_b)), scale,
-                grad_y=grad_y.double())
+    return _run(
+        reference.lora_linear,
+        *(up(t) for t in (x, weight, bias, lora_a, lora_b)),
+        scale,
+        grad_y=grad_y.double(),
+    )
 
 
 def _triton(x, weight, bias, lora_a, lora_b, scale):
@@ -143,14 +149,28 @@ def test_frozen_inputs_get_no_grad_and_grads_are_deterministic():
         (dict(x=torch.randint(0, 3, (5, 48))), TypeError, "x must .*int64"),
         (dict(lora_a=torch.randn(4, 48, device="meta")), ValueError, "lora_a is on meta"),
         (dict(lora_a=torch.randn(129, 48), lora_b=torch.randn(40, 129)), ValueError, "rank 129"),
-        (dict(x=torch.randn(5, 48).bfloat16(), weight=torch.randn(40, 48).bfloat16(), bias=None,
-              lora_a=torch.randn(4, 48).bfloat16(), lora_b=torch.randn(40, 4).bfloat16()), TypeError, "bfloat16"),
+        (
+            dict(
+                x=torch.randn(5, 48).bfloat16(),
+                weight=torch.randn(40, 48).bfloat16(),
+                bias=None,
+                lora_a=torch.randn(4, 48).bfloat16(),
+                lora_b=torch.randn(40, 4).bfloat16(),
+            ),
+            TypeError,
+            "bfloat16",
+        ),
     ],
 )
 @pytest.mark.parametrize("entry", ["dispatch", "op"])
 def test_bad_input_raises_clear_error(change, exc, match, entry):
-    args = dict(x=torch.randn(5, 48), weight=torch.randn(40, 48), bias=torch.randn(40),
-                lora_a=torch.randn(4, 48), lora_b=torch.randn(40, 4))
+    args = dict(
+        x=torch.randn(5, 48),
+        weight=torch.randn(40, 48),
+        bias=torch.randn(40),
+        lora_a=torch.randn(4, 48),
+        lora_b=torch.randn(40, 4),
+    )
     args.update(change)
     if entry == "dispatch":
         call = lambda: kernels.lora_linear(**args, scale=1.0, backend="triton")  # noqa: E731
@@ -165,8 +185,11 @@ def test_bad_input_raises_clear_error(change, exc, match, entry):
 def test_registered_op_passes_opcheck():
     _kernel_module()
     x, weight, bias, lora_a, lora_b = _inputs((2, 3), 48, 40, 4, torch.float32, "cpu", train_base=True)
-    torch.library.opcheck(torch.ops.rlhf_fast.lora_linear_fwd.default, (x, weight, bias, lora_a, lora_b, 0.5),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        torch.ops.rlhf_fast.lora_linear_fwd.default,
+        (x, weight, bias, lora_a, lora_b, 0.5),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
 
 
 @interpreter
@@ -212,7 +235,7 @@ def test_gpt_with_triton_backend_matches_torch_backend():
     with torch.no_grad(), base_model.disable_adapters():
         assert (logits_t - base_model(ids, mask)).abs().max() > 1e-3  # the adapter changes the logits
     assert_close_verbose(logits_k, logits_t, atol=1e-4, rtol=1e-4, name="logits")
-    for i, (gk, gt) in enumerate(zip(grads_k, grads_t)):
+    for i, (gk, gt) in enumerate(zip(grads_k, grads_t, strict=True)):
         assert gt is not None and gt.abs().max() > 0
         assert_close_verbose(gk, gt, atol=1e-5, rtol=1e-4, name=f"adapter grad {i}")
 
