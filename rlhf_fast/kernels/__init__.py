@@ -54,6 +54,7 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@torch.compiler.assume_constant_result  # run, not traced, by torch.compile: find_spec breaks graphs
 def triton_implemented(name: str) -> bool:
     """True when kernel `name` has a Triton implementation in this build."""
     module = _TRITON_MODULES.get(name)
@@ -76,12 +77,26 @@ def resolve_backend(name: str, backend: str, device: torch.device) -> str:
     return backend
 
 
+_TRITON_FNS: dict = {}  # kernel name -> its Triton implementation, filled on first use
+
+
+@torch.compiler.assume_constant_result
+def _load_triton(name: str) -> bool:
+    """Import kernel `name`'s Triton module (registering its torch ops) and cache the function.
+
+    torch.compile runs this at trace time instead of tracing it (an import would break the graph).
+    """
+    if name not in _TRITON_FNS:
+        _TRITON_FNS[name] = getattr(importlib.import_module(_TRITON_MODULES[name]), name)
+        # Importing kernels/lora_linear.py binds that submodule as attribute `lora_linear` of this
+        # package, shadowing the public function of the same name: put the public functions back.
+        globals().update(_PUBLIC_FUNCTIONS)
+    return True
+
+
 def _triton_fn(name: str):
-    fn = getattr(importlib.import_module(_TRITON_MODULES[name]), name)
-    # Importing kernels/lora_linear.py binds that submodule as attribute `lora_linear` of this package,
-    # shadowing the public function of the same name: put the public functions back.
-    globals().update(_PUBLIC_FUNCTIONS)
-    return fn
+    _load_triton(name)
+    return _TRITON_FNS[name]
 
 
 def _check_float(name: str, arg: str, t: torch.Tensor):

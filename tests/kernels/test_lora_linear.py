@@ -240,6 +240,26 @@ def test_gpt_with_triton_backend_matches_torch_backend():
         assert_close_verbose(gk, gt, atol=1e-5, rtol=1e-4, name=f"adapter grad {i}")
 
 
+@interpreter
+def test_compiled_gpt_keeps_every_lora_op_in_one_graph():
+    from rlhf_fast.model import GPT, add_lora
+
+    torch.manual_seed(0)
+    model = GPT.from_preset("tiny", attn_backend="torch", kernel_backend="triton")
+    add_lora(model, "policy", rank=4)
+    graphs = []
+
+    def capture(gm, example_inputs):  # a dynamo backend that records the graph and runs it as is
+        graphs.append(gm)
+        return gm.forward
+
+    ids = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(2))
+    logits = torch.compile(model, fullgraph=True, backend=capture)(ids)
+    lora_calls = [n for n in graphs[0].graph.nodes if "rlhf_fast.lora_linear_fwd" in str(n.target)]
+    assert len(graphs) == 1 and len(lora_calls) == 4 * model.config.n_layer
+    assert_close_verbose(logits, model(ids), atol=1e-5, rtol=1e-5, name="logits")
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU tier
 
