@@ -5,7 +5,7 @@ Forward (two launches):
      besides x itself.
   2. `_lora_linear_fwd_kernel`: a tiled GEMM whose fp32 accumulator is seeded with s * xa B^T for its
      (BLOCK_M, BLOCK_N) tile before the K loop over x W^T, then gets the bias in the epilogue. The
-     (N, out) LoRA product never exists in memory; it costs one extra K=r MMA per output tile.
+     (N, out) LoRA product never exists in memory; it costs one extra K=R_PAD MMA per output tile.
 Backward:
   dyb = dY B (N, r) with the projection kernel; dX = dY W + s dyb A with the same seeded GEMM (one pass
   over W); dA = s dyb^T x and dB^T = s xa^T dY with `_lora_adapter_grad_kernel`, a split-K reduction
@@ -19,7 +19,8 @@ dims cannot be viewed flat). fp32 inputs use IEEE fp32 dots (as torch does by de
 fp16/bf16 use tensor-core dots with fp32 accumulation, cast once at the store.
 
 Registered as the torch.library.triton_ops `rlhf_fast::lora_linear_fwd` / `rlhf_fast::lora_linear_bwd`
-(+ `rlhf_fast::lora_linear_bwd_weight`) with autograd, so torch.compile keeps them in the graph.
+(+ `rlhf_fast::lora_linear_bwd_weight`) with autograd, so torch.compile keeps them in the graph (under
+TRITON_INTERPRET they are opaque custom_ops with fake impls instead, see `_register`).
 """
 
 from __future__ import annotations
