@@ -54,7 +54,15 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-@torch.compiler.assume_constant_result  # run, not traced, by torch.compile: find_spec breaks graphs
+def _constant_under_compile(fn):
+    """What torch.compiler.assume_constant_result does (torch.compile runs `fn` at trace time and keeps
+    its result as a constant instead of tracing it), without that call's import of torch._dynamo and
+    triton at package import. Covered by the compiled-model tests in tests/kernels/test_lora_linear.py."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile  # importlib.util.find_spec would break the graph
 def triton_implemented(name: str) -> bool:
     """True when kernel `name` has a Triton implementation in this build."""
     module = _TRITON_MODULES.get(name)
@@ -80,7 +88,7 @@ def resolve_backend(name: str, backend: str, device: torch.device) -> str:
 _TRITON_FNS: dict = {}  # kernel name -> its Triton implementation, filled on first use
 
 
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def _load_triton(name: str) -> bool:
     """Import kernel `name`'s Triton module (registering its torch ops) and cache the function.
 

@@ -260,6 +260,36 @@ def test_compiled_gpt_keeps_every_lora_op_in_one_graph():
     assert_close_verbose(logits, model(ids), atol=1e-5, rtol=1e-5, name="logits")
 
 
+_COMPILE_FIRST = """
+import sys, torch
+from rlhf_fast import kernels
+assert "triton" not in sys.modules and "torch._dynamo" not in sys.modules, "package import must stay light"
+x, w, a, b = torch.randn(3, 48), torch.randn(40, 48), torch.randn(4, 48), torch.randn(40, 4)
+fn = lambda x: kernels.lora_linear(x, w, None, a, b, 0.5, backend="triton")
+y = torch.compile(fn, fullgraph=True, backend="eager")(x)
+torch.testing.assert_close(y, kernels.lora_linear(x, w, None, a, b, 0.5, backend="torch"))
+print("ok")
+"""
+
+
+@interpreter
+def test_first_call_inside_compile_and_light_package_import():
+    # A fresh process whose first kernel call is inside torch.compile(fullgraph=True): loading the
+    # Triton module there must not break the graph; importing rlhf_fast.kernels loads neither triton
+    # nor dynamo.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import rlhf_fast
+
+    root = str(Path(rlhf_fast.__file__).resolve().parents[1])  # this checkout, not an installed copy
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FIRST], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU tier
 
