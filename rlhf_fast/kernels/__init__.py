@@ -54,6 +54,15 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _constant_under_compile(fn):
+    """What torch.compiler.assume_constant_result does (torch.compile runs `fn` at trace time and keeps
+    its result as a constant instead of tracing it), without that call's import of torch._dynamo and
+    triton at package import. Covered by the compiled-model tests in tests/kernels/test_lora_linear.py."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile  # importlib.util.find_spec would break the graph
 def triton_implemented(name: str) -> bool:
     """True when kernel `name` has a Triton implementation in this build."""
     module = _TRITON_MODULES.get(name)
@@ -76,8 +85,26 @@ def resolve_backend(name: str, backend: str, device: torch.device) -> str:
     return backend
 
 
+_TRITON_FNS: dict = {}  # kernel name -> its Triton implementation, filled on first use
+
+
+@_constant_under_compile
+def _load_triton(name: str) -> bool:
+    """Import kernel `name`'s Triton module (registering its torch ops) and cache the function.
+
+    torch.compile runs this at trace time instead of tracing it (an import would break the graph).
+    """
+    if name not in _TRITON_FNS:
+        _TRITON_FNS[name] = getattr(importlib.import_module(_TRITON_MODULES[name]), name)
+        # Importing kernels/lora_linear.py binds that submodule as attribute `lora_linear` of this
+        # package, shadowing the public function of the same name: put the public functions back.
+        globals().update(_PUBLIC_FUNCTIONS)
+    return True
+
+
 def _triton_fn(name: str):
-    return getattr(importlib.import_module(_TRITON_MODULES[name]), name)
+    _load_triton(name)
+    return _TRITON_FNS[name]
 
 
 def _check_float(name: str, arg: str, t: torch.Tensor):
@@ -198,3 +225,7 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, ma
     if resolve_backend(name, backend, logprobs.device) == "triton":
         return _triton_fn(name)(*args, **kwargs)
     return reference.ppo_loss(*args, **kwargs)
+
+
+_PUBLIC_FUNCTIONS = {"lora_linear": lora_linear, "masked_attention": masked_attention, "gae": gae,
+                     "ppo_loss": ppo_loss}

@@ -36,8 +36,9 @@ def _describe_mismatch(actual, expected, bad, name, atol, rtol, extra=""):
     flat_idx = bad.flatten().nonzero().flatten()[:5]
     positions = [tuple(int(i) for i in torch.unravel_index(j, bad.shape)) for j in flat_idx]
     examples = ", ".join(f"{p}: got {actual[p].item():.6g}, want {expected[p].item():.6g}" for p in positions)
-    return (f"{name}: {int(bad.sum())}/{bad.numel()} elements mismatch (atol={atol:g}, rtol={rtol:g}{extra}); "
-            f"max abs err {diff.max().item():.3g}; first at {examples}")
+    return (f"{name}: {int(bad.sum())}/{bad.numel()} elements mismatch "
+            f"(atol={atol:g}, rtol={rtol:g}{extra}); max abs err {diff.max().item():.3g}; "
+            f"first at {examples}")
 
 
 def assert_close_verbose(actual, expected, *, atol=None, rtol=None, name="output"):
@@ -48,7 +49,8 @@ def assert_close_verbose(actual, expected, *, atol=None, rtol=None, name="output
     rtol = d_rtol if rtol is None else rtol
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     nonfinite = ~torch.isfinite(a) | ~torch.isfinite(e)
-    nan_mismatch = (torch.isnan(a) != torch.isnan(e)) | (nonfinite & ~torch.isnan(a) & ~torch.isnan(e) & (a != e))
+    has_inf = nonfinite & ~torch.isnan(a) & ~torch.isnan(e)
+    nan_mismatch = (torch.isnan(a) != torch.isnan(e)) | (has_inf & (a != e))
     if nan_mismatch.any():
         raise AssertionError(_describe_mismatch(a, e, nan_mismatch, name, atol, rtol, ", NaN/inf mismatch"))
     ok = torch.isclose(a, e, atol=atol, rtol=rtol) | (nonfinite & ~nan_mismatch)
@@ -73,3 +75,16 @@ def assert_within_eager_error(kernel_out, eager_out, ref_fp32, *, factor=2.0, at
 def fill_masked(t: torch.Tensor, keep: torch.Tensor, value: float) -> torch.Tensor:
     """Copy of t with `value` (garbage: 1e4, nan, ...) wherever `keep` (broadcastable) is False."""
     return torch.where(keep, t, torch.full_like(t, value))
+
+
+def noncontiguous_with_garbage(t: torch.Tensor, value: float = float("nan")) -> torch.Tensor:
+    """A non-contiguous view equal to `t`, inside a buffer whose other elements are `value`.
+
+    The last dim is padded by 3 garbage columns, so a kernel that ignores strides or reads past a row
+    picks up `value` (NaN by default) and fails the comparison. A leaf, requiring grad like `t`.
+    """
+    buf = torch.full((*t.shape[:-1], t.shape[-1] + 3), value, dtype=t.dtype, device=t.device)
+    buf[..., : t.shape[-1]] = t.detach()
+    view = buf[..., : t.shape[-1]]
+    assert not view.is_contiguous() or t.numel() <= 1
+    return view.requires_grad_(t.requires_grad)

@@ -1,0 +1,542 @@
+"""Fused LoRA linear: y = x W^T + b + s (x A^T) B^T, forward and backward in Triton.
+
+Forward (two launches):
+  1. `_lora_project_kernel`: xa = x A^T, (N, r) in fp32 - one read of x, the only activation saved
+     besides x itself.
+  2. `_lora_linear_fwd_kernel`: a tiled GEMM whose fp32 accumulator is seeded with s * xa B^T for its
+     (BLOCK_M, BLOCK_N) tile before the K loop over x W^T, then gets the bias in the epilogue. The
+     (N, out) LoRA product never exists in memory; it costs one extra K=R_PAD MMA per output tile.
+Backward:
+  dyb = dY B (N, r) with the projection kernel; dX = dY W + s dyb A with the same seeded GEMM (one pass
+  over W); dA = s dyb^T x and dB^T = s xa^T dY with `_lora_adapter_grad_kernel`, a split-K reduction
+  over tokens whose per-split fp32 partials are summed in a fixed order (deterministic, no atomics).
+  dW (same GEMM kernel, no seed) and db only when they require grad - normally they are frozen.
+
+Ranks below 16 are zero-padded to R_PAD = max(16, next_pow2(r)) in registers (masked loads), so every
+tl.dot has K, M, N >= 16 as NVIDIA tensor cores require. All kernels take strides, so non-contiguous
+weights/adapters work as views; x is flattened to (N, in) with reshape (a copy only when its leading
+dims cannot be viewed flat). fp32 inputs use IEEE fp32 dots (as torch does by default, no TF32);
+fp16/bf16 use tensor-core dots with fp32 accumulation, cast once at the store.
+
+Registered as the torch.library.triton_ops `rlhf_fast::lora_linear_fwd` / `rlhf_fast::lora_linear_bwd`
+(+ `rlhf_fast::lora_linear_bwd_weight`) with autograd, so torch.compile keeps them in the graph (under
+TRITON_INTERPRET they are opaque custom_ops with fake impls instead, see `_register`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+# Read once, when this module is first imported (lazily, by the kernel dispatch): the interpreter
+# runs kernels on CPU tensors with fixed small tiles; autotuning is for real GPUs only.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+MAX_RANK = 128  # R_PAD = 128 keeps the seed tiles (BLOCK_M x R_PAD, R_PAD x BLOCK_N) within registers
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+@triton.jit
+def _lora_linear_fwd_kernel(
+    p_ptr,  # (M, K) x or dY
+    q_ptr,  # (K, N) W^T (forward), W (dX) or x (dW); any strides
+    lo_ptr,  # (M, R) fp32 low-rank activations: x A^T (forward) or dY B (dX)
+    up_ptr,  # (R, N) B^T (forward) or A (dX)
+    bias_ptr,  # (N,)
+    out_ptr,  # (M, N)
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,  # M_BUCKET: autotune key only (power-of-two bucket of M)
+    stride_pm,
+    stride_pk,
+    stride_qk,
+    stride_qn,
+    stride_lm,
+    stride_lr,
+    stride_ur,
+    stride_un,
+    stride_om,
+    stride_on,
+    scale,
+    HAS_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row-tiles share each column band of q while it is hot in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Wrap out-of-range rows/cols onto valid ones so loads need no M/N masks; the store is masked.
+    rows_in = (rows % M).to(tl.int64)
+    cols_in = (cols % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_LORA:
+        # Seed the accumulator with this tile's low-rank term; padded ranks load as 0.
+        offs_r = tl.arange(0, R_PAD)
+        lo = tl.load(
+            lo_ptr + rows_in[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+            mask=offs_r[None, :] < R,
+            other=0.0,
+        )
+        up = tl.load(
+            up_ptr + offs_r[:, None] * stride_ur + cols_in[None, :] * stride_un,
+            mask=offs_r[:, None] < R,
+            other=0.0,
+        )
+        acc = tl.dot((lo * scale).to(up.dtype), up, acc, input_precision=DOT_PRECISION)
+
+    p_ptrs = p_ptr + rows_in[:, None] * stride_pm + offs_k[None, :] * stride_pk
+    q_ptrs = q_ptr + offs_k[:, None] * stride_qk + cols_in[None, :] * stride_qn
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        p = tl.load(p_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        q = tl.load(q_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(p, q, acc, input_precision=DOT_PRECISION)
+        p_ptrs += BLOCK_K * stride_pk
+        q_ptrs += BLOCK_K * stride_qk
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :].to(tl.int64) * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def _lora_project_kernel(
+    p_ptr,  # (M, K) x (forward) or dY (backward)
+    q_ptr,  # (K, R) A^T (forward) or B (backward); any strides
+    z_ptr,  # (M, R) fp32 out: x A^T or dY B
+    M,
+    K,
+    R,
+    stride_pm,
+    stride_pk,
+    stride_qk,
+    stride_qr,
+    stride_zm,
+    stride_zr,
+    DOT_PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_in = (rows % M).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    p_ptrs = p_ptr + rows_in[:, None] * stride_pm + offs_k[None, :] * stride_pk
+    q_ptrs = q_ptr + offs_k[:, None] * stride_qk + offs_r[None, :] * stride_qr
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        p = tl.load(p_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        q = tl.load(q_ptrs, mask=(offs_k[:, None] < k_left) & (offs_r[None, :] < R), other=0.0)
+        acc = tl.dot(p, q, acc, input_precision=DOT_PRECISION)
+        p_ptrs += BLOCK_K * stride_pk
+        q_ptrs += BLOCK_K * stride_qk
+    z_ptrs = z_ptr + rows[:, None].to(tl.int64) * stride_zm + offs_r[None, :] * stride_zr
+    tl.store(z_ptrs, acc, mask=(rows[:, None] < M) & (offs_r[None, :] < R))
+
+
+@triton.jit
+def _lora_adapter_grad_kernel(
+    lo_ptr,  # (M, R) fp32: dY B (for dA) or x A^T (for dB^T)
+    p_ptr,  # (M, N) x (for dA) or dY (for dB^T)
+    part_ptr,  # (SPLIT, R, N) fp32 out: lo^T p summed over this program's rows
+    M,
+    N,
+    R,
+    ROWS_PER_SPLIT,
+    stride_lm,
+    stride_lr,
+    stride_pm,
+    stride_pn,
+    stride_ps,
+    stride_sr,
+    stride_sn,
+    DOT_PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Split-K over tokens: program (pid_n, pid_s) owns columns pid_n and rows of split pid_s. Each
+    # split writes its own partial, so the final sum (on the host, fixed order) is deterministic.
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_in = (cols % N).to(tl.int64)
+    offs_r = tl.arange(0, R_PAD)
+    offs_m = tl.arange(0, BLOCK_M)
+    row_start = pid_s * ROWS_PER_SPLIT
+    row_end = min(row_start + ROWS_PER_SPLIT, M)
+    acc = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + offs_m
+        row_ok = rows < row_end
+        rows64 = rows.to(tl.int64)
+        lo_t = tl.load(
+            lo_ptr + offs_r[:, None] * stride_lr + rows64[None, :] * stride_lm,
+            mask=(offs_r[:, None] < R) & row_ok[None, :],
+            other=0.0,
+        )  # (R_PAD, BLOCK_M)
+        p = tl.load(
+            p_ptr + rows64[:, None] * stride_pm + cols_in[None, :] * stride_pn,
+            mask=row_ok[:, None],
+            other=0.0,
+        )  # (BLOCK_M, BLOCK_N)
+        acc = tl.dot(lo_t.to(p.dtype), p, acc, input_precision=DOT_PRECISION)
+    part_ptrs = part_ptr + pid_s * stride_ps + offs_r[:, None] * stride_sr + cols[None, :] * stride_sn
+    tl.store(part_ptrs, acc, mask=(offs_r[:, None] < R) & (cols[None, :] < N))
+
+
+def _gemm_configs():
+    if _INTERPRET:  # one fixed config: the interpreter gains nothing from tuning
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
+    cfg = lambda bm, bn, bk, w, s: triton.Config(  # noqa: E731
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s
+    )
+    return [
+        cfg(128, 256, 64, 8, 3),
+        cfg(256, 128, 64, 8, 3),
+        cfg(128, 128, 64, 8, 4),
+        cfg(128, 128, 64, 4, 4),
+        cfg(128, 128, 32, 4, 4),
+        cfg(128, 64, 64, 4, 4),
+        cfg(64, 128, 64, 4, 4),
+        cfg(64, 64, 64, 4, 4),
+    ]
+
+
+# Autotuned per (power-of-two bucket of M, N, K, R_PAD, dtypes); a varying token count does not re-tune.
+_lora_linear_fwd_tuned = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R_PAD"])(
+    _lora_linear_fwd_kernel
+)
+
+# Fixed tiles for the skinny kernels: they are bandwidth-bound (K or N = r is tiny), so tuning buys
+# little. (BLOCK_M, BLOCK_K / BLOCK_N, num_warps, num_stages)
+_PROJECT_CFG = (16, 32, 4, 1) if _INTERPRET else (64, 64, 4, 3)
+_GRAD_CFG = (16, 32, 4, 1) if _INTERPRET else (64, 128, 8, 3)
+
+
+def _wrap(kernel):
+    # The interpreter's kernels are plain Python callables: launch them directly (older torch's
+    # wrap_triton rejects them; the ops are opaque custom_ops there, see _register).
+    return kernel if _INTERPRET else wrap_triton(kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host launchers (2-D operands, any strides)
+
+
+def _rank_pad(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit operands
+
+
+def _gemm(p, q, out, lo=None, up=None, bias=None, scale: float = 0.0):
+    """out (M, N) = p (M, K) @ q (K, N) [+ scale * lo (M, R) @ up (R, N)] [+ bias (N,)].
+
+    `out` is any contiguous tensor of M * N elements (e.g. y (..., out)), written as row-major (M, N):
+    passing the tensor itself rather than a 2-D view keeps compile's functionalization of the kernel's
+    writes simple (no mutated views)."""
+    M, K = p.shape
+    N = q.shape[1]
+    assert q.shape[0] == K and out.is_contiguous() and out.numel() == M * N, (p.shape, q.shape, out.shape)
+    if M == 0 or N == 0:
+        return out
+    has_lora = lo is not None
+    if has_lora:
+        assert lo.shape == (M, up.shape[0]) and up.shape[1] == N and lo.dtype == torch.float32
+    R = up.shape[0] if has_lora else 0
+    lo_t, up_t = (lo, up) if has_lora else (p, q)  # unused placeholders when there is no seed
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _wrap(_lora_linear_fwd_tuned)[grid](
+        p,
+        q,
+        lo_t,
+        up_t,
+        bias if bias is not None else out,
+        out,
+        M,
+        N,
+        K,
+        R,
+        min(triton.next_power_of_2(M), 1 << 16),
+        p.stride(0),
+        p.stride(1),
+        q.stride(0),
+        q.stride(1),
+        lo_t.stride(0),
+        lo_t.stride(1),
+        up_t.stride(0),
+        up_t.stride(1),
+        N,
+        1,
+        scale,
+        HAS_LORA=has_lora,
+        HAS_BIAS=bias is not None,
+        DOT_PRECISION=_dot_precision(p.dtype),
+        R_PAD=_rank_pad(R) if has_lora else 16,
+    )
+    return out
+
+
+def _project(p, q):
+    """(M, R) fp32 = p (M, K) @ q (K, R), R <= MAX_RANK."""
+    M, K = p.shape
+    R = q.shape[1]
+    z = torch.empty((M, R), dtype=torch.float32, device=p.device)
+    if M == 0:
+        return z
+    block_m, block_k, warps, stages = _PROJECT_CFG
+    _wrap(_lora_project_kernel)[(triton.cdiv(M, block_m),)](
+        p,
+        q,
+        z,
+        M,
+        K,
+        R,
+        p.stride(0),
+        p.stride(1),
+        q.stride(0),
+        q.stride(1),
+        z.stride(0),
+        z.stride(1),
+        DOT_PRECISION=_dot_precision(p.dtype),
+        R_PAD=_rank_pad(R),
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return z
+
+
+def _adapter_grad(lo, p, transposed: bool = False):
+    """(R, N) fp32 = lo (M, R)^T @ p (M, N), reduced over M in deterministic split-K; (N, R) if transposed."""
+    M, R = lo.shape
+    N = p.shape[1]
+    block_m, block_n, warps, stages = _GRAD_CFG
+    n_col = triton.cdiv(N, block_n)
+    # Enough (column, split) programs to fill the GPU; the interpreter uses a few to exercise splits.
+    target = 8 if _INTERPRET else 2 * torch.cuda.get_device_properties(p.device).multi_processor_count
+    split = max(1, min(triton.cdiv(M, block_m), triton.cdiv(target, n_col)))
+    rows_per_split = triton.cdiv(triton.cdiv(M, split), block_m) * block_m if M else block_m
+    split = max(1, triton.cdiv(M, rows_per_split))
+    part = torch.zeros((split, N, R) if transposed else (split, R, N), dtype=torch.float32, device=p.device)
+    stride_r, stride_n = (part.stride(2), part.stride(1)) if transposed else (part.stride(1), part.stride(2))
+    if M > 0 and N > 0:
+        _wrap(_lora_adapter_grad_kernel)[(n_col, split)](
+            lo,
+            p,
+            part,
+            M,
+            N,
+            R,
+            rows_per_split,
+            lo.stride(0),
+            lo.stride(1),
+            p.stride(0),
+            p.stride(1),
+            part.stride(0),
+            stride_r,
+            stride_n,
+            DOT_PRECISION=_dot_precision(p.dtype),
+            R_PAD=_rank_pad(R),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=warps,
+            num_stages=stages,
+        )
+    return part.sum(0)
+
+
+def _check_inputs(x, weight, bias, lora_a, lora_b):
+    """Checks for direct calls of the torch ops (the public dispatch has validated most of this)."""
+    name = "lora_linear (triton)"
+    tensors = {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b}
+    for arg, t in tensors.items():
+        if t is None:
+            continue
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"{name}: {arg} must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: {arg} has dtype {t.dtype} but x has {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: {arg} is on {t.device} but x is on {x.device}")
+    if x.device.type != "cuda" and not _INTERPRET:
+        raise ValueError(
+            f"{name}: needs CUDA tensors, got {x.device.type} (or set TRITON_INTERPRET=1 "
+            "before importing triton)"
+        )
+    if _INTERPRET and x.dtype == torch.bfloat16:
+        raise TypeError(f"{name}: the Triton interpreter has no bfloat16; use float32/float16 or a GPU")
+    if weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2 or x.dim() < 1:
+        raise ValueError(
+            f"{name}: weight, lora_a, lora_b must be 2-D and x at least 1-D, got x "
+            f"{tuple(x.shape)}, weight {tuple(weight.shape)}, lora_a {tuple(lora_a.shape)}, "
+            f"lora_b {tuple(lora_b.shape)}"
+        )
+    out_f, in_f = weight.shape
+    r = lora_a.shape[0]
+    if x.shape[-1] != in_f or lora_a.shape[1] != in_f or tuple(lora_b.shape) != (out_f, r):
+        raise ValueError(
+            f"{name}: shapes do not fit: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+            f"lora_a {tuple(lora_a.shape)} (want (r, {in_f})), lora_b {tuple(lora_b.shape)} "
+            f"(want ({out_f}, r))"
+        )
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise ValueError(f"{name}: bias must be ({out_f},), got {tuple(bias.shape)}")
+    if not 1 <= r <= MAX_RANK:
+        raise ValueError(f"{name}: rank {r} outside 1..{MAX_RANK}; use backend='torch' for larger ranks")
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops + autograd
+
+
+def _register(name: str, fake):
+    """A torch.library op: a triton_op on GPUs (compile traces into its kernels); under the interpreter
+    an opaque custom_op with a fake impl instead, because compile would trace through the body and
+    silently drop interpreted kernel launches (they are plain Python calls, invisible to tracing)."""
+
+    def register(fn):
+        if not _INTERPRET:
+            return triton_op(name, fn, mutates_args=())
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+
+    return register
+
+
+def _lora_linear_fwd_fake(x, weight, bias, lora_a, lora_b, scale):
+    _check_inputs(x, weight, bias, lora_a, lora_b)
+    n = x.numel() // x.shape[-1]
+    return (
+        x.new_empty((*x.shape[:-1], weight.shape[0])),
+        x.new_empty((n, lora_a.shape[0]), dtype=torch.float32),
+    )
+
+
+def _lora_linear_bwd_fake(grad_y, x, weight, lora_a, lora_b, xa, scale, need_grad_x, need_grad_adapter):
+    empty = x.new_empty(0)
+    return (
+        x.new_empty(x.shape) if need_grad_x else empty,
+        lora_a.new_empty(lora_a.shape) if need_grad_adapter else empty,
+        lora_b.new_empty(lora_b.shape) if need_grad_adapter else empty,
+    )
+
+
+def _lora_linear_bwd_weight_fake(grad_y, x):
+    return x.new_empty((grad_y.shape[-1], x.shape[-1]))
+
+
+@_register("rlhf_fast::lora_linear_fwd", _lora_linear_fwd_fake)
+def lora_linear_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (y (..., out), xa (N, r) fp32 = x A^T): xa is the activation saved for backward."""
+    _check_inputs(x, weight, bias, lora_a, lora_b)
+    out_f, in_f = weight.shape
+    x2 = x.reshape(-1, in_f)  # (N, in)
+    xa = _project(x2, lora_a.t())  # (N, r) fp32
+    y = torch.empty((*x.shape[:-1], out_f), dtype=x.dtype, device=x.device)
+    _gemm(x2, weight.t(), y, lo=xa, up=lora_b.t(), bias=bias, scale=scale)
+    return y, xa
+
+
+@_register("rlhf_fast::lora_linear_bwd", _lora_linear_bwd_fake)
+def lora_linear_bwd(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    xa: torch.Tensor,
+    scale: float,
+    need_grad_x: bool,
+    need_grad_adapter: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx (..., in), dA (r, in), dB (out, r)); an unneeded gradient comes back as an empty tensor."""
+    out_f, in_f = weight.shape
+    dy = grad_y.reshape(-1, out_f)  # (N, out)
+    dyb = _project(dy, lora_b)  # (N, r) fp32 = dY B
+    empty = x.new_empty(0)
+    dx = empty
+    if need_grad_x:
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _gemm(dy, weight, dx, lo=dyb, up=lora_a, scale=scale)
+    da = db = empty
+    if need_grad_adapter:
+        x2 = x.reshape(-1, in_f)
+        da = (_adapter_grad(dyb, x2) * scale).to(x.dtype)  # (r, in)
+        db = (_adapter_grad(xa, dy, transposed=True) * scale).to(x.dtype)  # (out, r)
+    return dx, da, db
+
+
+@_register("rlhf_fast::lora_linear_bwd_weight", _lora_linear_bwd_weight_fake)
+def lora_linear_bwd_weight(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dW (out, in) = dY^T x over all tokens; only used when the base weight is trainable."""
+    out_f, in_f = grad_y.shape[-1], x.shape[-1]
+    dy, x2 = grad_y.reshape(-1, out_f), x.reshape(-1, in_f)
+    dw = torch.empty((out_f, in_f), dtype=x.dtype, device=x.device)
+    return _gemm(dy.t(), x2, dw)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale = inputs
+    _, xa = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(xa)
+
+
+def _backward(ctx, grad_y, _grad_xa):
+    x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+    need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+    dx, da, db = torch.ops.rlhf_fast.lora_linear_bwd(
+        grad_y, x, weight, lora_a, lora_b, xa, ctx.scale, need_x, need_a or need_bb
+    )
+    dw = torch.ops.rlhf_fast.lora_linear_bwd_weight(grad_y, x) if need_w else None
+    dbias = grad_y.reshape(-1, weight.shape[0]).float().sum(0).to(grad_y.dtype) if need_b else None
+    return (dx if need_x else None, dw, dbias, da if need_a else None, db if need_bb else None, None)
+
+
+lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scale: float):
+    """x @ weight.T + bias + scale * (x @ lora_a.T) @ lora_b.T through the fused Triton kernels."""
+    return torch.ops.rlhf_fast.lora_linear_fwd(x, weight, bias, lora_a, lora_b, float(scale))[0]
