@@ -51,6 +51,8 @@ def masked_whiten(
     With `shift_mean=False` the mean is added back (scale-only whitening, as for value targets).
     """
     m = _bool(mask, x)
+    # select first: garbage times the (finite) gradient of rsqrt(var) would otherwise be NaN
+    x = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
     mean, var = masked_mean(x, m), masked_var(x, m)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
