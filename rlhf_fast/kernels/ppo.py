@@ -32,8 +32,6 @@ from torch.library import triton_op, wrap_triton
 
 from .reference import PPOLossOutput
 
-# log-ratio clamp before exp(): keeps ratio finite for any pair of log-probs (same as the reference).
-LOG_RATIO_CLAMP: tl.constexpr = tl.constexpr(20.0)
 # Layout of the statistics vector produced by the loss kernel (and of its gradient).
 STAT_LOSS, STAT_POLICY, STAT_VALUE, STAT_KL, STAT_CLIP_FRAC, STAT_APPROX_KL, STAT_COUNT = range(7)
 NUM_STATS = 8  # 7 used, padded to a power of two so the reduction kernel can load rows as one tile
@@ -102,8 +100,10 @@ def _ppo_token_terms(
 ):
     """Per-token forward terms and their local derivatives, all fp32, mirroring the reference's ops
     (same clamps, same max()) so that ties resolve the way autograd resolves them."""
+    # log-ratio clamped to [-20, 20] before exp(), as in the reference: ratio stays finite. A literal, not a
+    # module global, so that inductor's copy of the kernel source needs nothing from this module.
     lr_raw = lp - old_lp
-    lr = tl.minimum(tl.maximum(lr_raw, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
+    lr = tl.minimum(tl.maximum(lr_raw, -20.0), 20.0)
     ratio = tl.exp(lr)
     ratio_c = tl.minimum(tl.maximum(ratio, clip_lo), clip_hi)
     x1 = -adv * ratio
@@ -112,7 +112,7 @@ def _ppo_token_terms(
     # torch.maximum's backward splits the gradient evenly on a tie; clamp passes it on its closed range.
     w1 = tl.where(x1 > x2, 1.0, tl.where(x1 == x2, 0.5, 0.0))
     w2 = tl.where((ratio >= clip_lo) & (ratio <= clip_hi), 1.0 - w1, 0.0)
-    lr_pass = (lr_raw >= -LOG_RATIO_CLAMP) & (lr_raw <= LOG_RATIO_CLAMP)
+    lr_pass = (lr_raw >= -20.0) & (lr_raw <= 20.0)
     dpg_dlp = tl.where(lr_pass, -adv * (w1 + w2) * ratio, 0.0)
 
     dv = v - old_v
