@@ -1,1 +1,65 @@
-"""Pure tensor RL maths: advantages, losses, KL, experience dataclasses. torch only."""
+"""Pure tensor RL maths: advantages, losses, KL, reward shaping, experience dataclasses. torch only
+(plus `rlhf_fast.kernels` for the fused GAE and PPO loss)."""
+
+from .advantages import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageConfig,
+    compute_advantages,
+    register_advantage_estimator,
+)
+from .experience import Experience
+from .kl import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    kl_estimator,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+    make_kl_controller,
+)
+from .losses import (
+    POLICY_LOSSES,
+    clipped_policy_loss,
+    dual_clip_policy_loss,
+    entropy_loss,
+    pairwise_ranking_loss,
+    policy_loss_fn,
+    ppo_loss,
+    register_policy_loss,
+    value_loss,
+)
+from .masked import masked_count, masked_mean, masked_sum, masked_var, masked_whiten
+from .rewards import last_token_index, shape_rewards
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "KL_ESTIMATORS",
+    "POLICY_LOSSES",
+    "AdaptiveKLController",
+    "AdvantageConfig",
+    "Experience",
+    "FixedKLController",
+    "clipped_policy_loss",
+    "compute_advantages",
+    "dual_clip_policy_loss",
+    "entropy_loss",
+    "kl_estimator",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "last_token_index",
+    "make_kl_controller",
+    "masked_count",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "pairwise_ranking_loss",
+    "policy_loss_fn",
+    "ppo_loss",
+    "register_advantage_estimator",
+    "register_policy_loss",
+    "shape_rewards",
+    "value_loss",
+]

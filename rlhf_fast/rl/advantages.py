@@ -1,0 +1,107 @@
+"""Advantage estimators behind a registry: `gae` (critic), `grpo` (group-normalised), `rloo`.
+
+Every estimator has the same signature, `(rewards, mask, values, config) -> (advantages, returns)`,
+all (B, T) fp32 and 0 where mask == 0, so a trainer picks one by name from `AdvantageConfig` instead
+of branching on it. rewards (B, T) are per-token (shaped) rewards; the critic-free estimators use
+each sequence's total reward as its score (and return it, broadcast, as `returns`). For `grpo` and
+`rloo` the batch holds `group_size` samples per prompt, stored contiguously (rows g*k ... g*k + k - 1
+share a prompt).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_fast import kernels
+
+from .masked import masked_sum, masked_whiten
+
+AdvantageEstimator = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+
+
+def register_advantage_estimator(name: str):
+    def register(fn: AdvantageEstimator) -> AdvantageEstimator:
+        if name in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage estimator {name!r} is already registered")
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+
+    return register
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    estimator: str = "gae"
+    gamma: float = 1.0  # no discounting: episodes are one short response
+    lam: float = 0.95
+    group_size: int = 1  # samples per prompt (grpo, rloo)
+    whiten: bool = False  # whiten the final advantages over the batch's tokens (common with gae)
+    std_eps: float = 1e-6  # grpo: guards groups whose scores are all equal
+    backend: str = "auto"  # kernels backend for gae
+
+    def __post_init__(self):
+        if self.estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(
+                f"unknown advantage estimator {self.estimator!r}; "
+                f"choose one of {sorted(ADVANTAGE_ESTIMATORS)}"
+            )
+        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
+            raise ValueError(f"gamma and lam must lie in [0, 1], got {self.gamma}, {self.lam}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.estimator == "rloo" and self.group_size < 2:
+            raise ValueError("rloo needs group_size >= 2 (the baseline is the other samples of the prompt)")
+
+
+def compute_advantages(config: AdvantageConfig, rewards, mask, values=None):
+    """(advantages, returns) from the estimator `config.estimator`, optionally whitened."""
+    if rewards.dim() != 2 or mask.shape != rewards.shape:
+        raise ValueError(
+            f"rewards and mask must share a (B, T) shape, got {tuple(rewards.shape)}, {tuple(mask.shape)}"
+        )
+    advantages, returns = ADVANTAGE_ESTIMATORS[config.estimator](rewards, mask, values, config)
+    if config.whiten:
+        advantages = masked_whiten(advantages, mask)
+    return advantages, returns
+
+
+@register_advantage_estimator("gae")
+def gae_advantages(rewards, mask, values, config: AdvantageConfig):
+    if values is None:
+        raise ValueError("the gae estimator needs critic values (B, T)")
+    return kernels.gae(rewards, values, mask, config.gamma, config.lam, backend=config.backend)
+
+
+def _grouped_scores(rewards, mask, group_size: int) -> torch.Tensor:
+    B = rewards.shape[0]
+    if B % group_size:
+        raise ValueError(f"batch of {B} rows is not a whole number of groups of {group_size}")
+    return masked_sum(rewards.float(), mask, dim=1).view(B // group_size, group_size)  # (G, k)
+
+
+def _broadcast(advantage, score, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G, k) per-sequence advantage and score -> (B, T) advantages and returns (the sequence score)."""
+    m = mask if mask.dtype == torch.bool else mask != 0
+    zero = torch.zeros((), device=m.device)
+    return torch.where(m, advantage.reshape(-1, 1), zero), torch.where(m, score.reshape(-1, 1), zero)
+
+
+@register_advantage_estimator("grpo")
+def grpo_advantages(rewards, mask, values, config: AdvantageConfig):
+    """Shao et al. 2024 (DeepSeekMath), outcome supervision: (score - group mean) / (group std + eps)."""
+    scores = _grouped_scores(rewards, mask, config.group_size)
+    std = scores.std(dim=1, keepdim=True) if config.group_size > 1 else torch.zeros_like(scores)
+    return _broadcast((scores - scores.mean(dim=1, keepdim=True)) / (std + config.std_eps), scores, mask)
+
+
+@register_advantage_estimator("rloo")
+def rloo_advantages(rewards, mask, values, config: AdvantageConfig):
+    """Ahmadian et al. 2024: score minus the mean score of the other k - 1 samples of the prompt."""
+    scores = _grouped_scores(rewards, mask, config.group_size)
+    k = config.group_size
+    baseline = (scores.sum(dim=1, keepdim=True) - scores) / (k - 1)
+    return _broadcast(scores - baseline, scores, mask)
