@@ -1,0 +1,546 @@
+"""Masked (bottom-right causal + key padding) flash attention in Triton, with a split-KV decode path.
+
+Semantics: `reference.masked_attention`. Design:
+- forward: online softmax in base 2 with fp32 accumulation; saves the per-row log2-sum-exp (LSE) so
+  the backward recomputes probabilities instead of storing them. A row that sees no key gets LSE=+inf,
+  which makes every recomputed probability exp2(s - inf) = 0: its output is 0 and it passes no gradient.
+- key padding: each batch row's real keys lie in [kv_lo, kv_hi) (first real key, last real key + 1),
+  computed on device from the mask (no host sync). Key blocks outside that range are never loaded,
+  so left padding (prompts) and unwritten KV-cache slots (decode) cost nothing; inside the range the
+  mask itself is applied, so arbitrary (non-contiguous) masks stay exact.
+- backward: deterministic, no atomics. One kernel computes dQ (and the softmax-gradient term
+  delta = rowsum(dO * O)) per query block; a second computes dK, dV per key block.
+- decode (Tq <= 4 query rows over a long KV cache, no grad needed): the key range is split across
+  programs when B*H alone would not fill the GPU; each split writes a partial output + LSE that a
+  small kernel combines (flash-decoding).
+All three are `torch.library.triton_op`s (forward with a registered autograd formula), so
+`torch.compile` keeps them in its graph instead of breaking around them.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+LOG2E = 1.4426950408889634
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DECODE_MAX_TQ = 4  # up to this many query rows over a longer KV cache take the split-KV decode path
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+@triton.jit
+def _visible(offs_m, offs_n, kv_hi, Tq, Tk, kpm_ptr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: which of these keys each of these queries may see."""
+    vis = (offs_n < kv_hi)[None, :] & (offs_m >= 0)[:, None]
+    if CAUSAL:  # bottom-right aligned: query i sees keys <= i + Tk - Tq
+        vis = vis & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
+    if HAS_MASK:
+        kpm = tl.load(kpm_ptr + offs_n, mask=offs_n < Tk, other=0)
+        vis = vis & (kpm != 0)[None, :]
+    return vis
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_ptr, stride_kt, stride_vt, offs_m, lo, hi,
+                    kv_hi, Tq, Tk, D, qk_scale, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax accumulation of keys [lo, hi) into (acc, l_i, m_i); scores in base 2."""
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < Tk)[:, None] & (offs_d < D)[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        vis = _visible(offs_m, offs_n, kv_hi, Tq, Tk, kpm_ptr, CAUSAL, HAS_MASK)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible so far keeps m = -inf; subtracting 0 instead keeps exp2 at 0
+        # rather than exp2(-inf - -inf) = NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q,  # (B, H, Tq, D), last dim contiguous
+    K,  # (B, H, Tk, D)
+    V,  # (B, H, Tk, D)
+    KPM,  # (B, Tk) bool, True = real key; not read unless HAS_MASK
+    KV_RANGE,  # (B, 2) int32: [first real key, last real key + 1)
+    O,  # (B, H, Tq, D) output
+    LSE,  # (B, H, Tq) fp32 log2-sum-exp of the scaled scores; +inf where a row sees no key
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    stride_mb,
+    H, Tq, Tk, D, qk_scale,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_mask = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=q_mask, other=0.0)
+
+    kv_lo = tl.load(KV_RANGE + b * 2)
+    kv_hi = tl.load(KV_RANGE + b * 2 + 1)
+    if CAUSAL:  # the block's last query sees keys < (pid_m + 1) * BLOCK_M + Tk - Tq
+        kv_hi = tl.minimum(kv_hi, (pid_m + 1) * BLOCK_M + Tk - Tq)
+    lo = (kv_lo // BLOCK_N) * BLOCK_N  # skip leading key blocks that are all padding
+
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
+        KPM + b * stride_mb, stride_kt, stride_vt, offs_m, lo, kv_hi, kv_hi, Tq, Tk, D, qk_scale,
+        CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D, DOT_PRECISION)
+
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # acc is 0 for rows with no key
+    lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(LSE + pid_bh * Tq + offs_m, lse, mask=offs_m < Tq)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V,  # (B, H, Tq, D), (B, H, Tk, D), (B, H, Tk, D)
+    O, DO,  # (B, H, Tq, D) forward output and its gradient
+    KPM,  # (B, Tk) bool
+    KV_RANGE,  # (B, 2) int32
+    LSE,  # (B, H, Tq) fp32 from the forward
+    DELTA,  # (B, H, Tq) fp32 output: rowsum(dO * O), reused by the dK/dV kernel
+    DQ,  # (B, H, Tq, D) output
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt,
+    stride_mb,
+    H, Tq, Tk, D, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_mask = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=q_mask, other=0.0)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # (BLOCK_M,)
+    tl.store(DELTA + pid_bh * Tq + offs_m, delta, mask=offs_m < Tq)
+    lse = tl.load(LSE + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
+
+    kv_lo = tl.load(KV_RANGE + b * 2)
+    kv_hi = tl.load(KV_RANGE + b * 2 + 1)
+    if CAUSAL:
+        kv_hi = tl.minimum(kv_hi, (pid_m + 1) * BLOCK_M + Tk - Tq)
+    lo = (kv_lo // BLOCK_N) * BLOCK_N
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    kpm_ptr = KPM + b * stride_mb
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start_n in range(lo, kv_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < Tk)[:, None] & (offs_d < D)[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        vis = _visible(offs_m, offs_n, kv_hi, Tq, Tk, kpm_ptr, CAUSAL, HAS_MASK)
+        # Masking s before exp2 keeps garbage keys from overflowing; lse = +inf (no key) gives p = 0.
+        p = tl.exp2(tl.where(vis, s, float("-inf")) - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V,  # (B, H, Tq, D), (B, H, Tk, D), (B, H, Tk, D)
+    DO,  # (B, H, Tq, D)
+    KPM,  # (B, Tk) bool
+    KV_RANGE,  # (B, 2) int32
+    LSE, DELTA,  # (B, H, Tq) fp32
+    DK, DV,  # (B, H, Tk, D) outputs; written (as zeros) for key blocks that are all padding too
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_dvb, stride_dvh, stride_dvt,
+    stride_mb,
+    H, Tq, Tk, D, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n < Tk)[:, None] & (offs_d < D)[None, :]
+    kv_lo = tl.load(KV_RANGE + b * 2)
+    kv_hi = tl.load(KV_RANGE + b * 2 + 1)
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+
+    # Queries before q_lo cannot see this key block (causal); a block holding no real key has an
+    # empty query loop and stores zeros.
+    q_lo = 0
+    if CAUSAL:
+        q_lo = tl.maximum(start_n - (Tk - Tq), 0)
+        q_lo = (q_lo // BLOCK_M) * BLOCK_M
+    block_live = (start_n < kv_hi) & (start_n + BLOCK_N > kv_lo)
+    q_hi = tl.where(block_live, Tq, 0)
+
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    kpm_ptr = KPM + b * stride_mb
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for start_m in range(q_lo, q_hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_mask = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+        lse = tl.load(LSE + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
+        delta = tl.load(DELTA + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        vis = _visible(offs_m, offs_n, kv_hi, Tq, Tk, kpm_ptr, CAUSAL, HAS_MASK)
+        p = tl.exp2(tl.where(vis, s, float("-inf")) - lse[:, None])
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    dk = dk * sm_scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_decode_split_kernel(
+    Q,  # (B, H, Tq, D), Tq <= BLOCK_M
+    K, V,  # (B, H, Tk, D): the KV cache
+    KPM,  # (B, Tk) bool: valid cache slots
+    KV_RANGE,  # (B, 2) int32
+    O_PART,  # (B*H, S, Tq, D) fp32: each split's normalised partial output
+    LSE_PART,  # (B*H, S, Tq) fp32: each split's log2-sum-exp; -inf for a split that saw no key
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_mb,
+    H, Tq, Tk, D, qk_scale, split_len, num_splits,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    split = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_mask = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    kv_lo = tl.load(KV_RANGE + b * 2)
+    kv_hi = tl.load(KV_RANGE + b * 2 + 1)
+    # split_len is a multiple of BLOCK_N, so both bounds stay block aligned
+    lo = tl.maximum((kv_lo // BLOCK_N) * BLOCK_N, split * split_len)
+    hi = tl.minimum(kv_hi, (split + 1) * split_len)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
+        KPM + b * stride_mb, stride_kt, stride_vt, offs_m, lo, hi, kv_hi, Tq, Tk, D, qk_scale,
+        CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D, DOT_PRECISION)
+
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
+    row = (pid_bh * num_splits + split) * Tq + offs_m
+    tl.store(O_PART + row[:, None] * D + offs_d[None, :], out, mask=q_mask)
+    tl.store(LSE_PART + row, lse, mask=offs_m < Tq)
+
+
+@triton.jit
+def _attn_decode_combine_kernel(
+    O_PART,  # (B*H, S, Tq, D) fp32
+    LSE_PART,  # (B*H, S, Tq) fp32
+    O,  # (B, H, Tq, D) output
+    stride_ob, stride_oh, stride_ot,
+    H, Tq, D, num_splits,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i = tl.program_id(0)  # query row
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = (pid_bh * num_splits + offs_s) * Tq + i  # (BLOCK_S,)
+    lse = tl.load(LSE_PART + rows, mask=offs_s < num_splits, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m_safe)  # 0 for splits that saw no key
+    denom = tl.sum(w, 0)
+    part = tl.load(O_PART + rows[:, None] * D + offs_d[None, :],
+                   mask=(offs_s < num_splits)[:, None] & (offs_d < D)[None, :], other=0.0)
+    out = tl.sum(w[:, None] * part, 0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(O + b * stride_ob + h * stride_oh + i * stride_ot + offs_d, out.to(O.dtype.element_ty),
+             mask=offs_d < D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host launchers: block configuration, shape checks, grids
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently drop to tf32: fp32 is the precision callers ask for exactly.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _fwd_config(D: int) -> dict:
+    # 128x64 tiles for the GPT-2 head dim 64; D = 128 halves the query tile so q + 2 pipelined
+    # K/V stages fit in ~100 KB of shared memory on consumer cards as well.
+    if _block_d(D) <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+def _bwd_config(D: int) -> dict:
+    # The backward keeps two fp32 accumulators per program (dK and dV, or dQ) plus q, k, v, dO
+    # tiles, so it uses smaller tiles than the forward.
+    if _block_d(D) <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+def _decode_config(D: int) -> dict:
+    # BLOCK_M = 16 is tl.dot's minimum; decode is bound by reading K/V, so padded query rows are free.
+    return dict(BLOCK_M=16, BLOCK_N=64 if _block_d(D) <= 64 else 32, num_warps=4, num_stages=3)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: small, so that tests exercise the split + combine path
+
+
+def decode_num_splits(batch_heads: int, Tk: int, device: torch.device, block_n: int = 64) -> int:
+    """How many programs share one (batch, head)'s key range: enough for ~2 programs per SM."""
+    want = triton.cdiv(2 * _num_sms(device), batch_heads)
+    return max(1, min(want, triton.cdiv(Tk, block_n), 64))
+
+
+def _out_like(q: torch.Tensor, T: int, dtype=None) -> torch.Tensor:
+    """Empty (B, H, T, D) tensor stored as (B, T, H, D): the model's transpose back to (B, T, C) is free."""
+    B, H, _, D = q.shape
+    return torch.empty(B, T, H, D, dtype=dtype or q.dtype, device=q.device).transpose(1, 2)
+
+
+def _strides3(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _check_inputs(q, k, v, key_padding_mask, kv_range):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"masked_attention(triton): {name} must be fp16, bf16 or fp32, got {t.dtype}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"masked_attention(triton): {name}'s last dim must be contiguous")
+    D = q.shape[-1]
+    if not 16 <= D <= 128:
+        raise ValueError(f"masked_attention(triton): head dim must be in [16, 128], got {D}")
+    if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
+        raise ValueError("masked_attention(triton): key_padding_mask's last dim must be contiguous")
+    if kv_range.dtype != torch.int32 or kv_range.shape != (q.shape[0], 2) or not kv_range.is_contiguous():
+        raise ValueError(f"masked_attention(triton): kv_range must be contiguous int32 ({q.shape[0]}, 2)")
+
+
+def _attention_forward(q, k, v, key_padding_mask, kv_range, causal: bool, sm_scale: float):
+    _check_inputs(q, k, v, key_padding_mask, kv_range)
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    o = _out_like(q, Tq)
+    lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    cfg = _fwd_config(D)
+    grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)
+    has_mask = key_padding_mask is not None
+    kpm = key_padding_mask if has_mask else kv_range  # never read without HAS_MASK
+    wrap_triton(_attn_fwd_kernel)[grid](
+        q, k, v, kpm, kv_range, o, lse,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), kpm.stride(0),
+        H, Tq, Tk, D, sm_scale * LOG2E,
+        CAUSAL=causal, HAS_MASK=has_mask, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype), **cfg)
+    return o, lse
+
+
+def _attention_backward(do, q, k, v, o, lse, key_padding_mask, kv_range, causal: bool, sm_scale: float):
+    _check_inputs(q, k, v, key_padding_mask, kv_range)
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    dq, dk, dv = _out_like(q, Tq), _out_like(q, Tk), _out_like(q, Tk)
+    delta = torch.empty_like(lse)
+    cfg = _bwd_config(D)
+    has_mask = key_padding_mask is not None
+    kpm = key_padding_mask if has_mask else kv_range
+    common = dict(CAUSAL=causal, HAS_MASK=has_mask, BLOCK_D=_block_d(D),
+                  DOT_PRECISION=_dot_precision(q.dtype), **cfg)
+    # dQ first: it also writes delta, which the dK/dV kernel reads for every query row.
+    wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)](
+        q, k, v, o, do, kpm, kv_range, lse, delta, dq,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *_strides3(do), *_strides3(dq),
+        kpm.stride(0), H, Tq, Tk, D, sm_scale * LOG2E, sm_scale, **common)
+    wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(Tk, cfg["BLOCK_N"]), B * H)](
+        q, k, v, do, kpm, kv_range, lse, delta, dk, dv,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
+        kpm.stride(0), H, Tq, Tk, D, sm_scale * LOG2E, sm_scale, **common)
+    return dq, dk, dv
+
+
+def _attention_decode(q, k, v, key_padding_mask, kv_range, causal: bool, sm_scale: float, num_splits: int):
+    _check_inputs(q, k, v, key_padding_mask, kv_range)
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    cfg = _decode_config(D)
+    if Tq > cfg["BLOCK_M"]:
+        raise ValueError(f"masked_attention(triton) decode path takes at most {cfg['BLOCK_M']} query rows")
+    if num_splits < 1:
+        raise ValueError(f"masked_attention(triton): num_splits must be >= 1, got {num_splits}")
+    split_len = triton.cdiv(triton.cdiv(Tk, num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    o_part = torch.empty(B * H, num_splits, Tq, D, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(B * H, num_splits, Tq, dtype=torch.float32, device=q.device)
+    has_mask = key_padding_mask is not None
+    kpm = key_padding_mask if has_mask else kv_range
+    wrap_triton(_attn_decode_split_kernel)[(num_splits, B * H)](
+        q, k, v, kpm, kv_range, o_part, lse_part,
+        *_strides3(q), *_strides3(k), *_strides3(v), kpm.stride(0),
+        H, Tq, Tk, D, sm_scale * LOG2E, split_len, num_splits,
+        CAUSAL=causal, HAS_MASK=has_mask, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype), **cfg)
+    o = _out_like(q, Tq)
+    wrap_triton(_attn_decode_combine_kernel)[(Tq, B * H)](
+        o_part, lse_part, o, *_strides3(o), H, Tq, D, num_splits,
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=_block_d(D), num_warps=1)
+    return o
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops (so torch.compile keeps the kernels in its graph) and the public entry point
+
+
+@triton_op("rlhf_fast::masked_attention_fwd", mutates_args={})
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            key_padding_mask: Optional[torch.Tensor],  # noqa: UP045 (schema inference on torch 2.6+)
+            kv_range: torch.Tensor, causal: bool, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attention_forward(q, k, v, key_padding_mask, kv_range, causal, sm_scale)
+
+
+@triton_op("rlhf_fast::masked_attention_bwd", mutates_args={})
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+            lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor],  # noqa: UP045
+            kv_range: torch.Tensor, causal: bool,
+            sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_backward(do, q, k, v, o, lse, key_padding_mask, kv_range, causal, sm_scale)
+
+
+@triton_op("rlhf_fast::masked_attention_decode", mutates_args={})
+def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               key_padding_mask: Optional[torch.Tensor],  # noqa: UP045
+               kv_range: torch.Tensor, causal: bool, sm_scale: float, num_splits: int) -> torch.Tensor:
+    return _attention_decode(q, k, v, key_padding_mask, kv_range, causal, sm_scale, num_splits)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, kv_range, causal, sm_scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, key_padding_mask, kv_range)
+    ctx.causal, ctx.sm_scale = causal, sm_scale
+
+
+def _backward(ctx, grad_o, grad_lse):
+    # lse never leaves this module (masked_attention returns only o), so grad_lse is always zero.
+    q, k, v, o, lse, key_padding_mask, kv_range = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(grad_o, q, k, v, o, lse, key_padding_mask, kv_range, ctx.causal, ctx.sm_scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def key_range(key_padding_mask: torch.Tensor | None, B: int, Tk: int, device) -> torch.Tensor:
+    """(B, 2) int32 [first real key, last real key + 1) per row, on device (no host sync).
+
+    A row without real keys gets the empty range [Tk, 0).
+    """
+    if key_padding_mask is None:
+        return torch.tensor([0, Tk], dtype=torch.int32, device=device).expand(B, 2).contiguous()
+    idx = torch.arange(Tk, dtype=torch.int32, device=device)
+    first = torch.where(key_padding_mask, idx, Tk).amin(dim=1)
+    end = torch.where(key_padding_mask, idx + 1, 0).amax(dim=1)
+    return torch.stack([first, end], dim=1).to(torch.int32)
+
+
+def masked_attention(q, k, v, key_padding_mask=None, causal: bool = True, sm_scale: float | None = None,
+                     num_splits: int | None = None):
+    """Triton backend of `rlhf_fast.kernels.masked_attention` (inputs already validated there).
+
+    Tq <= 4 query rows over a longer KV range, with no gradient needed, take the split-KV decode
+    kernel; `num_splits` overrides its heuristic (tests). Everything else takes the flash kernel.
+    """
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(D)
+    if key_padding_mask is not None and not key_padding_mask.is_contiguous():
+        key_padding_mask = key_padding_mask.contiguous()
+    kv_range = key_range(key_padding_mask, B, Tk, q.device)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if Tq <= _DECODE_MAX_TQ and Tk > Tq and not needs_grad:
+        if num_splits is None:
+            num_splits = decode_num_splits(B * H, Tk, q.device, _decode_config(D)["BLOCK_N"])
+        return _decode_op(q, k, v, key_padding_mask, kv_range, bool(causal), scale, int(num_splits))
+    return _fwd_op(q, k, v, key_padding_mask, kv_range, bool(causal), scale)[0]
