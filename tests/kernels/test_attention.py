@@ -61,14 +61,17 @@ def eager_attention(q, k, v, kpm, causal, sm_scale):
     return torch.matmul(torch.where(has_key, torch.softmax(s, dim=-1), 0.0), v)
 
 
-def assert_normwise_within_eager_error(kernel_out, eager_out, ref, *, factor=2.0, rel_slack=1e-4, rms_slack=1e-5,
-                                       name=""):
+def assert_normwise_within_eager_error(
+    kernel_out, eager_out, ref, *, factor=2.0, rel_slack=1e-4, rms_slack=1e-5, name=""
+):
     """The 2x-eager rule on the Frobenius norm of the error: catches small systematic errors (a 0.2%
     misscaled gradient) that the elementwise max rule's absolute slack lets through."""
     k, e, r = (t.detach().double() for t in (kernel_out, eager_out, ref))
     kernel_err, eager_err = (k - r).norm().item(), (e - r).norm().item()
     bound = factor * eager_err + rel_slack * r.norm().item() + rms_slack * r.numel() ** 0.5
-    assert kernel_err <= bound, f"{name}: normwise error {kernel_err:.3g} > {bound:.3g} (eager {eager_err:.3g})"
+    assert kernel_err <= bound, (
+        f"{name}: normwise error {kernel_err:.3g} > {bound:.3g} (eager {eager_err:.3g})"
+    )
 
 
 def fwd_bwd(fn, q, k, v, do):
@@ -81,13 +84,15 @@ def check_against_reference(q, k, v, kpm, *, causal=True, sm_scale=None, seed=1)
     D = q.shape[-1]
     scale = sm_scale if sm_scale is not None else D**-0.5
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(q)
-    got = fwd_bwd(lambda *a: kernels.masked_attention(*a, kpm, causal, sm_scale, backend="triton"), q, k, v, do)
+    got = fwd_bwd(
+        lambda *a: kernels.masked_attention(*a, kpm, causal, sm_scale, backend="triton"), q, k, v, do
+    )
     names = ("out", "dq", "dk", "dv")
-    for name, t in zip(names, got):
+    for name, t in zip(names, got, strict=True):
         assert torch.isfinite(t).all(), f"{name} has NaN/inf"
     if q.dtype == torch.float32:
         want = fwd_bwd(lambda *a: reference.masked_attention(*a, kpm, causal, sm_scale), q, k, v, do)
-        for name, a, e in zip(names, got, want):
+        for name, a, e in zip(names, got, want, strict=True):
             assert_close_verbose(a, e, name=name)
     else:
         # fp32 reference from the same low-precision inputs; eager low precision on garbage-free
@@ -96,9 +101,10 @@ def check_against_reference(q, k, v, kpm, *, causal=True, sm_scale=None, seed=1)
         want = fwd_bwd(lambda *a: reference.masked_attention(*a, kpm, causal, sm_scale), *leaves, do.float())
         keep = kpm[:, None, :, None] if kpm is not None else torch.ones((), dtype=torch.bool)
         clean = [q.detach().clone().requires_grad_()] + [
-            fill_masked(t.detach(), keep, 0.0).requires_grad_() for t in (k, v)]
+            fill_masked(t.detach(), keep, 0.0).requires_grad_() for t in (k, v)
+        ]
         eager = fwd_bwd(lambda *a: eager_attention(*a, kpm, causal, scale), *clean, do)
-        for name, a, e, r in zip(names, got, eager, want):
+        for name, a, e, r in zip(names, got, eager, want, strict=True):
             assert_within_eager_error(a, e, r, factor=2.0, atol=1e-3, name=name)
             assert_normwise_within_eager_error(a, e, r, name=name)
     return got
@@ -212,8 +218,9 @@ def test_decode_path_is_taken_only_without_grad(monkeypatch):
     from rlhf_fast.kernels import attention
 
     calls = []
-    monkeypatch.setattr(attention, "_decode_op", lambda *a: calls.append(a) or reference.masked_attention(
-        *a[:4], a[5], a[6]))
+    monkeypatch.setattr(
+        attention, "_decode_op", lambda *a: calls.append(a) or reference.masked_attention(*a[:4], a[5], a[6])
+    )
     q, k, v = make_qkv(2, 2, 40, 16, torch.float32, INTERPRET_DEVICE, None, Tq=1)
     out = kernels.masked_attention(q, k, v, backend="triton")
     assert not calls and out.requires_grad, "with grad required the training kernel must run"
@@ -243,8 +250,13 @@ def test_model_triton_backend_equals_torch_backend():
 
 @interpreter
 @pytest.mark.parametrize(
-    "D, dtype, match", [(8, torch.float32, "head dim"), (160, torch.float32, "head dim"),
-                        (16, torch.float64, "fp16, bf16 or fp32")])
+    "D, dtype, match",
+    [
+        (8, torch.float32, "head dim"),
+        (160, torch.float32, "head dim"),
+        (16, torch.float64, "fp16, bf16 or fp32"),
+    ],
+)
 def test_bad_inputs_are_rejected(D, dtype, match):
     q = torch.randn(1, 1, 4, D, dtype=dtype)
     exc = ValueError if match == "head dim" else TypeError
@@ -275,8 +287,10 @@ def test_gpu_bf16_within_eager_error(T, H):
 def test_gpu_backward_is_deterministic():
     kpm, (q, k, v) = _gpt2_batch(4, 12, 1024, torch.bfloat16, seed=3)
     do = torch.randn_like(q)
-    runs = [fwd_bwd(lambda *a: kernels.masked_attention(*a, kpm, backend="triton"), q, k, v, do) for _ in range(2)]
-    for name, a, b in zip(("out", "dq", "dk", "dv"), *runs):
+    runs = [
+        fwd_bwd(lambda *a: kernels.masked_attention(*a, kpm, backend="triton"), q, k, v, do) for _ in range(2)
+    ]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *runs, strict=True):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 
 
@@ -305,5 +319,5 @@ def test_gpu_compiled_forward_backward_keeps_kernel():
     do = torch.randn_like(q)
     eager = fwd_bwd(fn, q, k, v, do)
     compiled = fwd_bwd(torch.compile(fn, fullgraph=True), q, k, v, do)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), eager, compiled):
+    for name, a, b in zip(("out", "dq", "dk", "dv"), eager, compiled, strict=True):
         assert_close_verbose(b, a, name=f"compiled {name}")
