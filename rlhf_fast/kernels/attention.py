@@ -5,14 +5,14 @@ Semantics: `reference.masked_attention`. Design:
   the backward recomputes probabilities instead of storing them. A row that sees no key gets LSE=+inf,
   which makes every recomputed probability exp2(s - inf) = 0: its output is 0 and it passes no gradient.
 - key padding: each batch row's real keys lie in [kv_lo, kv_hi) (first real key, last real key + 1),
-  computed on device from the mask (no host sync). Key blocks outside that range are never loaded,
-  so left padding (prompts) and unwritten KV-cache slots (decode) cost nothing; inside the range the
-  mask itself is applied, so arbitrary (non-contiguous) masks stay exact.
-- backward: deterministic, no atomics. One kernel computes dQ (and the softmax-gradient term
-  delta = rowsum(dO * O)) per query block; a second computes dK, dV per key block.
+  which every program finds by scanning its row of the mask (no host sync, no extra launch). Key
+  blocks outside that range are never loaded, so left padding (prompts) and unwritten KV-cache slots
+  (decode) cost nothing; inside the range the mask itself is applied, so any mask stays exact.
 - decode (Tq <= 4 query rows over a long KV cache, no grad needed): the key range is split across
   programs when B*H alone would not fill the GPU; each split writes a partial output + LSE that a
-  small kernel combines (flash-decoding).
+  small kernel combines (flash-decoding). With one split the kernel writes the output directly.
+- backward: deterministic, no atomics. One kernel computes dQ (and the softmax-gradient term
+  delta = rowsum(dO * O)) per query block; a second computes dK, dV per key block.
 All three are `torch.library.triton_op`s (forward with a registered autograd formula), so
 `torch.compile` keeps them in its graph instead of breaking around them.
 """
@@ -28,10 +28,31 @@ from torch.library import triton_op, wrap_triton
 LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DECODE_MAX_TQ = 4  # up to this many query rows over a longer KV cache take the split-KV decode path
+_SCAN_BLOCK = 256  # mask elements read per step when a program finds its row's real-key range
 
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
+
+
+@triton.jit
+def _key_range(kpm_ptr, Tk, HAS_MASK: tl.constexpr, SCAN_BLOCK: tl.constexpr):
+    """[first real key, last real key + 1) of one batch row ([Tk, 0) when it has none).
+
+    Scanning the (<= 1 KB) mask row in every program is cheaper than a separate launch (plus a
+    tensor round trip) per layer, and needs no host sync.
+    """
+    if HAS_MASK:
+        first = tl.zeros([], dtype=tl.int32) + Tk
+        end = tl.zeros([], dtype=tl.int32)
+        for start in range(0, Tk, SCAN_BLOCK):
+            offs = start + tl.arange(0, SCAN_BLOCK)
+            real = tl.load(kpm_ptr + offs, mask=offs < Tk, other=0) != 0
+            first = tl.minimum(first, tl.min(tl.where(real, offs, Tk), 0))
+            end = tl.maximum(end, tl.max(tl.where(real, offs + 1, 0), 0))
+        return first, end
+    else:
+        return 0, Tk
 
 
 @triton.jit
@@ -78,7 +99,6 @@ def _attn_fwd_kernel(
     K,  # (B, H, Tk, D)
     V,  # (B, H, Tk, D)
     KPM,  # (B, Tk) bool, True = real key; not read unless HAS_MASK
-    KV_RANGE,  # (B, 2) int32: [first real key, last real key + 1)
     O,  # (B, H, Tq, D) output
     LSE,  # (B, H, Tq) fp32 log2-sum-exp of the scaled scores; +inf where a row sees no key
     stride_qb, stride_qh, stride_qt,
@@ -89,6 +109,7 @@ def _attn_fwd_kernel(
     H, Tq, Tk, D, qk_scale,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -100,8 +121,7 @@ def _attn_fwd_kernel(
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=q_mask, other=0.0)
 
-    kv_lo = tl.load(KV_RANGE + b * 2)
-    kv_hi = tl.load(KV_RANGE + b * 2 + 1)
+    kv_lo, kv_hi = _key_range(KPM + b * stride_mb, Tk, HAS_MASK, SCAN_BLOCK)
     if CAUSAL:  # the block's last query sees keys < (pid_m + 1) * BLOCK_M + Tk - Tq
         kv_hi = tl.minimum(kv_hi, (pid_m + 1) * BLOCK_M + Tk - Tq)
     lo = (kv_lo // BLOCK_N) * BLOCK_N  # skip leading key blocks that are all padding
@@ -127,7 +147,6 @@ def _attn_bwd_dq_kernel(
     Q, K, V,  # (B, H, Tq, D), (B, H, Tk, D), (B, H, Tk, D)
     O, DO,  # (B, H, Tq, D) forward output and its gradient
     KPM,  # (B, Tk) bool
-    KV_RANGE,  # (B, 2) int32
     LSE,  # (B, H, Tq) fp32 from the forward
     DELTA,  # (B, H, Tq) fp32 output: rowsum(dO * O), reused by the dK/dV kernel
     DQ,  # (B, H, Tq, D) output
@@ -141,6 +160,7 @@ def _attn_bwd_dq_kernel(
     H, Tq, Tk, D, qk_scale, sm_scale,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -159,8 +179,7 @@ def _attn_bwd_dq_kernel(
     tl.store(DELTA + pid_bh * Tq + offs_m, delta, mask=offs_m < Tq)
     lse = tl.load(LSE + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
 
-    kv_lo = tl.load(KV_RANGE + b * 2)
-    kv_hi = tl.load(KV_RANGE + b * 2 + 1)
+    kv_lo, kv_hi = _key_range(KPM + b * stride_mb, Tk, HAS_MASK, SCAN_BLOCK)
     if CAUSAL:
         kv_hi = tl.minimum(kv_hi, (pid_m + 1) * BLOCK_M + Tk - Tq)
     lo = (kv_lo // BLOCK_N) * BLOCK_N
@@ -190,7 +209,6 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V,  # (B, H, Tq, D), (B, H, Tk, D), (B, H, Tk, D)
     DO,  # (B, H, Tq, D)
     KPM,  # (B, Tk) bool
-    KV_RANGE,  # (B, 2) int32
     LSE, DELTA,  # (B, H, Tq) fp32
     DK, DV,  # (B, H, Tk, D) outputs; written (as zeros) for key blocks that are all padding too
     stride_qb, stride_qh, stride_qt,
@@ -203,6 +221,7 @@ def _attn_bwd_dkdv_kernel(
     H, Tq, Tk, D, qk_scale, sm_scale,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -212,8 +231,7 @@ def _attn_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n < Tk)[:, None] & (offs_d < D)[None, :]
-    kv_lo = tl.load(KV_RANGE + b * 2)
-    kv_hi = tl.load(KV_RANGE + b * 2 + 1)
+    kv_lo, kv_hi = _key_range(KPM + b * stride_mb, Tk, HAS_MASK, SCAN_BLOCK)
     k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
                 mask=kv_mask, other=0.0)
     v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
@@ -259,16 +277,18 @@ def _attn_decode_split_kernel(
     Q,  # (B, H, Tq, D), Tq <= BLOCK_M
     K, V,  # (B, H, Tk, D): the KV cache
     KPM,  # (B, Tk) bool: valid cache slots
-    KV_RANGE,  # (B, 2) int32
-    O_PART,  # (B*H, S, Tq, D) fp32: each split's normalised partial output
+    O_PART,  # (B*H, S, Tq, D) fp32: each split's normalised partial output; unused if DIRECT
     LSE_PART,  # (B*H, S, Tq) fp32: each split's log2-sum-exp; -inf for a split that saw no key
+    O,  # (B, H, Tq, D) final output, written here only if DIRECT (a single split)
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
     stride_mb,
     H, Tq, Tk, D, qk_scale, split_len, num_splits,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DIRECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
 ):
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -279,8 +299,7 @@ def _attn_decode_split_kernel(
     q_mask = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=q_mask, other=0.0)
-    kv_lo = tl.load(KV_RANGE + b * 2)
-    kv_hi = tl.load(KV_RANGE + b * 2 + 1)
+    kv_lo, kv_hi = _key_range(KPM + b * stride_mb, Tk, HAS_MASK, SCAN_BLOCK)
     # split_len is a multiple of BLOCK_N, so both bounds stay block aligned
     lo = tl.maximum((kv_lo // BLOCK_N) * BLOCK_N, split * split_len)
     hi = tl.minimum(kv_hi, (split + 1) * split_len)
@@ -295,10 +314,14 @@ def _attn_decode_split_kernel(
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
-    row = (pid_bh * num_splits + split) * Tq + offs_m
-    tl.store(O_PART + row[:, None] * D + offs_d[None, :], out, mask=q_mask)
-    tl.store(LSE_PART + row, lse, mask=offs_m < Tq)
+    if DIRECT:  # one split (B*H fills the GPU): no partials round trip, no combine launch
+        tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=q_mask)
+    else:
+        lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
+        row = (pid_bh * num_splits + split) * Tq + offs_m
+        tl.store(O_PART + row[:, None] * D + offs_d[None, :], out, mask=q_mask)
+        tl.store(LSE_PART + row, lse, mask=offs_m < Tq)
 
 
 @triton.jit
@@ -385,7 +408,7 @@ def _strides3(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _check_inputs(q, k, v, key_padding_mask, kv_range):
+def _check_inputs(q, k, v, key_padding_mask):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in _SUPPORTED_DTYPES:
             raise TypeError(f"masked_attention(triton): {name} must be fp16, bf16 or fp32, got {t.dtype}")
@@ -396,30 +419,34 @@ def _check_inputs(q, k, v, key_padding_mask, kv_range):
         raise ValueError(f"masked_attention(triton): head dim must be in [16, 128], got {D}")
     if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
         raise ValueError("masked_attention(triton): key_padding_mask's last dim must be contiguous")
-    if kv_range.dtype != torch.int32 or kv_range.shape != (q.shape[0], 2) or not kv_range.is_contiguous():
-        raise ValueError(f"masked_attention(triton): kv_range must be contiguous int32 ({q.shape[0]}, 2)")
 
 
-def _attention_forward(q, k, v, key_padding_mask, kv_range, causal: bool, sm_scale: float):
-    _check_inputs(q, k, v, key_padding_mask, kv_range)
+def _mask_args(key_padding_mask, q):
+    """(mask pointer, its batch stride, HAS_MASK). Without a mask q stands in as a never-read pointer."""
+    if key_padding_mask is None:
+        return q, 0, False
+    return key_padding_mask, key_padding_mask.stride(0), True
+
+
+def _attention_forward(q, k, v, key_padding_mask, causal: bool, sm_scale: float):
+    _check_inputs(q, k, v, key_padding_mask)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     o = _out_like(q, Tq)
     lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
     cfg = _fwd_config(D)
-    grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)
-    has_mask = key_padding_mask is not None
-    kpm = key_padding_mask if has_mask else kv_range  # never read without HAS_MASK
-    wrap_triton(_attn_fwd_kernel)[grid](
-        q, k, v, kpm, kv_range, o, lse,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), kpm.stride(0),
+    kpm, stride_mb, has_mask = _mask_args(key_padding_mask, q)
+    wrap_triton(_attn_fwd_kernel)[(triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)](
+        q, k, v, kpm, o, lse,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), stride_mb,
         H, Tq, Tk, D, sm_scale * LOG2E,
-        CAUSAL=causal, HAS_MASK=has_mask, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype), **cfg)
+        CAUSAL=causal, HAS_MASK=has_mask, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype),
+        SCAN_BLOCK=_SCAN_BLOCK, **cfg)
     return o, lse
 
 
-def _attention_backward(do, q, k, v, o, lse, key_padding_mask, kv_range, causal: bool, sm_scale: float):
-    _check_inputs(q, k, v, key_padding_mask, kv_range)
+def _attention_backward(do, q, k, v, o, lse, key_padding_mask, causal: bool, sm_scale: float):
+    _check_inputs(q, k, v, key_padding_mask)
     if do.stride(-1) != 1:
         do = do.contiguous()
     B, H, Tq, D = q.shape
@@ -427,24 +454,23 @@ def _attention_backward(do, q, k, v, o, lse, key_padding_mask, kv_range, causal:
     dq, dk, dv = _out_like(q, Tq), _out_like(q, Tk), _out_like(q, Tk)
     delta = torch.empty_like(lse)
     cfg = _bwd_config(D)
-    has_mask = key_padding_mask is not None
-    kpm = key_padding_mask if has_mask else kv_range
+    kpm, stride_mb, has_mask = _mask_args(key_padding_mask, q)
     common = dict(CAUSAL=causal, HAS_MASK=has_mask, BLOCK_D=_block_d(D),
-                  DOT_PRECISION=_dot_precision(q.dtype), **cfg)
+                  DOT_PRECISION=_dot_precision(q.dtype), SCAN_BLOCK=_SCAN_BLOCK, **cfg)
     # dQ first: it also writes delta, which the dK/dV kernel reads for every query row.
     wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)](
-        q, k, v, o, do, kpm, kv_range, lse, delta, dq,
+        q, k, v, o, do, kpm, lse, delta, dq,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *_strides3(do), *_strides3(dq),
-        kpm.stride(0), H, Tq, Tk, D, sm_scale * LOG2E, sm_scale, **common)
+        stride_mb, H, Tq, Tk, D, sm_scale * LOG2E, sm_scale, **common)
     wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(Tk, cfg["BLOCK_N"]), B * H)](
-        q, k, v, do, kpm, kv_range, lse, delta, dk, dv,
+        q, k, v, do, kpm, lse, delta, dk, dv,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
-        kpm.stride(0), H, Tq, Tk, D, sm_scale * LOG2E, sm_scale, **common)
+        stride_mb, H, Tq, Tk, D, sm_scale * LOG2E, sm_scale, **common)
     return dq, dk, dv
 
 
-def _attention_decode(q, k, v, key_padding_mask, kv_range, causal: bool, sm_scale: float, num_splits: int):
-    _check_inputs(q, k, v, key_padding_mask, kv_range)
+def _attention_decode(q, k, v, key_padding_mask, causal: bool, sm_scale: float, num_splits: int):
+    _check_inputs(q, k, v, key_padding_mask)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     cfg = _decode_config(D)
@@ -453,19 +479,24 @@ def _attention_decode(q, k, v, key_padding_mask, kv_range, causal: bool, sm_scal
     if num_splits < 1:
         raise ValueError(f"masked_attention(triton): num_splits must be >= 1, got {num_splits}")
     split_len = triton.cdiv(triton.cdiv(Tk, num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-    o_part = torch.empty(B * H, num_splits, Tq, D, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(B * H, num_splits, Tq, dtype=torch.float32, device=q.device)
-    has_mask = key_padding_mask is not None
-    kpm = key_padding_mask if has_mask else kv_range
-    wrap_triton(_attn_decode_split_kernel)[(num_splits, B * H)](
-        q, k, v, kpm, kv_range, o_part, lse_part,
-        *_strides3(q), *_strides3(k), *_strides3(v), kpm.stride(0),
-        H, Tq, Tk, D, sm_scale * LOG2E, split_len, num_splits,
-        CAUSAL=causal, HAS_MASK=has_mask, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype), **cfg)
     o = _out_like(q, Tq)
-    wrap_triton(_attn_decode_combine_kernel)[(Tq, B * H)](
-        o_part, lse_part, o, *_strides3(o), H, Tq, D, num_splits,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=_block_d(D), num_warps=1)
+    direct = num_splits == 1
+    if direct:
+        o_part = lse_part = o  # never touched
+    else:
+        o_part = torch.empty(B * H, num_splits, Tq, D, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(B * H, num_splits, Tq, dtype=torch.float32, device=q.device)
+    kpm, stride_mb, has_mask = _mask_args(key_padding_mask, q)
+    wrap_triton(_attn_decode_split_kernel)[(num_splits, B * H)](
+        q, k, v, kpm, o_part, lse_part, o,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), stride_mb,
+        H, Tq, Tk, D, sm_scale * LOG2E, split_len, num_splits,
+        CAUSAL=causal, HAS_MASK=has_mask, DIRECT=direct, BLOCK_D=_block_d(D),
+        DOT_PRECISION=_dot_precision(q.dtype), SCAN_BLOCK=_SCAN_BLOCK, **cfg)
+    if not direct:
+        wrap_triton(_attn_decode_combine_kernel)[(Tq, B * H)](
+            o_part, lse_part, o, *_strides3(o), H, Tq, D, num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=_block_d(D), num_warps=1)
     return o
 
 
@@ -476,53 +507,39 @@ def _attention_decode(q, k, v, key_padding_mask, kv_range, causal: bool, sm_scal
 @triton_op("rlhf_fast::masked_attention_fwd", mutates_args={})
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             key_padding_mask: Optional[torch.Tensor],  # noqa: UP045 (schema inference on torch 2.6+)
-            kv_range: torch.Tensor, causal: bool, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _attention_forward(q, k, v, key_padding_mask, kv_range, causal, sm_scale)
+            causal: bool, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attention_forward(q, k, v, key_padding_mask, causal, sm_scale)
 
 
 @triton_op("rlhf_fast::masked_attention_bwd", mutates_args={})
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
             lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor],  # noqa: UP045
-            kv_range: torch.Tensor, causal: bool,
-            sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _attention_backward(do, q, k, v, o, lse, key_padding_mask, kv_range, causal, sm_scale)
+            causal: bool, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_backward(do, q, k, v, o, lse, key_padding_mask, causal, sm_scale)
 
 
 @triton_op("rlhf_fast::masked_attention_decode", mutates_args={})
 def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                key_padding_mask: Optional[torch.Tensor],  # noqa: UP045
-               kv_range: torch.Tensor, causal: bool, sm_scale: float, num_splits: int) -> torch.Tensor:
-    return _attention_decode(q, k, v, key_padding_mask, kv_range, causal, sm_scale, num_splits)
+               causal: bool, sm_scale: float, num_splits: int) -> torch.Tensor:
+    return _attention_decode(q, k, v, key_padding_mask, causal, sm_scale, num_splits)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, kv_range, causal, sm_scale = inputs
+    q, k, v, key_padding_mask, causal, sm_scale = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, key_padding_mask, kv_range)
+    ctx.save_for_backward(q, k, v, o, lse, key_padding_mask)
     ctx.causal, ctx.sm_scale = causal, sm_scale
 
 
 def _backward(ctx, grad_o, grad_lse):
     # lse never leaves this module (masked_attention returns only o), so grad_lse is always zero.
-    q, k, v, o, lse, key_padding_mask, kv_range = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(grad_o, q, k, v, o, lse, key_padding_mask, kv_range, ctx.causal, ctx.sm_scale)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, o, lse, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(grad_o, q, k, v, o, lse, key_padding_mask, ctx.causal, ctx.sm_scale)
+    return dq, dk, dv, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def key_range(key_padding_mask: torch.Tensor | None, B: int, Tk: int, device) -> torch.Tensor:
-    """(B, 2) int32 [first real key, last real key + 1) per row, on device (no host sync).
-
-    A row without real keys gets the empty range [Tk, 0).
-    """
-    if key_padding_mask is None:
-        return torch.tensor([0, Tk], dtype=torch.int32, device=device).expand(B, 2).contiguous()
-    idx = torch.arange(Tk, dtype=torch.int32, device=device)
-    first = torch.where(key_padding_mask, idx, Tk).amin(dim=1)
-    end = torch.where(key_padding_mask, idx + 1, 0).amax(dim=1)
-    return torch.stack([first, end], dim=1).to(torch.int32)
 
 
 def masked_attention(q, k, v, key_padding_mask=None, causal: bool = True, sm_scale: float | None = None,
@@ -535,12 +552,11 @@ def masked_attention(q, k, v, key_padding_mask=None, causal: bool = True, sm_sca
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(D)
-    if key_padding_mask is not None and not key_padding_mask.is_contiguous():
+    if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
         key_padding_mask = key_padding_mask.contiguous()
-    kv_range = key_range(key_padding_mask, B, Tk, q.device)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if Tq <= _DECODE_MAX_TQ and Tk > Tq and not needs_grad:
         if num_splits is None:
             num_splits = decode_num_splits(B * H, Tk, q.device, _decode_config(D)["BLOCK_N"])
-        return _decode_op(q, k, v, key_padding_mask, kv_range, bool(causal), scale, int(num_splits))
-    return _fwd_op(q, k, v, key_padding_mask, kv_range, bool(causal), scale)[0]
+        return _decode_op(q, k, v, key_padding_mask, bool(causal), scale, int(num_splits))
+    return _fwd_op(q, k, v, key_padding_mask, bool(causal), scale)[0]

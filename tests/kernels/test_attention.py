@@ -168,6 +168,33 @@ def test_no_padding_mask():
 
 
 @interpreter
+def test_fully_padded_key_blocks_are_never_read():
+    """NaN in key blocks that hold only padding: had any kernel loaded them, 0 * NaN would surface."""
+    from rlhf_fast.kernels import attention
+
+    dev, T, D = INTERPRET_DEVICE, 150, 64
+    block = max(
+        cfg(D)["BLOCK_N"] for cfg in (attention._fwd_config, attention._bwd_config, attention._decode_config)
+    )
+    pads = [block + 7, 0, 2 * block + 3]
+    kpm = left_padding_mask(T, pads, dev)
+    never_read = torch.arange(T)[None, :] < torch.tensor([(p // block) * block for p in pads])[:, None]
+    assert never_read.any()
+    q, k, v = make_qkv(3, 2, T, D, torch.float32, dev, kpm, seed=11, garbage=0.0)
+    nan_k, nan_v = (
+        fill_masked(t.detach(), ~never_read[:, None, :, None], float("nan")).requires_grad_() for t in (k, v)
+    )
+    do = torch.randn_like(q)
+    got = fwd_bwd(lambda *a: kernels.masked_attention(*a, kpm, backend="triton"), q, nan_k, nan_v, do)
+    want = fwd_bwd(lambda *a: reference.masked_attention(*a, kpm), q, k, v, do)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert_close_verbose(a, e, name=name)
+    with torch.no_grad():  # decode path: same cache, NaN prefix blocks, last query row
+        step = attention.masked_attention(q[:, :, -1:], nan_k, nan_v, kpm, num_splits=2)
+    assert_close_verbose(step, want[0][:, :, -1:], name="decode")
+
+
+@interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
 def test_decode_equals_full_attention(num_splits, dtype):
@@ -199,11 +226,11 @@ def test_decode_matches_reference(Tq):
     """The decode kernel against the reference, with several query rows and a mask with holes."""
     from rlhf_fast.kernels.attention import masked_attention as triton_attention
 
-    dev, B, H, T, D = INTERPRET_DEVICE, 3, 2, 150, 16
+    dev, B, H, T, D = INTERPRET_DEVICE, 3, 2, 300, 16  # T > 256: the mask-row scan takes 2 steps
     kpm = torch.zeros(B, T, dtype=torch.bool, device=dev)
-    kpm[0, 10:140] = True
+    kpm[0, 10:280] = True
     kpm[0, 50:60] = False
-    kpm[1, 149] = True
+    kpm[1, 299] = True
     kpm[2, :] = True
     q, k, v = (t.detach() for t in make_qkv(B, H, T, D, torch.float32, dev, kpm, Tq=Tq, seed=Tq))
     want = reference.masked_attention(q, k, v, kpm)
