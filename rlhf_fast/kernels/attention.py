@@ -37,22 +37,42 @@ _SCAN_BLOCK = 256  # mask elements read per step when a program finds its row's 
 
 @triton.jit
 def _key_range(kpm_ptr, Tk, HAS_MASK: tl.constexpr, SCAN_BLOCK: tl.constexpr):
-    """[first real key, last real key + 1) of one batch row ([Tk, 0) when it has none).
+    """(first real key, last real key + 1, dense) of one batch row; ([Tk, 0), False) when it has none.
 
-    Scanning the (<= 1 KB) mask row in every program is cheaper than a separate launch (plus a
-    tensor round trip) per layer, and needs no host sync.
+    dense: every key in the range is real (left/right padding only), so blocks wholly inside it may
+    skip the mask. Scanning the (<= 1 KB) mask row in every program is cheaper than a separate launch
+    (plus a tensor round trip) per layer, and needs no host sync.
     """
     if HAS_MASK:
         first = tl.zeros([], dtype=tl.int32) + Tk
         end = tl.zeros([], dtype=tl.int32)
+        count = tl.zeros([], dtype=tl.int32)
         for start in range(0, Tk, SCAN_BLOCK):
             offs = start + tl.arange(0, SCAN_BLOCK)
             real = tl.load(kpm_ptr + offs, mask=offs < Tk, other=0) != 0
             first = tl.minimum(first, tl.min(tl.where(real, offs, Tk), 0))
             end = tl.maximum(end, tl.max(tl.where(real, offs + 1, 0), 0))
-        return first, end
+            count += tl.sum(real.to(tl.int32), 0)
+        return first, end, count == end - first
     else:
-        return 0, Tk
+        return 0, Tk, True
+
+
+@triton.jit
+def _key_phases(pid_m, kv_lo, kv_end, dense, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Key bounds lo <= full_lo <= full_hi <= hi for one query block: blocks in [full_lo, full_hi) are
+    visible to every query of the block (no mask work), the rest of [lo, hi) needs the mask."""
+    hi = kv_end
+    full_hi = kv_end
+    if CAUSAL:  # the block's last query sees keys < (pid_m + 1) * BLOCK_M + Tk - Tq, its first fewer
+        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + Tk - Tq)
+        full_hi = tl.minimum(full_hi, pid_m * BLOCK_M + 1 + Tk - Tq)
+    lo = (kv_lo // BLOCK_N) * BLOCK_N  # skip leading key blocks that are all padding
+    full_lo = ((kv_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    full_hi = (tl.maximum(full_hi, 0) // BLOCK_N) * BLOCK_N  # non-negative: // must not round toward 0
+    use_full = dense & (full_hi > full_lo)
+    return lo, tl.where(use_full, full_lo, lo), tl.where(use_full, full_hi, lo), hi
 
 
 @triton.jit
@@ -70,16 +90,20 @@ def _visible(offs_m, offs_n, kv_hi, Tq, Tk, kpm_ptr, CAUSAL: tl.constexpr, HAS_M
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_ptr, stride_kt, stride_vt, offs_m, lo, hi,
                     kv_hi, Tq, Tk, D, qk_scale, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax accumulation of keys [lo, hi) into (acc, l_i, m_i); scores in base 2."""
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    MASKED: tl.constexpr):
+    """Online-softmax accumulation of keys [lo, hi) into (acc, l_i, m_i); scores in base 2.
+
+    MASKED=False only for key blocks that every query of the block sees (see `_key_phases`)."""
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n < Tk)[:, None] & (offs_d < D)[None, :]
         k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        vis = _visible(offs_m, offs_n, kv_hi, Tq, Tk, kpm_ptr, CAUSAL, HAS_MASK)
-        s = tl.where(vis, s, float("-inf"))
+        if MASKED:
+            vis = _visible(offs_m, offs_n, kv_hi, Tq, Tk, kpm_ptr, CAUSAL, HAS_MASK)
+            s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible so far keeps m = -inf; subtracting 0 instead keeps exp2 at 0
         # rather than exp2(-inf - -inf) = NaN.
@@ -121,18 +145,24 @@ def _attn_fwd_kernel(
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=q_mask, other=0.0)
 
-    kv_lo, kv_hi = _key_range(KPM + b * stride_mb, Tk, HAS_MASK, SCAN_BLOCK)
-    if CAUSAL:  # the block's last query sees keys < (pid_m + 1) * BLOCK_M + Tk - Tq
-        kv_hi = tl.minimum(kv_hi, (pid_m + 1) * BLOCK_M + Tk - Tq)
-    lo = (kv_lo // BLOCK_N) * BLOCK_N  # skip leading key blocks that are all padding
+    kv_lo, kv_end, dense = _key_range(KPM + b * stride_mb, Tk, HAS_MASK, SCAN_BLOCK)
+    lo, full_lo, full_hi, hi = _key_phases(pid_m, kv_lo, kv_end, dense, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
-        KPM + b * stride_mb, stride_kt, stride_vt, offs_m, lo, kv_hi, kv_hi, Tq, Tk, D, qk_scale,
-        CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    kpm_ptr = KPM + b * stride_mb
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_ptr, stride_kt, stride_vt, offs_m,
+                                    lo, full_lo, hi, Tq, Tk, D, qk_scale, CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D,
+                                    DOT_PRECISION, MASKED=True)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_ptr, stride_kt, stride_vt, offs_m,
+                                    full_lo, full_hi, hi, Tq, Tk, D, qk_scale, CAUSAL, HAS_MASK, BLOCK_N,
+                                    BLOCK_D, DOT_PRECISION, MASKED=False)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_ptr, stride_kt, stride_vt, offs_m,
+                                    full_hi, hi, hi, Tq, Tk, D, qk_scale, CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D,
+                                    DOT_PRECISION, MASKED=True)
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # acc is 0 for rows with no key
@@ -140,6 +170,56 @@ def _attn_fwd_kernel(
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=q_mask)
     tl.store(LSE + pid_bh * Tq + offs_m, lse, mask=offs_m < Tq)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_ptr, stride_kt, stride_vt, offs_m, lo, hi,
+                       kv_hi, Tq, Tk, D, qk_scale, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       MASKED: tl.constexpr):
+    """dQ (unscaled) contribution of keys [lo, hi), probabilities recomputed from the forward's LSE."""
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < Tk)[:, None] & (offs_d < D)[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            # Masking s before exp2 keeps garbage keys from overflowing; lse = +inf (no key) gives p = 0.
+            vis = _visible(offs_m, offs_n, kv_hi, Tq, Tk, kpm_ptr, CAUSAL, HAS_MASK)
+            s = tl.where(vis, s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, kpm_ptr, stride_qt, stride_dot,
+                         offs_n, lo, hi, kv_hi, Tq, Tk, D, qk_scale, CAUSAL: tl.constexpr,
+                         HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """dK, dV (dK unscaled) contributions of query rows [lo, hi) to one key block."""
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_mask = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+        lse = tl.load(lse_ptr + offs_m, mask=offs_m < Tq, other=float("inf"))  # rows past Tq: p = 0
+        delta = tl.load(delta_ptr + offs_m, mask=offs_m < Tq, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            vis = _visible(offs_m, offs_n, kv_hi, Tq, Tk, kpm_ptr, CAUSAL, HAS_MASK)
+            s = tl.where(vis, s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -179,26 +259,21 @@ def _attn_bwd_dq_kernel(
     tl.store(DELTA + pid_bh * Tq + offs_m, delta, mask=offs_m < Tq)
     lse = tl.load(LSE + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
 
-    kv_lo, kv_hi = _key_range(KPM + b * stride_mb, Tk, HAS_MASK, SCAN_BLOCK)
-    if CAUSAL:
-        kv_hi = tl.minimum(kv_hi, (pid_m + 1) * BLOCK_M + Tk - Tq)
-    lo = (kv_lo // BLOCK_N) * BLOCK_N
+    kv_lo, kv_end, dense = _key_range(KPM + b * stride_mb, Tk, HAS_MASK, SCAN_BLOCK)
+    lo, full_lo, full_hi, hi = _key_phases(pid_m, kv_lo, kv_end, dense, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     kpm_ptr = KPM + b * stride_mb
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start_n in range(lo, kv_hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < Tk)[:, None] & (offs_d < D)[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        vis = _visible(offs_m, offs_n, kv_hi, Tq, Tk, kpm_ptr, CAUSAL, HAS_MASK)
-        # Masking s before exp2 keeps garbage keys from overflowing; lse = +inf (no key) gives p = 0.
-        p = tl.exp2(tl.where(vis, s, float("-inf")) - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_ptr, stride_kt, stride_vt, offs_m,
+                            lo, full_lo, hi, Tq, Tk, D, qk_scale, CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D,
+                            DOT_PRECISION, MASKED=True)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_ptr, stride_kt, stride_vt, offs_m,
+                            full_lo, full_hi, hi, Tq, Tk, D, qk_scale, CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D,
+                            DOT_PRECISION, MASKED=False)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_ptr, stride_kt, stride_vt, offs_m,
+                            full_hi, hi, hi, Tq, Tk, D, qk_scale, CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D,
+                            DOT_PRECISION, MASKED=True)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_mask)
@@ -231,40 +306,38 @@ def _attn_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n < Tk)[:, None] & (offs_d < D)[None, :]
-    kv_lo, kv_hi = _key_range(KPM + b * stride_mb, Tk, HAS_MASK, SCAN_BLOCK)
+    kv_lo, kv_end, dense = _key_range(KPM + b * stride_mb, Tk, HAS_MASK, SCAN_BLOCK)
     k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
                 mask=kv_mask, other=0.0)
     v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
                 mask=kv_mask, other=0.0)
 
-    # Queries before q_lo cannot see this key block (causal); a block holding no real key has an
-    # empty query loop and stores zeros.
+    # Query rows [q_lo, q_full) need the mask, rows [q_full, q_hi) see every key of this block. Rows
+    # before q_lo cannot see it (causal); a block holding no real key has empty loops and stores zeros.
     q_lo = 0
+    q_full = 0
     if CAUSAL:
-        q_lo = tl.maximum(start_n - (Tk - Tq), 0)
-        q_lo = (q_lo // BLOCK_M) * BLOCK_M
-    block_live = (start_n < kv_hi) & (start_n + BLOCK_N > kv_lo)
+        q_lo = (tl.maximum(start_n - (Tk - Tq), 0) // BLOCK_M) * BLOCK_M
+        q_full = tl.maximum(start_n + BLOCK_N - 1 - (Tk - Tq), 0)  # first row that sees the whole block
+        q_full = tl.maximum(((q_full + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, q_lo)
+    block_live = (start_n < kv_end) & (start_n + BLOCK_N > kv_lo)
+    block_dense = dense & (start_n >= kv_lo) & (start_n + BLOCK_N <= kv_end)
     q_hi = tl.where(block_live, Tq, 0)
+    q_full = tl.where(block_dense, tl.minimum(q_hi, q_full), q_hi)
 
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
     kpm_ptr = KPM + b * stride_mb
+    lse_ptr = LSE + pid_bh * Tq
+    delta_ptr = DELTA + pid_bh * Tq
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for start_m in range(q_lo, q_hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_mask = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
-        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
-        lse = tl.load(LSE + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
-        delta = tl.load(DELTA + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        vis = _visible(offs_m, offs_n, kv_hi, Tq, Tk, kpm_ptr, CAUSAL, HAS_MASK)
-        p = tl.exp2(tl.where(vis, s, float("-inf")) - lse[:, None])
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, kpm_ptr,
+                                  stride_qt, stride_dot, offs_n, q_lo, q_full, kv_end, Tq, Tk, D, qk_scale,
+                                  CAUSAL, HAS_MASK, BLOCK_M, BLOCK_D, DOT_PRECISION, MASKED=True)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, kpm_ptr,
+                                  stride_qt, stride_dot, offs_n, q_full, q_hi, kv_end, Tq, Tk, D, qk_scale,
+                                  CAUSAL, HAS_MASK, BLOCK_M, BLOCK_D, DOT_PRECISION, MASKED=False)
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -299,7 +372,7 @@ def _attn_decode_split_kernel(
     q_mask = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=q_mask, other=0.0)
-    kv_lo, kv_hi = _key_range(KPM + b * stride_mb, Tk, HAS_MASK, SCAN_BLOCK)
+    kv_lo, kv_hi, _ = _key_range(KPM + b * stride_mb, Tk, HAS_MASK, SCAN_BLOCK)
     # split_len is a multiple of BLOCK_N, so both bounds stay block aligned
     lo = tl.maximum((kv_lo // BLOCK_N) * BLOCK_N, split * split_len)
     hi = tl.minimum(kv_hi, (split + 1) * split_len)
@@ -310,7 +383,7 @@ def _attn_decode_split_kernel(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
         KPM + b * stride_mb, stride_kt, stride_vt, offs_m, lo, hi, kv_hi, Tq, Tk, D, qk_scale,
-        CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        CAUSAL, HAS_MASK, BLOCK_N, BLOCK_D, DOT_PRECISION, MASKED=True)
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
