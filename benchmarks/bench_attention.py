@@ -1,0 +1,242 @@
+"""Masked attention benchmark: the Triton kernel against its baselines, timed in the same run.
+
+Training (forward, backward, forward+backward) at GPT-2 shapes: B*T = 16k tokens, T in {256, 512, 1024},
+H in {12, 25}, D = 64, ~20% left padding (per-row padding uniform in [0, 0.4 T]), against
+  sdpa_mask     F.scaled_dot_product_attention with the boolean causal+padding mask (the model's "sdpa")
+  flex          FlexAttention (compiled) with the equivalent BlockMask
+  sdpa_causal   SDPA's flash backend, causal only, no padding: an upper bound doing a bit more work
+  flash_varlen  flash-attn's varlen kernel on pre-unpadded tokens, when flash-attn is installed
+TFLOP/s counts the work each method has to do: 4*D flops per visible (query, key) pair forward, 2.5x
+that backward (5 matmuls instead of 2); masked methods count only visible pairs, sdpa_causal every
+causal pair of the unpadded batch. vs_triton = the method's forward+backward time / the Triton
+kernel's (2.0: Triton is twice as fast); fwd_vs_triton the same for the forward alone.
+
+Decode: one query per sequence over a static KV cache (batch 64, context 512, and small-batch cases
+where the split-KV path matters): achieved GB/s over the live (non-padding) K/V bytes, against a
+measured device-to-device copy and SDPA with the boolean mask over the whole cache.
+
+    python benchmarks/bench_attention.py            # GPU: full sizes, bf16
+    python benchmarks/bench_attention.py --smoke    # CPU smoke run (Triton interpreter, tiny shapes)
+
+Prints tables and writes benchmarks/results/attention-<device>-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU smoke runs interpret
+
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmark this checkout's rlhf_fast
+from common import copy_bandwidth, print_table, time_fn, write_record  # noqa: E402
+
+from rlhf_fast import kernels  # noqa: E402
+from rlhf_fast.kernels import reference  # noqa: E402
+from rlhf_fast.kernels.attention import masked_attention as triton_attention  # noqa: E402
+
+
+def left_padded_batch(B, H, T, D, dtype, device, seed=0, pad_frac=0.4):
+    g = torch.Generator().manual_seed(seed)
+    pads = torch.randint(0, int(pad_frac * T) + 1, (B,), generator=g)
+    kpm = (torch.arange(T)[None, :] >= pads[:, None]).to(device)
+    q, k, v = (torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    return q, k, v, kpm
+
+
+def visible_pairs(Tq, Tk, kpm, causal=True) -> int:
+    return int(reference.attention_visibility(Tq, Tk, kpm, causal, kpm.device).sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods: each returns a callable (q, k, v) -> out, or raises with the reason it is unavailable
+
+
+def method_triton(kpm):
+    return lambda q, k, v: kernels.masked_attention(q, k, v, kpm, backend="triton")
+
+
+def method_sdpa_mask(kpm):
+    def run(q, k, v):
+        visible = reference.attention_visibility(q.shape[2], k.shape[2], kpm, True, q.device)
+        has_key = visible.any(dim=-1, keepdim=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~has_key)
+        return torch.where(has_key, out, 0.0)
+
+    return run
+
+
+def method_flex(kpm, device):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, T = kpm.shape
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & kpm[b, kv_idx]
+
+    block_mask = create_block_mask(mask_mod, B, None, T, T, device=device)
+    compiled = torch.compile(flex_attention)
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+
+
+def method_sdpa_causal(device):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if torch.device(device).type != "cuda":
+        raise RuntimeError("SDPA's flash backend needs CUDA")
+
+    def run(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return run
+
+
+def method_flash_varlen(kpm):
+    if importlib.util.find_spec("flash_attn") is None:
+        raise RuntimeError("flash-attn not installed")
+    from flash_attn import flash_attn_varlen_func
+
+    B, T = kpm.shape
+    idx = kpm.flatten().nonzero(as_tuple=True)[0]
+    seqlens = kpm.sum(dim=1, dtype=torch.int32)
+    cu = F.pad(torch.cumsum(seqlens, 0, dtype=torch.int32), (1, 0))
+    max_len = int(seqlens.max())
+
+    def unpad(t):  # (B, H, T, D) -> (tokens, H, D); done once, outside the timed region
+        return t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[3]).index_select(0, idx)
+
+    return unpad, lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_fwd_bwd(fn, q, k, v, device, iters):
+    """Median seconds of forward, backward, forward+backward (the last two None, with the reason, where
+    the method has no backward on this device, e.g. FlexAttention on CPU)."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    try:
+        out = fn(*leaves)
+    except NotImplementedError as e:
+        with torch.no_grad():
+            return time_fn(lambda: fn(q, k, v), device=device, iters=iters), None, None, f"backward n/a: {e}"
+    do = torch.randn_like(out)
+    t_fwd = time_fn(lambda: fn(*leaves), device=device, iters=iters)
+    bwd = lambda: torch.autograd.grad(out, leaves, do, retain_graph=True)  # noqa: E731
+    t_bwd = time_fn(bwd, device=device, iters=iters)
+    t_both = time_fn(lambda: torch.autograd.grad(fn(*leaves), leaves, do), device=device, iters=iters)
+    return t_fwd, t_bwd, t_both, None
+
+
+def training_methods(kpm, device, fwd_flops, causal_flops):
+    """name -> builder() returning (unpad or None, fn, forward flops)."""
+    return {"triton": lambda: (None, method_triton(kpm), fwd_flops),
+            "sdpa_mask": lambda: (None, method_sdpa_mask(kpm), fwd_flops),
+            "flex": lambda: (None, method_flex(kpm, device), fwd_flops),
+            "sdpa_causal": lambda: (None, method_sdpa_causal(device), causal_flops),
+            "flash_varlen": lambda: (*method_flash_varlen(kpm), fwd_flops)}
+
+
+def bench_training(shapes, dtype, device, iters):
+    rows = []
+    for T, H, B in shapes:
+        q, k, v, kpm = left_padded_batch(B, H, T, 64, dtype, device, seed=T + H)
+        fwd_flops = 4 * 64 * H * visible_pairs(T, T, kpm)
+        causal_flops = 4 * 64 * H * B * visible_pairs(T, T, kpm.new_ones(1, T))
+        shape_rows = []
+        for name, build in training_methods(kpm, device, fwd_flops, causal_flops).items():
+            row = dict(T=T, H=H, B=B, pad=round(1 - kpm.float().mean().item(), 3), method=name)
+            try:
+                unpad, fn, flops = build()
+                args = [unpad(t) for t in (q, k, v)] if unpad else (q, k, v)
+                t_fwd, t_bwd, t_both, note = time_fwd_bwd(fn, *args, device, iters)
+            except Exception as e:  # a baseline missing on this device is reported, never silently dropped
+                shape_rows.append({**row, "note": f"n/a on this device: {type(e).__name__}: {str(e)[:80]}"})
+                continue
+            row.update(fwd_ms=1e3 * t_fwd, fwd_tflops=flops / t_fwd / 1e12, note=note and note[:100])
+            if t_both is not None:
+                row.update(bwd_ms=1e3 * t_bwd, fwdbwd_ms=1e3 * t_both, bwd_tflops=2.5 * flops / t_bwd / 1e12,
+                           fwdbwd_tflops=3.5 * flops / t_both / 1e12)
+            shape_rows.append(row)
+        ours = shape_rows[0]
+        for r in shape_rows:
+            if "fwdbwd_ms" in r:
+                r["vs_triton"] = r["fwdbwd_ms"] / ours["fwdbwd_ms"]
+            if "fwd_ms" in r:
+                r["fwd_vs_triton"] = r["fwd_ms"] / ours["fwd_ms"]
+        rows += shape_rows
+    return rows
+
+
+def decode_methods(kpm):
+    return {"triton": lambda q, k, v: triton_attention(q, k, v, kpm),
+            "triton_1split": lambda q, k, v: triton_attention(q, k, v, kpm, num_splits=1),
+            "sdpa_mask": method_sdpa_mask(kpm)}
+
+
+def bench_decode(cases, dtype, device, iters, copy_bw):
+    rows = []
+    D = 64
+    for B, H, context, T_max in cases:
+        g = torch.Generator().manual_seed(B + context)
+        pads = torch.randint(0, int(0.4 * context) + 1, (B,), generator=g)
+        idx = torch.arange(T_max)
+        kpm = ((idx[None, :] >= pads[:, None]) & (idx[None, :] < context)).to(device)
+        q = torch.randn(B, H, 1, D, generator=g).to(device=device, dtype=dtype)
+        k, v = (torch.randn(B, H, T_max, D, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+        live_bytes = int(kpm.sum()) * H * D * 2 * k.element_size()
+        for name, fn in decode_methods(kpm).items():
+            with torch.no_grad():
+                t = time_fn(functools.partial(fn, q, k, v), device=device, iters=iters)
+            bw = live_bytes / t
+            rows.append(dict(B=B, H=H, context=context, T_max=T_max, method=name, us=1e6 * t,
+                             GBps=bw / 1e9, frac_of_copy=bw / copy_bw))
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU / interpreter)")
+    p.add_argument("--iters", type=int, default=None)
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    smoke = args.smoke or device == "cpu"
+    if smoke:
+        dtype, iters = torch.float32, args.iters or 3
+        shapes = [(64, 2, 4), (96, 2, 2)]  # (T, H, B): B*T = 256 / 192 tokens
+        decode_cases = [(4, 2, 96, 128), (1, 2, 96, 128)]  # (B, H, context, T_max)
+    else:
+        dtype, iters = torch.bfloat16, args.iters or 20
+        shapes = [(T, H, 16384 // T) for T in (256, 512, 1024) for H in (12, 25)]
+        decode_cases = [(64, 12, 512, 1024), (64, 25, 512, 1024), (8, 12, 1024, 1024), (1, 12, 1024, 1024)]
+
+    train_rows = bench_training(shapes, dtype, device, iters)
+    print(f"\nmasked attention, training ({dtype}, D=64, ~20% left padding)")
+    print_table(train_rows, ["T", "H", "B", "pad", "method", "fwd_ms", "bwd_ms", "fwdbwd_ms", "fwd_tflops",
+                             "bwd_tflops", "fwdbwd_tflops", "fwd_vs_triton", "vs_triton", "note"])
+
+    copy_bw = copy_bandwidth(device)
+    decode_rows = bench_decode(decode_cases, dtype, device, iters, copy_bw)
+    print(f"\nmasked attention, decode (one query row; measured copy bandwidth {copy_bw / 1e9:.1f} GB/s)")
+    print_table(decode_rows)
+    path = write_record("attention", train_rows + decode_rows,
+                        extra={"copy_bandwidth_GBps": copy_bw / 1e9, "smoke": smoke, "dtype": str(dtype),
+                               "targets": {"fwdbwd_vs_sdpa_mask": 2.0, "fwdbwd_vs_flex": 1.0,
+                                           "decode_frac_of_copy_B64_ctx512": 0.7}})
+    print(f"\nrecord: {path}")
+
+
+if __name__ == "__main__":
+    main()
