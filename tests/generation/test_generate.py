@@ -82,7 +82,7 @@ def test_greedy_matches_hf_generate(tmp_path):
 # KV cache
 
 
-@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
 @torch.no_grad()
 def test_cached_decode_logits_equal_full_recompute(backend):
     torch.manual_seed(0)
