@@ -99,8 +99,9 @@ def _add_train_args(p: argparse.ArgumentParser, stage: str) -> None:
         default = defaults[section][name]
         p.add_argument(flag, dest=key, type=typ, default=None, metavar=flag[2:].upper().replace("-", "_"),
                        help=text if default is None else f"{text} (default: {default})")
-    p.add_argument("--no-lora", dest="lora.enabled", action="store_const", const=False,
-                   help="full fine-tuning instead of LoRA adapters")
+    p.add_argument("--lora", dest="lora.enabled", action=argparse.BooleanOptionalAction, default=None,
+                   help="train LoRA adapters (--no-lora: full fine-tuning); default: LoRA when starting from "
+                        "--model weights, full fine-tuning for a random-init --preset")
     p.add_argument("--compile", dest="run.compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training step (default: on for CUDA, off for CPU)")
     p.add_argument("--skip-bad-examples", dest="data.skip_bad_examples", action="store_const", const=True,

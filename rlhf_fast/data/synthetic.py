@@ -1,15 +1,15 @@
 """Built-in synthetic preference task for the offline demo ("--data synthetic").
 
-Prompt (HH dialogue format, <= 48 bytes): "\\n\\nHuman: Tell me about cats.\\n\\nAssistant:".
-Preferred response: a fact about the prompt's subject, naming it as the prompt does, then a polite closing
-    " cats purr when calm. Happy to help!"
+Prompt (HH dialogue format, <= 48 bytes): "\\n\\nHuman: Tell me about Dogs.\\n\\nAssistant:".
+Preferred response: a fact about the prompt's subject (named first), then a polite closing
+    " Dogs wag their tails. Happy to help!"
 Rejected response: one of three faults, drawn with equal odds:
-    off-topic   a fact about another subject, polite closing   " boats float on water. Happy to help!"
-    rude        a fact about the subject, rude closing          " cats purr when calm. Go away."
-    both        off-topic and rude                              " boats float on water. Go away."
-So a reward model must learn two things from the response text, "addresses the prompt's subject"
-(does the response's first word repeat the prompt's subject?) and "ends politely", and a policy pushed
-by it moves towards on-topic, polite answers. Everything is a deterministic function of the seed;
+    off-topic   a fact about another subject, polite closing   " Owls hoot softly. Happy to help!"
+    rude        a fact about the subject, rude closing          " Dogs wag their tails. Go away."
+    both        off-topic and rude                              " Owls hoot softly. Go away."
+So a reward model must learn two things from the text, "addresses the prompt's subject" (does the
+response's first word repeat the subject named in the prompt?) and "ends politely"; a policy pushed by
+it moves towards on-topic, polite answers. Everything is a deterministic function of the seed;
 responses are <= 48 bytes (1 token per byte with the byte tokenizer).
 """
 
@@ -19,16 +19,17 @@ import random
 
 from .examples import PreferenceExample
 
-# Eight subjects with distinct first letters: whether a response is on topic shows in its first byte.
+# Subjects are capitalised names whose capital letter occurs nowhere else in the task's text, so "does the
+# response talk about the prompt's subject" is a matter of spotting one repeated token.
 SUBJECTS = {
-    "cats": ("cats purr when calm.", "cats like to nap.", "cats chase mice."),
-    "dogs": ("dogs love long walks.", "dogs wag their tails.", "dogs guard the home."),
-    "tea": ("tea is made from leaves.", "tea is best served hot.", "tea comes from China."),
-    "rain": ("rain falls from clouds.", "rain helps plants grow.", "rain makes puddles."),
-    "bikes": ("bikes have two wheels.", "bikes need no fuel.", "bikes are fun to ride."),
-    "snow": ("snow is cold and white.", "snow falls in winter.", "snow melts in spring."),
-    "moon": ("moon light is soft.", "moon phases repeat.", "moon rocks are grey."),
-    "frogs": ("frogs jump far.", "frogs live near ponds.", "frogs eat flies."),
+    "Bees": ("Bees make sweet honey.", "Bees visit flowers.", "Bees live in hives."),
+    "Dogs": ("Dogs love long walks.", "Dogs wag their tails.", "Dogs guard the home."),
+    "Frogs": ("Frogs jump far.", "Frogs live near ponds.", "Frogs eat flies."),
+    "Kites": ("Kites fly in the wind.", "Kites have long tails.", "Kites are made of paper."),
+    "Lemons": ("Lemons taste sour.", "Lemons are yellow.", "Lemons grow on trees."),
+    "Moon": ("Moon light is soft.", "Moon phases repeat.", "Moon rocks are grey."),
+    "Owls": ("Owls hunt at night.", "Owls can turn their heads.", "Owls hoot softly."),
+    "Rain": ("Rain falls from clouds.", "Rain helps plants grow.", "Rain makes puddles."),
 }
 QUESTIONS = ("Tell me about {}.", "What about {}?", "Any facts on {}?", "Say something on {}.")
 POLITE = ("Happy to help!", "Hope that helps!", "Thanks for asking!")

@@ -33,13 +33,15 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class LoRASettings:
-    enabled: bool = True  # False: full fine-tuning of every weight
+    # None = auto: LoRA when starting from trained weights (--model), full fine-tuning for a random-init
+    # preset, whose frozen random embeddings an adapter could barely use.
+    enabled: bool | None = None
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
 
     def __post_init__(self):
-        if self.enabled and (not isinstance(self.rank, int) or self.rank < 1):
+        if self.enabled is not False and (not isinstance(self.rank, int) or self.rank < 1):
             raise ValueError(f"lora.rank must be a positive int, got {self.rank!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
@@ -129,6 +131,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.lora.enabled is None:
+            object.__setattr__(self, "lora", dataclasses.replace(self.lora, enabled=self.model.model is not None))
         if self.run.output_dir is None:
             object.__setattr__(self, "run", dataclasses.replace(self.run, output_dir=f"runs/{self.stage}"))
 

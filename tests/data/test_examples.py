@@ -87,7 +87,7 @@ def test_synthetic_task_is_deterministic_short_and_labelled():
     assert a == b and a != synthetic_preferences(300, seed=4)
     for ex in a:
         assert len(ex.prompt.encode()) <= 48 and max(len(ex.chosen.encode()), len(ex.rejected.encode())) <= 48
-        subject = next(s for s in SUBJECTS if f" {s}" in ex.prompt.split("Assistant")[0])
+        subject = next(s for s in SUBJECTS if f" {s}" in ex.prompt)
         assert ex.chosen.startswith(f" {subject} ") and ex.chosen.strip().endswith(POLITE)
         on_topic, polite = ex.rejected.startswith(f" {subject} "), ex.rejected.strip().endswith(POLITE)
         assert not (on_topic and polite)
