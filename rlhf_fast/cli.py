@@ -114,10 +114,11 @@ def _add_train_args(p: argparse.ArgumentParser, stage: str) -> None:
 
 
 def _train_config(args, stage: str):
-    from rlhf_fast.trainers.config import TrainConfig, load_config_file
+    from rlhf_fast.trainers.config import TrainConfig, apply_overrides, load_config_file
 
-    base = TrainConfig.from_dict({**(load_config_file(args.config) if args.config else {}), "stage": stage})
-    return base.with_overrides({k: v for k, v in vars(args).items() if "." in k})
+    file_config = load_config_file(args.config) if args.config else {}
+    overrides = {k: v for k, v in vars(args).items() if "." in k}
+    return TrainConfig.from_dict(apply_overrides({**file_config, "stage": stage}, overrides))
 
 
 def _run_stage(args, stage: str) -> int:

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
 HUB_NAME = "Anthropic/hh-rlhf"
-HUB_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled", "red-team-attempts")
+HUB_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled",
+               "red-team-attempts")
 
 
 class BadExampleError(ValueError):
@@ -72,7 +73,9 @@ def parse_hh_record(record) -> PreferenceExample:
 
 
 def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
 
 
 def read_hh_jsonl(path, *, skip_bad_examples: bool = False, report: LoadReport | None = None):
@@ -94,7 +97,8 @@ def read_hh_jsonl(path, *, skip_bad_examples: bool = False, report: LoadReport |
                 examples.append(parse_hh_record(record))
             except ValueError as e:
                 if not skip_bad_examples:
-                    raise BadExampleError(f"{path}:{lineno}: {e} (pass --skip-bad-examples to skip such lines)") from None
+                    raise BadExampleError(f"{path}:{lineno}: {e} "
+                                          "(pass --skip-bad-examples to skip such lines)") from None
                 report.skipped += 1
                 log.debug("skipping %s:%d: %s", path, lineno, e)
     report.kept += len(examples)
@@ -113,8 +117,8 @@ def load_hh(source: str, split: str = "train", *, subset: str | None = None, ski
         examples = read_hh_jsonl(path, skip_bad_examples=skip_bad_examples, report=report)
     elif path.is_dir():
         prefix = f"{subset}-" if subset else ""
-        files = sorted(p for p in path.iterdir()
-                       if p.name.startswith(prefix) and p.name.endswith((f"{split}.jsonl", f"{split}.jsonl.gz")))
+        suffixes = (f"{split}.jsonl", f"{split}.jsonl.gz")
+        files = sorted(p for p in path.iterdir() if p.name.startswith(prefix) and p.name.endswith(suffixes))
         if not files:
             raise FileNotFoundError(f"no {prefix}*{split}.jsonl[.gz] files in {path}")
         examples = []

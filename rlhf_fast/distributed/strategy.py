@@ -76,7 +76,8 @@ class Strategy:
 class SingleDeviceStrategy(Strategy):
     """CPU or one GPU; fp32, or bf16/fp16 autocast (fp16 with a gradient scaler)."""
 
-    def __init__(self, device: str | torch.device = "cpu", precision: str = "fp32", max_grad_norm: float | None = 1.0):
+    def __init__(self, device: str | torch.device = "cpu", precision: str = "fp32",
+                 max_grad_norm: float | None = 1.0):
         self.device = torch.device(device)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")

@@ -112,5 +112,6 @@ class CheckpointManager:
         trainer_state = json.loads(state_path.read_text())
         # weights_only=False: optimizer and RNG states hold numpy arrays and tuples; these files are
         # our own checkpoints, not downloads.
-        tensors = {p.stem: torch.load(p, map_location="cpu", weights_only=False) for p in sorted(path.glob("*.pt"))}
+        tensors = {p.stem: torch.load(p, map_location="cpu", weights_only=False)
+                   for p in sorted(path.glob("*.pt"))}
         return tensors, trainer_state

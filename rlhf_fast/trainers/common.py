@@ -97,7 +97,7 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------
     def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def train_step(self) -> dict[str, float]:
         self.module.train()
@@ -126,8 +126,8 @@ class Trainer:
             self.resume()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=max_steps, initial=self.step, desc=self.stage, disable=not (run.progress and self.strategy.is_main),
-                   dynamic_ncols=True)
+        show = run.progress and self.strategy.is_main
+        bar = tqdm(total=max_steps, initial=self.step, desc=self.stage, disable=not show, dynamic_ncols=True)
         tokens, t0 = 0, time.perf_counter()
         while self.step < stop:
             metrics = self.train_step()

@@ -132,7 +132,8 @@ class TrainConfig:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.lora.enabled is None:
-            object.__setattr__(self, "lora", dataclasses.replace(self.lora, enabled=self.model.model is not None))
+            lora = dataclasses.replace(self.lora, enabled=self.model.model is not None)
+            object.__setattr__(self, "lora", lora)
         if self.run.output_dir is None:
             object.__setattr__(self, "run", dataclasses.replace(self.run, output_dir=f"runs/{self.stage}"))
 
@@ -156,26 +157,32 @@ class TrainConfig:
             known = {f.name for f in dataclasses.fields(sub)}
             bad = set(value) - known
             if bad:
-                raise ValueError(f"unknown key(s) {sorted(bad)} in config section {name!r}; known: {sorted(known)}")
+                raise ValueError(f"unknown key(s) {sorted(bad)} in config section {name!r}; "
+                                 f"known: {sorted(known)}")
             kwargs[name] = sub(**value)
         return cls(**kwargs)
-
-    def with_overrides(self, overrides: dict) -> TrainConfig:
-        """A new config with {"section.key": value} overrides applied (None values are ignored)."""
-        d = self.to_dict()
-        for key, value in overrides.items():
-            if value is None:
-                continue
-            section, _, name = key.partition(".")
-            if name:
-                d[section][name] = value
-            else:
-                d[section] = value
-        return TrainConfig.from_dict(d)
 
 
 _SECTIONS = {"model": ModelSettings, "lora": LoRASettings, "data": DataSettings, "optim": OptimSettings,
              "run": RunSettings}
+
+
+def apply_overrides(d: dict, overrides: dict) -> dict:
+    """A copy of nested config dict `d` with {"section.key": value} overrides set (None values skipped).
+
+    Applied to the dict, before the dataclasses are built, so auto defaults (e.g. lora.enabled) are
+    resolved once, from the final settings.
+    """
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, _, name = key.partition(".")
+        if name:
+            out.setdefault(section, {})[name] = value
+        else:
+            out[section] = value
+    return out
 
 
 def load_config_file(path) -> dict:

@@ -11,7 +11,7 @@ log = logging.getLogger("rlhf_fast")
 
 
 class MetricsLogger:
-    """Appends {"step", "time", **metrics} lines to <run_dir>/metrics.jsonl; mirrors scalars to TensorBoard."""
+    """Appends {"step", "time", **metrics} lines to <run_dir>/metrics.jsonl; scalars also to TensorBoard."""
 
     def __init__(self, run_dir, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
@@ -24,14 +24,16 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # torch's writer needs the tensorboard package
-                log.info("TensorBoard logging off (install tensorboard to enable it); metrics go to %s", self.path)
+                log.info("TensorBoard logging off (install tensorboard to enable it); metrics go to %s",
+                         self.path)
             else:
                 self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
     def log(self, step: int, metrics: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
-        record = {"step": step, "time": round(time.time(), 3), **{f"{prefix}/{k}": v for k, v in metrics.items()}}
+        scalars = {f"{prefix}/{k}": v for k, v in metrics.items()}
+        record = {"step": step, "time": round(time.time(), 3), **scalars}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:

@@ -62,8 +62,9 @@ class RewardTrainer(Trainer):
 
     def export(self, directory):
         name = resolve_tokenizer_name(self.config)
-        directory = export_model(self.module.model, self.tokenizer, name, directory, merge_adapter=self.adapter)
-        torch.save({k: v.cpu() for k, v in self.module.head.state_dict().items()}, directory / REWARD_HEAD_FILE)
+        model, head = self.module.model, self.module.head
+        directory = export_model(model, self.tokenizer, name, directory, merge_adapter=self.adapter)
+        torch.save({k: v.cpu() for k, v in head.state_dict().items()}, directory / REWARD_HEAD_FILE)
         (directory / "rlhf_fast_reward.json").write_text(json.dumps({"head": REWARD_HEAD_FILE,
                                                                       "score": "last real token"}))
         return directory
@@ -95,7 +96,8 @@ def build_reward_trainer(config: TrainConfig) -> RewardTrainer:
     eval_ds = PreferenceDataset(held_out, tokenizer, d.max_prompt_len, d.max_len)
     batches = ResumableBatches(train_ds, config.optim.micro_batch_size, PreferenceCollator(tokenizer),
                                seed=config.run.seed)
-    trainer = RewardTrainer(config, TrainModule(model, head), tokenizer, batches, eval_ds, build_strategy(config))
+    module = TrainModule(model, head)
+    trainer = RewardTrainer(config, module, tokenizer, batches, eval_ds, build_strategy(config))
     trainer.logger.event(0, data=d.data, train_pairs=len(train_ds), eval_pairs=len(eval_ds),
                          skipped_bad_examples=report.skipped)
     if report.skipped:

@@ -43,9 +43,9 @@ class SFTTrainer(Trainer):
         self.module.eval()
         collate = SFTCollator(self.tokenizer)
         bs = self.config.optim.micro_batch_size
-        total, count = 0.0, 0
-        for i in range(0, len(self.eval_dataset), bs):
-            b = self._to_device(collate([self.eval_dataset[j] for j in range(i, min(i + bs, len(self.eval_dataset)))]))
+        total, count, n = 0.0, 0, len(self.eval_dataset)
+        for i in range(0, n, bs):
+            b = self._to_device(collate([self.eval_dataset[j] for j in range(i, min(i + bs, n))]))
             with self.strategy.autocast():
                 logits = self.module.model(b["input_ids"], b["attention_mask"])
             total += float(response_nll(logits, b["input_ids"], b["loss_mask"]))
@@ -68,7 +68,8 @@ def build_sft_trainer(config: TrainConfig) -> SFTTrainer:
                                                      skip_bad_examples=d.skip_bad_examples)
     train_ds = SFTDataset(train, tokenizer, d.max_prompt_len, d.max_len)
     eval_ds = SFTDataset(held_out, tokenizer, d.max_prompt_len, d.max_len)
-    batches = ResumableBatches(train_ds, config.optim.micro_batch_size, SFTCollator(tokenizer), seed=config.run.seed)
+    batches = ResumableBatches(train_ds, config.optim.micro_batch_size, SFTCollator(tokenizer),
+                               seed=config.run.seed)
     trainer = SFTTrainer(config, TrainModule(model), tokenizer, batches, eval_ds, build_strategy(config))
     trainer.logger.event(0, data=d.data, train_examples=len(train_ds), eval_examples=len(eval_ds),
                          skipped_bad_examples=report.skipped)

@@ -49,7 +49,8 @@ def test_sft_collator_pads_consistently(side):
 
 
 def test_preference_collator_stacks_chosen_then_rejected():
-    ds = PreferenceDataset([PreferenceExample("q", "good", "bad!!!!"), PreferenceExample("qq", "y", "n")], TOK, 8, 16)
+    pairs = [PreferenceExample("q", "good", "bad!!!!"), PreferenceExample("qq", "y", "n")]
+    ds = PreferenceDataset(pairs, TOK, 8, 16)
     b = PreferenceCollator(TOK)([ds[0], ds[1]])
     assert b["input_ids"].shape == (4, 9)
     texts = [TOK.decode(r[m.bool()]) for r, m in zip(b["input_ids"], b["attention_mask"])]

@@ -74,7 +74,8 @@ BAD_LINES = [
 @pytest.mark.parametrize("bad, match", BAD_LINES)
 def test_bad_line_error_names_file_and_line(tmp_path, suffix, bad, match):
     # line 3 is blank (ignored but counted), so the bad line is line 4
-    path = _write(tmp_path / f"data{suffix}", [json.dumps(SINGLE), json.dumps(MULTI), "", bad, json.dumps(SINGLE)])
+    lines = [json.dumps(SINGLE), json.dumps(MULTI), "", bad, json.dumps(SINGLE)]
+    path = _write(tmp_path / f"data{suffix}", lines)
     with pytest.raises(BadExampleError, match=match) as info:
         read_hh_jsonl(path)
     assert f"{path}:4:" in str(info.value)
@@ -110,7 +111,7 @@ def test_missing_file_and_unknown_hub_subset(tmp_path):
         load_hh("Anthropic/hh-rlhf", subset="harmful-base")
 
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 
 
 @pytest.mark.skipif(not SHARED.is_file(), reason="shared HH-RLHF sample not present")

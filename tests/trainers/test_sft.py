@@ -50,7 +50,7 @@ def test_sft_loss_falls_on_synthetic_task(tmp_path, make_config):
 
 
 def test_compiled_step_matches_eager(tmp_path, make_config):
-    # Every example truncated to exactly 24 tokens: one static shape, so compile runs once (CPU compiles are slow).
+    # Every example truncated to exactly 24 tokens: one static shape, so compile runs once (slow on CPU).
     kw = dict(steps=2, micro=2, max_prompt_len=16, max_len=24)
     eager = build_sft_trainer(make_config(tmp_path / "eager", **kw)).train()
     compiled_trainer = build_sft_trainer(make_config(tmp_path / "compiled", compile=True, **kw))
