@@ -10,13 +10,13 @@ and under DeepSpeed (a later strategy with the same methods). Contract for one o
         strategy.backward(loss)
     grad_norm = strategy.step()   # unscale (fp16), clip after all backwards, optimizer + scheduler step
 
-This package takes plain nn.Modules and imports nothing else from rlhf_fast.
+Checkpoints: trainers write files only where `is_main`, and take the optimizer / scheduler / loss-scaler
+state from `state_dict()`. This package takes plain nn.Modules and imports nothing else from rlhf_fast.
 """
 
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -35,10 +35,6 @@ class Strategy:
         """True on the process that writes logs and checkpoints."""
         raise NotImplementedError
 
-    @property
-    def world_size(self) -> int:
-        raise NotImplementedError
-
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None):
         """Place/wrap model and optimizer; returns (model, optimizer, scheduler)."""
         raise NotImplementedError
@@ -55,21 +51,14 @@ class Strategy:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        """Optimizer, scheduler and loss-scaler state, for checkpoints."""
+        """Optimizer, scheduler and loss-scaler state, for checkpoints (`load_state_dict` restores it)."""
         raise NotImplementedError
 
     def load_state_dict(self, state: dict) -> None:
         raise NotImplementedError
 
-    def save(self, obj, path) -> None:
-        """Write `obj` with torch.save (only on the main process)."""
-        raise NotImplementedError
-
-    def load(self, path):
-        raise NotImplementedError
-
     def all_reduce_mean(self, value: float) -> float:
-        """Mean of a Python number over processes (identity on one device)."""
+        """Mean of a Python number over processes (identity on one device), for logged metrics."""
         raise NotImplementedError
 
 
@@ -93,10 +82,6 @@ class SingleDeviceStrategy(Strategy):
     @property
     def is_main(self) -> bool:
         return True
-
-    @property
-    def world_size(self) -> int:
-        return 1
 
     def prepare(self, model, optimizer, scheduler=None):
         model.to(self.device)  # in place: the optimizer keeps pointing at the same Parameters
@@ -146,13 +131,6 @@ class SingleDeviceStrategy(Strategy):
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
-
-    def save(self, obj, path) -> None:
-        if self.is_main:
-            torch.save(obj, Path(path))
-
-    def load(self, path):
-        return torch.load(Path(path), map_location=self.device, weights_only=False)
 
     def all_reduce_mean(self, value: float) -> float:
         return value

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ class TrainModule(nn.Module):
         self.head = head
 
 
-def lr_lambda(optim) -> callable:
+def lr_lambda(optim) -> Callable[[int], float]:
     """Linear warmup, then cosine decay to 10% of the peak (or constant)."""
 
     def f(step: int) -> float:
@@ -110,6 +111,7 @@ class Trainer:
             self.strategy.backward(loss)
             for k, v in {"loss": loss, **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach())
+        totals = {k: self.strategy.all_reduce_mean(v) for k, v in totals.items()}
         totals["grad_norm"] = self.strategy.step()
         totals["lr"] = self.scheduler.get_last_lr()[0]
         totals["tokens"] = int(sum(int(b["attention_mask"].sum()) for b in micro))
