@@ -119,3 +119,27 @@ def test_real_hh_sample_parses():
     examples, report = load_hh(str(SHARED), skip_bad_examples=True)
     assert report.kept > 2000 and report.skipped < 0.01 * report.kept
     assert all(ex.prompt.endswith("\n\nAssistant:") and ex.chosen.strip() for ex in examples)
+
+
+def test_hub_loading_goes_through_datasets(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load_dataset(name, data_dir=None, split=None):
+        calls.append((name, data_dir, split))
+        return [SINGLE, {"chosen": "\n\nHuman: no answer"}, MULTI]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    where = r"Anthropic/hh-rlhf \[helpful-base/test\] row 1"
+    with pytest.raises(BadExampleError, match=where + ": missing field"):
+        load_hh("Anthropic/hh-rlhf", "test", subset="helpful-base")
+    examples, report = load_hh("Anthropic/hh-rlhf", "test", subset="helpful-base", skip_bad_examples=True)
+    assert len(examples) == 2 and report.skipped == 1
+    assert calls[-1] == ("Anthropic/hh-rlhf", "helpful-base", "test")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(FileNotFoundError, match="could not be loaded from the dataset hub"):
+        load_hh("Anthropic/hh-rlhf")
