@@ -66,7 +66,8 @@ def main() -> None:
     p.add_argument("--precision", default="bf16" if cuda else "fp32", help="fp32, bf16 or fp16")
     p.add_argument("--micro-batch-size", type=int, default=8, help="examples (RM: pairs) per step")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+    p.add_argument("--warmup", type=int, default=4,
+                   help="untimed steps first (compilation and dynamic-shape recompiles happen here)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled rows (slow compiles on CPU)")
     args = p.parse_args()
     rows = []
