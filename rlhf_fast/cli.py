@@ -88,6 +88,99 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# --- sft / rm: training stages -------------------------------------------------------------------
+
+# (flag, config key, type, help); defaults come from the config dataclasses (shown in --help).
+_TRAIN_FLAGS = [
+    ("--preset", "model.preset", str, "random-init model preset: tiny, demo, gpt2, gpt2-medium, ..."),
+    ("--model", "model.model", str, "HF GPT-2 directory or hub name to start from (overrides --preset)"),
+    ("--tokenizer", "model.tokenizer", str, "'byte' or an HF tokenizer directory / hub name "
+                                            "(default: byte for tiny/demo, else the model's)"),
+    ("--attn-backend", "model.attn_backend", str, "attention backend: auto, torch, sdpa, triton, flash"),
+    ("--kernel-backend", "model.kernel_backend", str, "fused-kernel backend: auto, torch, triton"),
+    ("--data", "data.data", str, "'synthetic', an HH-RLHF hub name (Anthropic/hh-rlhf), a .jsonl/.jsonl.gz "
+                                 "file or a directory of them"),
+    ("--data-subset", "data.subset", str, "HH-RLHF data subset, e.g. harmless-base"),
+    ("--max-prompt-len", "data.max_prompt_len", int, "prompt tokens kept (from the end)"),
+    ("--max-len", "data.max_len", int, "prompt + response tokens kept"),
+    ("--eval-size", "data.eval_size", int, "held-out examples for evaluation"),
+    ("--synthetic-size", "data.synthetic_size", int, "training pairs generated for --data synthetic"),
+    ("--lora-rank", "lora.rank", int, "LoRA rank"),
+    ("--lora-alpha", "lora.alpha", float, "LoRA alpha (scale = alpha / rank)"),
+    ("--lora-dropout", "lora.dropout", float, "dropout on the LoRA input"),
+    ("--lr", "optim.lr", float, "peak learning rate (AdamW)"),
+    ("--weight-decay", "optim.weight_decay", float, "AdamW weight decay (matrices only)"),
+    ("--max-steps", "optim.max_steps", int, "optimizer steps"),
+    ("--warmup-steps", "optim.warmup_steps", int, "linear warmup steps"),
+    ("--schedule", "optim.schedule", str, "learning-rate schedule after warmup: cosine or constant"),
+    ("--micro-batch-size", "optim.micro_batch_size", int, "examples (RM: pairs) per forward pass"),
+    ("--grad-accum-steps", "optim.grad_accum_steps", int, "micro-batches per optimizer step"),
+    ("--max-grad-norm", "optim.max_grad_norm", float, "gradient clipping norm"),
+    ("--output-dir", "run.output_dir", str, "run directory: config, metrics.jsonl, checkpoints, export"),
+    ("--seed", "run.seed", int, "seed for init, data order and the synthetic task"),
+    ("--device", "run.device", str, "cpu, cuda, cuda:1, ... (default: cuda when available)"),
+    ("--precision", "run.precision", str, "fp32, bf16 or fp16 (fp16: CUDA only)"),
+    ("--log-every", "run.log_every", int, "steps between metrics.jsonl lines"),
+    ("--eval-every", "run.eval_every", int, "steps between evaluations (0: only at the end)"),
+    ("--save-every", "run.save_every", int, "steps between checkpoints (0: only at the end)"),
+    ("--keep-last", "run.keep_last", int, "checkpoints kept"),
+]
+
+
+def _add_train_args(p: argparse.ArgumentParser, stage: str) -> None:
+    from rlhf_fast.trainers.config import TrainConfig
+
+    defaults = TrainConfig(stage=stage).to_dict()
+    p.add_argument("--config", help="JSON (or YAML, with PyYAML) file of config sections; flags override it")
+    for flag, key, typ, text in _TRAIN_FLAGS:
+        section, _, name = key.partition(".")
+        default = defaults[section][name]
+        p.add_argument(flag, dest=key, type=typ, default=None, metavar=flag[2:].upper().replace("-", "_"),
+                       help=text if default is None else f"{text} (default: {default})")
+    p.add_argument("--lora", dest="lora.enabled", action=argparse.BooleanOptionalAction, default=None,
+                   help="train LoRA adapters (--no-lora: full fine-tuning); default: LoRA when starting from "
+                        "--model weights, full fine-tuning for a random-init --preset")
+    p.add_argument("--compile", dest="run.compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (default: on for CUDA, off for CPU)")
+    p.add_argument("--skip-bad-examples", dest="data.skip_bad_examples", action="store_const", const=True,
+                   help="skip (and count in the log) data lines that cannot be parsed, instead of failing")
+    p.add_argument("--resume", dest="run.resume", action="store_const", const=True,
+                   help="continue from the newest checkpoint in --output-dir")
+    p.add_argument("--no-progress", dest="run.progress", action="store_const", const=False,
+                   help="no tqdm progress bar")
+    p.add_argument("--no-export", action="store_true", help="skip the merged HF-format export at the end")
+
+
+def _train_config(args, stage: str):
+    from rlhf_fast.trainers.config import TrainConfig, apply_overrides, load_config_file
+
+    file_config = load_config_file(args.config) if args.config else {}
+    overrides = {k: v for k, v in vars(args).items() if "." in k}
+    return TrainConfig.from_dict(apply_overrides({**file_config, "stage": stage}, overrides))
+
+
+def _run_stage(args, stage: str) -> int:
+    import logging
+
+    from rlhf_fast.trainers import build_reward_trainer, build_sft_trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = _train_config(args, stage)
+    trainer = (build_sft_trainer if stage == "sft" else build_reward_trainer)(config)
+    trainer.train()
+    if not args.no_export:
+        print(f"exported merged model to {trainer.export(trainer.run_dir / 'export')}")
+    return 0
+
+
+def cmd_sft(args) -> int:
+    return _run_stage(args, "sft")
+
+
+def cmd_rm(args) -> int:
+    return _run_stage(args, "rm")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("sft", help="supervised fine-tuning on prompt/response data (loss on responses)")
+    _add_train_args(p, "sft")
+    p.set_defaults(func=cmd_sft)
+    p = sub.add_parser("rm", help="reward-model training on preference pairs")
+    _add_train_args(p, "rm")
+    p.set_defaults(func=cmd_rm)
     return parser
 
 

@@ -1,5 +1,43 @@
-"""Tokenizers, datasets and collators."""
+"""Tokenizers, datasets (HH-RLHF, built-in synthetic task), collators and a resumable batch order."""
 
+from .examples import (
+    PreferenceCollator,
+    PreferenceDataset,
+    PreferenceExample,
+    PromptCollator,
+    PromptDataset,
+    ResumableBatches,
+    SFTCollator,
+    SFTDataset,
+    SFTExample,
+)
+from .hh import BadExampleError, LoadReport, load_hh, parse_hh_record, read_hh_jsonl, split_dialogue
+from .sources import load_preference_splits
+from .synthetic import synthetic_preferences, synthetic_prompts, synthetic_split
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
-__all__ = ["ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer"]
+__all__ = [
+    "BadExampleError",
+    "ByteTokenizer",
+    "HFTokenizer",
+    "LoadReport",
+    "PreferenceCollator",
+    "PreferenceDataset",
+    "PreferenceExample",
+    "PromptCollator",
+    "PromptDataset",
+    "ResumableBatches",
+    "SFTCollator",
+    "SFTDataset",
+    "SFTExample",
+    "Tokenizer",
+    "load_hh",
+    "load_preference_splits",
+    "load_tokenizer",
+    "parse_hh_record",
+    "read_hh_jsonl",
+    "split_dialogue",
+    "synthetic_preferences",
+    "synthetic_prompts",
+    "synthetic_split",
+]

@@ -1,1 +1,24 @@
 """SFT, reward-model, PPO, GRPO and DPO trainers. They take built objects, not strings to load."""
+
+from .checkpoint import CheckpointManager
+from .common import Trainer, TrainModule
+from .config import DataSettings, LoRASettings, ModelSettings, OptimSettings, RunSettings, TrainConfig
+from .reward import RewardTrainer, build_reward_trainer, load_reward_model
+from .sft import SFTTrainer, build_sft_trainer
+
+__all__ = [
+    "CheckpointManager",
+    "DataSettings",
+    "LoRASettings",
+    "ModelSettings",
+    "OptimSettings",
+    "RewardTrainer",
+    "RunSettings",
+    "SFTTrainer",
+    "TrainConfig",
+    "TrainModule",
+    "Trainer",
+    "build_reward_trainer",
+    "build_sft_trainer",
+    "load_reward_model",
+]

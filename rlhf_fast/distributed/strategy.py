@@ -1,0 +1,136 @@
+"""Training strategies: how a trainer places the model, runs backward and steps the optimizer.
+
+Trainers talk only to this interface, so the same loop runs on one device (`SingleDeviceStrategy`)
+and under DeepSpeed (a later strategy with the same methods). Contract for one optimizer step of
+`grad_accum_steps` micro-batches:
+
+    for micro in micro_batches:
+        with strategy.autocast():
+            loss = ...            # already normalised over the whole optimizer step (see trainers)
+        strategy.backward(loss)
+    grad_norm = strategy.step()   # unscale (fp16), clip after all backwards, optimizer + scheduler step
+
+Checkpoints: trainers write files only where `is_main`, and take the optimizer / scheduler / loss-scaler
+state from `state_dict()`. This package takes plain nn.Modules and imports nothing else from rlhf_fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class Strategy:
+    """Interface shared by all strategies."""
+
+    device: torch.device
+    precision: str = "fp32"
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes logs and checkpoints."""
+        raise NotImplementedError
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None):
+        """Place/wrap model and optimizer; returns (model, optimizer, scheduler)."""
+        raise NotImplementedError
+
+    def autocast(self):
+        """Context manager for the forward pass (mixed precision when configured)."""
+        raise NotImplementedError
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self) -> float:
+        """Clip gradients, step optimizer and scheduler, zero gradients; returns the pre-clip grad norm."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Optimizer, scheduler and loss-scaler state, for checkpoints (`load_state_dict` restores it)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def all_reduce_mean(self, value: float) -> float:
+        """Mean of a Python number over processes (identity on one device), for logged metrics."""
+        raise NotImplementedError
+
+
+class SingleDeviceStrategy(Strategy):
+    """CPU or one GPU; fp32, or bf16/fp16 autocast (fp16 with a gradient scaler)."""
+
+    def __init__(self, device: str | torch.device = "cpu", precision: str = "fp32",
+                 max_grad_norm: float | None = 1.0):
+        self.device = torch.device(device)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("precision='fp16' needs a CUDA device (use bf16 or fp32 on CPU)")
+        if max_grad_norm is not None and max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        self.precision = precision
+        self.max_grad_norm = max_grad_norm
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        self.model = self.optimizer = self.scheduler = None
+
+    @property
+    def is_main(self) -> bool:
+        return True
+
+    def prepare(self, model, optimizer, scheduler=None):
+        model.to(self.device)  # in place: the optimizer keeps pointing at the same Parameters
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        return model, optimizer, scheduler
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def backward(self, loss):
+        if self.optimizer is None:
+            raise RuntimeError("SingleDeviceStrategy.backward before prepare()")
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _params(self):
+        return [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+    def step(self) -> float:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        params = self._params()
+        max_norm = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def all_reduce_mean(self, value: float) -> float:
+        return value

@@ -1,0 +1,249 @@
+"""The loop shared by the SFT and reward-model trainers, and the builders the CLI uses.
+
+`Trainer.train()` runs optimizer steps of `grad_accum_steps` micro-batches. Each micro-batch loss is a
+*sum* divided by the count (tokens or pairs) of the whole optimizer step, so 4 x 2 accumulates exactly
+the gradient of 1 x 8. Subclasses provide `loss_count(batch)`, `micro_loss(batch, count)` and
+`evaluate()`; `micro_loss` (forward + loss) is what `torch.compile` compiles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from rlhf_fast.data import ResumableBatches, load_tokenizer
+from rlhf_fast.distributed import SingleDeviceStrategy, Strategy
+from rlhf_fast.model import GPT, add_lora
+
+from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from .config import TrainConfig
+from .metrics import MetricsLogger, log
+
+TOKENIZER_MARKER = "rlhf_fast_tokenizer.json"  # written into exports of byte-tokenizer models
+
+
+class TrainModule(nn.Module):
+    """The model and (for reward/value training) its scalar head, as one module for the strategy."""
+
+    def __init__(self, model: GPT, head: nn.Module | None = None):
+        super().__init__()
+        self.model = model
+        self.head = head
+
+
+def lr_lambda(optim) -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to 10% of the peak (or constant)."""
+
+    def f(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "constant":
+            return 1.0
+        progress = (step - optim.warmup_steps) / max(1, optim.max_steps - optim.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+class Trainer:
+    """Base loop: step, log, evaluate, checkpoint, resume. See the module docstring for the contract."""
+
+    stage = "base"
+    adapter: str | None = None  # the LoRA adapter this stage trains (None: full fine-tuning)
+
+    def __init__(self, config: TrainConfig, module: TrainModule, tokenizer, train_batches: ResumableBatches,
+                 eval_dataset, strategy: Strategy):
+        self.config, self.module, self.tokenizer, self.strategy = config, module, tokenizer, strategy
+        self.batches, self.eval_dataset = train_batches, eval_dataset
+        self.run_dir = Path(config.run.output_dir)
+        self.trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        if not self.trainable:
+            raise ValueError("nothing to train: no parameter requires grad")
+        o = config.optim
+        decay = [p for n, p in self.trainable.items() if p.dim() >= 2]
+        no_decay = [p for n, p in self.trainable.items() if p.dim() < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=o.betas)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o))
+        self.module, self.optimizer, self.scheduler = strategy.prepare(module, optimizer, scheduler)
+        self.device = strategy.device
+        compile_ = config.run.compile if config.run.compile is not None else self.device.type == "cuda"
+        self.loss_fn = torch.compile(self.micro_loss) if compile_ else self.micro_loss
+        self.checkpoints = CheckpointManager(self.run_dir, config.run.keep_last)
+        self.logger = MetricsLogger(self.run_dir, enabled=strategy.is_main)
+        self.step = 0
+        self.history: list[dict] = []  # per-step train metrics of this process (for tests and callers)
+
+    # --- to implement -----------------------------------------------------------------------------
+    def loss_count(self, batch) -> torch.Tensor:
+        """What the step's loss is averaged over, for one micro-batch (tokens or pairs)."""
+        raise NotImplementedError
+
+    def micro_loss(self, batch, count: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, metrics) of one micro-batch, both already divided by the step's total `count`."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def export(self, directory) -> Path:
+        raise NotImplementedError
+
+    # --- the loop -------------------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def train_step(self) -> dict[str, float]:
+        self.module.train()
+        micro = [self._to_device(next(self.batches)) for _ in range(self.config.optim.grad_accum_steps)]
+        count = sum(self.loss_count(b) for b in micro).clamp(min=1)
+        totals: dict[str, float] = {}
+        for b in micro:
+            with self.strategy.autocast():
+                loss, metrics = self.loss_fn(b, count)
+            self.strategy.backward(loss)
+            for k, v in {"loss": loss, **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach())
+        totals = {k: self.strategy.all_reduce_mean(v) for k, v in totals.items()}
+        totals["grad_norm"] = self.strategy.step()
+        totals["lr"] = self.scheduler.get_last_lr()[0]
+        totals["tokens"] = int(sum(int(b["attention_mask"].sum()) for b in micro))
+        return totals
+
+    def train(self, until_step: int | None = None) -> list[dict]:
+        """Train to optim.max_steps (or stop early at `until_step`, saving a checkpoint there)."""
+        run, max_steps = self.config.run, self.config.optim.max_steps
+        stop = max_steps if until_step is None else min(until_step, max_steps)
+        if self.strategy.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
+        if run.resume:
+            self.resume()
+        from tqdm.auto import tqdm
+
+        show = run.progress and self.strategy.is_main
+        bar = tqdm(total=max_steps, initial=self.step, desc=self.stage, disable=not show, dynamic_ncols=True)
+        tokens, t0 = 0, time.perf_counter()
+        while self.step < stop:
+            metrics = self.train_step()
+            self.step += 1
+            self.history.append(metrics)
+            tokens += metrics["tokens"]
+            tok_s = tokens / max(time.perf_counter() - t0, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
+            if run.log_every and self.step % run.log_every == 0:
+                self.logger.log(self.step, {**metrics, "tokens_per_s": tok_s})
+            if run.eval_every and self.step % run.eval_every == 0 and self.step < max_steps:
+                self._log_eval()
+            if run.save_every and self.step % run.save_every == 0 and self.step < stop:
+                self.save()
+        bar.close()
+        if self.step >= max_steps:
+            self._log_eval()
+        self.save()
+        self.logger.close()
+        return self.history
+
+    def _log_eval(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        self.logger.log(self.step, metrics, prefix="eval")
+        log.info("step %d eval: %s", self.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        if not self.strategy.is_main:
+            return None
+        weights = {n: p.detach().cpu().clone() for n, p in self.trainable.items()}
+        path = self.checkpoints.save(
+            self.step,
+            {"weights": weights, "optim": self.strategy.state_dict(), "rng": capture_rng_state()},
+            {"data": self.batches.state_dict(), "stage": self.stage},
+        )
+        self.logger.event(self.step, checkpoint=str(path))
+        return path
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint of the run directory; False when there is none."""
+        path = self.checkpoints.latest()
+        if path is None:
+            log.info("no checkpoint in %s: starting from step 0", self.checkpoints.dir)
+            return False
+        blobs, state = CheckpointManager.load(path)
+        if state.get("stage") != self.stage:
+            raise ValueError(f"{path} is a {state.get('stage')!r} checkpoint, not {self.stage!r}")
+        missing = sorted(set(self.trainable) - set(blobs["weights"]))
+        if missing:
+            raise ValueError(f"{path} does not fit this model: no weights for {missing[:4]}")
+        with torch.no_grad():
+            for n, p in self.trainable.items():
+                p.copy_(blobs["weights"][n])
+        self.strategy.load_state_dict(blobs["optim"])
+        restore_rng_state(blobs["rng"])
+        self.batches.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+
+# --- builders (used by the CLI and tests) ---------------------------------------------------------
+
+
+def resolve_device(config: TrainConfig) -> torch.device:
+    if config.run.device is not None:
+        return torch.device(config.run.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_strategy(config: TrainConfig) -> SingleDeviceStrategy:
+    return SingleDeviceStrategy(resolve_device(config), config.run.precision, config.optim.max_grad_norm)
+
+
+def build_model(config: TrainConfig, adapter: str) -> tuple[GPT, object]:
+    """(model, tokenizer) from the model settings, with LoRA adapter `adapter` added in LoRA mode."""
+    m = config.model
+    backends = dict(attn_backend=m.attn_backend, kernel_backend=m.kernel_backend)
+    torch.manual_seed(config.run.seed)  # random init of presets, LoRA A matrices and heads
+    if m.model is not None:
+        model = GPT.from_pretrained(m.model, **backends)
+    else:
+        model = GPT.from_preset(m.preset, **backends)
+    tokenizer = load_tokenizer(resolve_tokenizer_name(config))
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model's vocab_size is only "
+                         f"{model.config.vocab_size}: pick a matching --tokenizer")
+    if config.lora.enabled:
+        lc = config.lora
+        add_lora(model, adapter, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout)
+    return model, tokenizer
+
+
+def resolve_tokenizer_name(config: TrainConfig) -> str:
+    m = config.model
+    if m.tokenizer is not None:
+        return m.tokenizer
+    if m.model is None:
+        return "byte" if m.preset in ("tiny", "demo") else "gpt2"
+    marker = Path(m.model) / TOKENIZER_MARKER
+    if marker.is_file():
+        return json.loads(marker.read_text())["tokenizer"]
+    return m.model
+
+
+def export_model(model: GPT, tokenizer, tokenizer_name: str, directory, merge_adapter: str | None) -> Path:
+    """HF GPT-2 directory with the adapter merged in, plus what is needed to load its tokenizer."""
+    directory = Path(directory)
+    model.save_pretrained(directory, merge_adapter=merge_adapter)
+    if hasattr(tokenizer, "tok"):
+        tokenizer.tok.save_pretrained(directory)
+    else:
+        (directory / TOKENIZER_MARKER).write_text(json.dumps({"tokenizer": tokenizer_name}))
+    return directory

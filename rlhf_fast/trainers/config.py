@@ -1,0 +1,208 @@
+"""Config dataclasses shared by the SFT and reward-model stages, and JSON/YAML config files.
+
+A run's config is `TrainConfig` = model + lora + data + optim + run. Each part validates itself in
+`__post_init__`; configs are frozen and never changed while training. A config file holds the same
+nested structure ({"model": {...}, "optim": {...}, ...}); CLI flags override what it sets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rlhf_fast.distributed import PRECISIONS
+
+STAGES = ("sft", "rm")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    preset: str | None = "tiny"  # random-init preset (tiny, demo, gpt2, ...); ignored when `model` is set
+    model: str | None = None  # HF GPT-2 directory or hub name (e.g. an SFT export for the RM stage)
+    tokenizer: str | None = None  # None: "byte" for tiny/demo, else the model's directory or "gpt2"
+    attn_backend: str = "auto"
+    kernel_backend: str = "auto"
+
+    def __post_init__(self):
+        if self.preset is None and self.model is None:
+            raise ValueError("set a model: a preset name or a model directory / hub name")
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    # None = auto: LoRA when starting from trained weights (--model), full fine-tuning for a random-init
+    # preset, whose frozen random embeddings an adapter could barely use.
+    enabled: bool | None = None
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.enabled is not False and (not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"lora.rank must be a positive int, got {self.rank!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    data: str = "synthetic"  # "synthetic", an HH-RLHF hub name, a .jsonl(.gz) file or a directory of them
+    subset: str | None = None  # HH data subset (e.g. harmless-base)
+    max_prompt_len: int = 48
+    max_len: int = 112
+    eval_size: int = 200
+    synthetic_size: int = 4000
+    skip_bad_examples: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.max_prompt_len < self.max_len:
+            raise ValueError(f"need 0 < data.max_prompt_len < data.max_len, got {self.max_prompt_len}, "
+                             f"{self.max_len}")
+        if self.eval_size < 1 or self.synthetic_size < 1:
+            raise ValueError("data.eval_size and data.synthetic_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    lr: float = 1e-3  # LoRA on small models; use ~1e-5 for full fine-tuning of gpt2 sizes
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    max_steps: int = 200  # optimizer steps
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine decay to 10% after warmup, or constant
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "betas", tuple(self.betas))
+        if self.lr <= 0 or self.max_steps < 1 or self.warmup_steps < 0:
+            raise ValueError(f"optim: need lr > 0, max_steps >= 1, warmup_steps >= 0 (got {self.lr}, "
+                             f"{self.max_steps}, {self.warmup_steps})")
+        if self.micro_batch_size < 1 or self.grad_accum_steps < 1:
+            raise ValueError("optim.micro_batch_size and optim.grad_accum_steps must be >= 1")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"optim.max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    output_dir: str | None = None  # None: runs/<stage>
+    seed: int = 0
+    device: str | None = None  # None: cuda when available, else cpu
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: CUDA only)
+    # torch.compile the loss step. None = auto: on for CUDA; off for CPU, where compiling costs tens of
+    # seconds per graph and small models gain little.
+    compile: bool | None = None
+    log_every: int = 10
+    eval_every: int = 100  # 0: evaluate only at the end
+    save_every: int = 100  # 0: save only at the end
+    keep_last: int = 2
+    resume: bool = False  # continue from the newest checkpoint in output_dir
+    progress: bool = True  # tqdm progress bar
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"run.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.keep_last < 1:
+            raise ValueError(f"run.keep_last must be >= 1, got {self.keep_last}")
+        if min(self.log_every, self.eval_every, self.save_every) < 0:
+            raise ValueError("run.log_every / eval_every / save_every must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: str = "sft"
+    model: ModelSettings = field(default_factory=ModelSettings)
+    lora: LoRASettings = field(default_factory=LoRASettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.lora.enabled is None:
+            lora = dataclasses.replace(self.lora, enabled=self.model.model is not None)
+            object.__setattr__(self, "lora", lora)
+        if self.run.output_dir is None:
+            object.__setattr__(self, "run", dataclasses.replace(self.run, output_dir=f"runs/{self.stage}"))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        parts = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(parts)
+        if unknown:
+            raise ValueError(f"unknown config section(s) {sorted(unknown)}; expected {sorted(parts)}")
+        kwargs = {}
+        for name, value in d.items():
+            sub = _SECTIONS.get(name)
+            if sub is None:
+                kwargs[name] = value
+                continue
+            if not isinstance(value, dict):
+                raise ValueError(f"config section {name!r} must be a mapping, got {type(value).__name__}")
+            known = {f.name for f in dataclasses.fields(sub)}
+            bad = set(value) - known
+            if bad:
+                raise ValueError(f"unknown key(s) {sorted(bad)} in config section {name!r}; "
+                                 f"known: {sorted(known)}")
+            kwargs[name] = sub(**value)
+        return cls(**kwargs)
+
+
+_SECTIONS = {"model": ModelSettings, "lora": LoRASettings, "data": DataSettings, "optim": OptimSettings,
+             "run": RunSettings}
+
+
+def apply_overrides(d: dict, overrides: dict) -> dict:
+    """A copy of nested config dict `d` with {"section.key": value} overrides set (None values skipped).
+
+    Applied to the dict, before the dataclasses are built, so auto defaults (e.g. lora.enabled) are
+    resolved once, from the final settings.
+    """
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, _, name = key.partition(".")
+        if name:
+            out.setdefault(section, {})[name] = value
+        else:
+            out[section] = value
+    return out
+
+
+def load_config_file(path) -> dict:
+    """The nested dict in a .json file, or a .yaml/.yml file when PyYAML is installed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"{path}: YAML config files need PyYAML (pip install pyyaml); "
+                             "or write the config as JSON") from None
+        data = yaml.safe_load(text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping of sections")
+    return data

@@ -1,0 +1,88 @@
+"""`rlhf-fast sft` / `rlhf-fast rm` end to end on tiny runs, config files and flag help."""
+
+import json
+
+import pytest
+
+from rlhf_fast.cli import _TRAIN_FLAGS, build_parser, main
+from rlhf_fast.data import BadExampleError
+from rlhf_fast.trainers import TrainConfig
+from rlhf_fast.trainers.config import load_config_file
+
+COMMON = ["--preset", "tiny", "--attn-backend", "sdpa", "--device", "cpu", "--max-steps", "3",
+          "--micro-batch-size", "4", "--eval-size", "8", "--synthetic-size", "32", "--no-progress"]
+
+
+def test_every_flag_has_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in ("sft", "rm"):
+        actions = [a for a in sub.choices[name]._actions if a.dest != "help"]
+        assert len(actions) == len(_TRAIN_FLAGS) + 7
+        for a in actions:
+            assert a.help and len(a.help) > 10, a.option_strings
+
+
+def test_sft_then_rm_pipeline_from_cli(tmp_path, capsys):
+    sft_dir, rm_dir = tmp_path / "sft", tmp_path / "rm"
+    cfg = tmp_path / "sft.json"
+    cfg.write_text(json.dumps({"optim": {"lr": 0.01, "max_steps": 50}, "run": {"log_every": 1}}))
+    assert main(["sft", "--config", str(cfg), *COMMON, "--output-dir", str(sft_dir)]) == 0
+    saved = json.loads((sft_dir / "config.json").read_text())
+    assert saved["optim"]["lr"] == 0.01 and saved["optim"]["max_steps"] == 3  # file, then flags override
+    assert saved["lora"]["enabled"] is False  # random-init preset: full fine-tuning
+    records = [json.loads(line) for line in (sft_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum("train/loss" in r for r in records) == 3 and any("eval/loss" in r for r in records)
+    assert (sft_dir / "checkpoints" / "step-00000003").is_dir()
+    export = sft_dir / "export"
+    assert (export / "config.json").is_file() and (export / "rlhf_fast_tokenizer.json").is_file()
+
+    # RM on the SFT export: LoRA adapter `reward` + head by default (trained weights to adapt)
+    assert main(["rm", *COMMON, "--model", str(export), "--lora-rank", "2", "--output-dir", str(rm_dir)]) == 0
+    saved = json.loads((rm_dir / "config.json").read_text())
+    assert saved["stage"] == "rm"
+    assert saved["lora"] == {"enabled": True, "rank": 2, "alpha": 16.0, "dropout": 0.0}
+    assert (rm_dir / "export" / "reward_head.pt").is_file()
+    assert "exported merged model" in capsys.readouterr().out
+
+    # --resume on a finished run: nothing left to train, same final checkpoint
+    assert main(["rm", *COMMON, "--model", str(export), "--lora-rank", "2", "--output-dir", str(rm_dir),
+                 "--resume", "--no-export"]) == 0
+    assert [p.name for p in (rm_dir / "checkpoints").iterdir()] == ["step-00000003"]
+
+
+def test_bad_data_through_cli(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    good = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}
+    data.write_text("\n".join([json.dumps(good)] * 12 + ["{broken"] + [json.dumps(good)] * 12) + "\n")
+    args = ["sft", *COMMON, "--data", str(data), "--output-dir", str(tmp_path / "run"), "--no-export"]
+    with pytest.raises(BadExampleError, match=rf"{data}:13: not valid JSON"):
+        main(args)
+    assert main([*args, "--skip-bad-examples"]) == 0
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["event"]["skipped_bad_examples"] == 1 and first["event"]["train_examples"] == 16
+
+
+def test_config_validation_and_files(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lrr'\] in config section 'optim'"):
+        TrainConfig.from_dict({"optim": {"lrr": 1}})
+    with pytest.raises(ValueError, match="unknown config section"):
+        TrainConfig.from_dict({"optimizer": {}})
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        TrainConfig.from_dict({"optim": {"micro_batch_size": 0}})
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig.from_dict({"run": {"precision": "fp8"}})
+    with pytest.raises(ValueError, match="max_prompt_len"):
+        TrainConfig.from_dict({"data": {"max_prompt_len": 64, "max_len": 64}})
+    assert TrainConfig(stage="rm").run.output_dir == "runs/rm"
+    bad = tmp_path / "c.json"
+    bad.write_text("{nope")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_config_file(bad)
+    with pytest.raises(FileNotFoundError):
+        load_config_file(tmp_path / "missing.json")
+    pytest.importorskip("yaml")
+    y = tmp_path / "c.yaml"
+    y.write_text("optim:\n  lr: 0.002\nmodel:\n  preset: demo\n")
+    cfg = TrainConfig.from_dict(load_config_file(y))
+    assert cfg.optim.lr == 0.002 and cfg.model.preset == "demo"

@@ -1,0 +1,73 @@
+import json
+
+import pytest
+import torch
+
+from rlhf_fast.data import ByteTokenizer, SFTCollator, SFTDataset, SFTExample
+from rlhf_fast.model import GPT
+from rlhf_fast.trainers import build_sft_trainer
+from rlhf_fast.trainers.sft import response_nll
+
+
+def test_prompt_and_padding_tokens_are_exactly_excluded():
+    tok = ByteTokenizer()
+    ds = SFTDataset([SFTExample("prompt one", "yes"), SFTExample("hi", "a longer answer")], tok, 16, 40)
+    b = SFTCollator(tok)([ds[0], ds[1]])
+    torch.manual_seed(0)
+    logits = torch.randn(*b["input_ids"].shape, 320, requires_grad=True)
+    loss = response_nll(logits, b["input_ids"], b["loss_mask"])
+    # reference: sum over response+EOS targets only, written out position by position
+    ref = 0.0
+    for i in range(2):
+        for t in range(1, b["input_ids"].shape[1]):
+            if b["loss_mask"][i, t]:
+                ref = ref - torch.log_softmax(logits[i, t - 1].double(), -1)[b["input_ids"][i, t]]
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert int(b["loss_mask"][:, 1:].sum()) == len("yes") + 1 + len("a longer answer") + 1
+    loss.backward()
+    predicts_response = torch.zeros_like(b["loss_mask"], dtype=torch.bool)
+    predicts_response[:, :-1] = b["loss_mask"][:, 1:].bool()
+    assert logits.grad[~predicts_response].abs().max() == 0  # no gradient from prompt or padding targets
+    assert logits.grad[predicts_response].abs().sum(-1).min() > 0
+    # garbage in the excluded positions changes nothing
+    poked = logits.detach().clone()
+    poked[~predicts_response] = 1e4 * torch.randn_like(poked[~predicts_response])
+    assert float(response_nll(poked, b["input_ids"], b["loss_mask"])) == loss.item()
+
+
+def test_sft_loss_falls_on_synthetic_task(tmp_path, make_config):
+    cfg = make_config(tmp_path, steps=40, micro=8, lr=3e-3, synthetic_size=400, eval_size=32)
+    trainer = build_sft_trainer(cfg)
+    before = trainer.evaluate()["loss"]
+    history = trainer.train()
+    after = trainer.evaluate()["loss"]
+    assert before > 5.0  # ~ln(320) for a random-init tiny model
+    assert after < 0.6 * before, (before, after)
+    assert sum(h["loss"] for h in history[-5:]) < 0.6 * sum(h["loss"] for h in history[:5])
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/loss" in rec for rec in lines) and any("train/tokens_per_s" in rec for rec in lines)
+    assert lines[0]["event"]["skipped_bad_examples"] == 0
+
+
+def test_compiled_step_matches_eager(tmp_path, make_config):
+    # Every example truncated to exactly 24 tokens: one static shape, so compile runs once (slow on CPU).
+    kw = dict(steps=2, micro=2, max_prompt_len=16, max_len=24)
+    eager = build_sft_trainer(make_config(tmp_path / "eager", **kw)).train()
+    compiled_trainer = build_sft_trainer(make_config(tmp_path / "compiled", compile=True, **kw))
+    assert compiled_trainer.loss_fn is not compiled_trainer.micro_loss  # really went through torch.compile
+    compiled = compiled_trainer.train()
+    for e, c in zip(eager, compiled):
+        assert c["loss"] == pytest.approx(e["loss"], rel=1e-4, abs=1e-5)
+
+
+def test_lora_export_is_merged_hf_model(tmp_path, make_config):
+    trainer = build_sft_trainer(make_config(tmp_path, steps=3, lr=1e-2, lora=True))
+    trainer.train()
+    out = trainer.export(tmp_path / "export")
+    assert json.loads((out / "rlhf_fast_tokenizer.json").read_text()) == {"tokenizer": "byte"}
+    merged = GPT.from_pretrained(str(out), attn_backend="sdpa")
+    ids = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), trainer.module.model(ids), atol=1e-4, rtol=1e-4)
+        with trainer.module.model.disable_adapters():  # and the adapter did change the model
+            assert not torch.allclose(merged(ids), trainer.module.model(ids), atol=1e-4)
