@@ -1,0 +1,36 @@
+"""Per-action quantities of a batch of prompt + response sequences, shared by the PPO and GRPO trainers.
+
+Positions follow `rlhf_fast.rl.Experience`: S = sequence length, T = S - 1 action positions, and the
+action at position t is token t + 1. Only positions >= `first_action` (the last prompt column, for a
+left-padded batch with prompt length P: first_action = P - 1) are computed; earlier ones are 0, so the
+lm-head's (B, T, V) logits exist only for the response part.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _response_hidden(model, sequences, attention_mask, first_action: int):
+    if not 0 <= first_action < sequences.shape[1] - 1:
+        raise ValueError(f"first_action must lie in [0, {sequences.shape[1] - 2}], got {first_action}")
+    return model.hidden_states(sequences, attention_mask)[:, first_action:-1]  # (B, T', C)
+
+
+def action_logprobs(model, sequences, attention_mask, *, first_action: int = 0, with_entropy: bool = False):
+    """log p(token t+1 | tokens <= t) for each action position t: (B, T) fp32 (and the entropy (B, T)
+    of the policy at t when asked). Temperature 1: what the generation engine's logprobs report."""
+    h = _response_hidden(model, sequences, attention_mask, first_action)
+    logp = torch.log_softmax(model.lm_head(h).float(), dim=-1)  # (B, T', V)
+    targets = sequences[:, first_action + 1 :]
+    lp = F.pad(logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), (first_action, 0))
+    if not with_entropy:
+        return lp
+    entropy = -(logp.exp() * logp).sum(dim=-1)
+    return lp, F.pad(entropy, (first_action, 0))
+
+
+def action_values(model, head, sequences, attention_mask, *, first_action: int = 0):
+    """Critic values V(prefix up to t) for each action position t: (B, T) fp32 from a scalar head."""
+    return F.pad(head(_response_hidden(model, sequences, attention_mask, first_action)), (first_action, 0))
