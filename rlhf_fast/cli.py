@@ -205,7 +205,8 @@ _GRPO_FLAGS = [
     ("--iterations", "grpo.iterations", int, "rollout + update iterations"),
     ("--epochs", "grpo.epochs", int, "passes over each rollout's minibatches"),
     ("--clip-eps", "grpo.clip_eps", float, "ratio clipping epsilon"),
-    ("--kl-coef", "grpo.kl_coef", float, "k3 KL penalty to the reference (adapters off; 0: no reference pass)"),
+    ("--kl-coef", "grpo.kl_coef", float, "k3 KL penalty to the reference (adapters off; 0: no reference "
+                                         "pass)"),
     ("--max-new-tokens", "grpo.max_new_tokens", int, "longest completion"),
     ("--temperature", "grpo.temperature", float, "sampling temperature of the rollouts"),
     ("--eval-prompts", "grpo.eval_prompts", int, "held-out prompts scored at each evaluation"),

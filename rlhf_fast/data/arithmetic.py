@@ -73,8 +73,10 @@ def arithmetic_split(n_eval: int, seed: int = 0, max_operand: int = 9, ops: str 
     """(train, eval) problem lists: a seeded shuffle of every problem, the first `n_eval` held out."""
     problems = all_problems(max_operand, ops)
     if not 1 <= n_eval < len(problems):
-        raise ValueError(f"n_eval must be in [1, {len(problems) - 1}] for {len(problems)} problems "
-                         f"(max_operand={max_operand}, ops={ops!r}), got {n_eval}")
+        raise ValueError(
+            f"n_eval must be in [1, {len(problems) - 1}] for {len(problems)} problems "
+            f"(max_operand={max_operand}, ops={ops!r}), got {n_eval}"
+        )
     random.Random(seed).shuffle(problems)
     return problems[n_eval:], problems[:n_eval]
 
@@ -113,8 +115,9 @@ def correctness_reward(prompts: list[str], completions: list[str]) -> list[float
     return [float(parse_answer(c) == solve_prompt(p)) for p, c in zip(prompts, completions)]
 
 
-def arithmetic_reward(prompts: list[str], completions: list[str], format_weight: float = 0.5,
-                      correctness_weight: float = 1.0) -> list[float]:
+def arithmetic_reward(
+    prompts: list[str], completions: list[str], format_weight: float = 0.5, correctness_weight: float = 1.0
+) -> list[float]:
     """format_weight * format + correctness_weight * correctness: in [0, 1.5] with the defaults."""
     fmt = format_reward(prompts, completions)
     acc = correctness_reward(prompts, completions)

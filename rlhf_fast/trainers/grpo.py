@@ -67,15 +67,29 @@ class GRPOSettings:
 
     def __post_init__(self):
         if self.group_size < 2:
-            raise ValueError(f"grpo.group_size must be >= 2 (advantages are relative to the group), "
-                             f"got {self.group_size}")
-        if min(self.prompts_per_iteration, self.iterations, self.epochs, self.max_new_tokens,
-               self.eval_prompts, self.eval_samples) < 1:
-            raise ValueError("grpo.prompts_per_iteration, iterations, epochs, max_new_tokens, eval_prompts and "
-                             "eval_samples must be >= 1")
+            raise ValueError(
+                f"grpo.group_size must be >= 2 (advantages are relative to the group), got {self.group_size}"
+            )
+        if (
+            min(
+                self.prompts_per_iteration,
+                self.iterations,
+                self.epochs,
+                self.max_new_tokens,
+                self.eval_prompts,
+                self.eval_samples,
+            )
+            < 1
+        ):
+            raise ValueError(
+                "grpo.prompts_per_iteration, iterations, epochs, max_new_tokens, eval_prompts and "
+                "eval_samples must be >= 1"
+            )
         if self.clip_eps <= 0 or self.kl_coef < 0 or self.std_eps <= 0:
-            raise ValueError(f"grpo: need clip_eps > 0, kl_coef >= 0, std_eps > 0 (got {self.clip_eps}, "
-                             f"{self.kl_coef}, {self.std_eps})")
+            raise ValueError(
+                f"grpo: need clip_eps > 0, kl_coef >= 0, std_eps > 0 (got {self.clip_eps}, "
+                f"{self.kl_coef}, {self.std_eps})"
+            )
 
     @property
     def rollout_rows(self) -> int:
@@ -86,7 +100,9 @@ class GRPOSettings:
 class TaskSettings:
     """Where prompts and rewards come from: the built-in verifiable task, or a reward model."""
 
-    task: str | None = "arithmetic"  # built-in verifiable task (rlhf_fast.data.arithmetic); None with reward_model
+    task: str | None = (
+        "arithmetic"  # built-in verifiable task (rlhf_fast.data.arithmetic); None with reward_model
+    )
     reward: str = "arithmetic"  # registered reward function scoring the task (see REWARD_FUNCTIONS)
     reward_model: str | None = None  # an `rlhf-fast rm` export; prompts then come from data.data
     max_operand: int = 9  # arithmetic operands in [0, max_operand]
@@ -96,11 +112,15 @@ class TaskSettings:
 
     def __post_init__(self):
         if (self.task is None) == (self.reward_model is None):
-            raise ValueError("set exactly one reward source: task='arithmetic' or reward_model=<rm export dir>")
+            raise ValueError(
+                "set exactly one reward source: task='arithmetic' or reward_model=<rm export dir>"
+            )
         if self.task is not None and self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; choose one of {sorted(TASKS)}")
         if self.reward not in REWARD_FUNCTIONS:
-            raise ValueError(f"unknown reward function {self.reward!r}; choose one of {sorted(REWARD_FUNCTIONS)}")
+            raise ValueError(
+                f"unknown reward function {self.reward!r}; choose one of {sorted(REWARD_FUNCTIONS)}"
+            )
         if self.cold_start_steps < 0 or self.cold_start_lr <= 0:
             raise ValueError("task.cold_start_steps must be >= 0 and task.cold_start_lr > 0")
         if self.cold_start_steps and self.task is None:
@@ -120,19 +140,24 @@ class GRPOConfig:
     task: TaskSettings = field(default_factory=TaskSettings)
     data: DataSettings = field(default_factory=lambda: DataSettings(max_prompt_len=48, max_len=112))
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
-    optim: OptimSettings = field(default_factory=lambda: OptimSettings(lr=1e-4, warmup_steps=0,
-                                                                       schedule="constant"))
+    optim: OptimSettings = field(
+        default_factory=lambda: OptimSettings(lr=1e-4, warmup_steps=0, schedule="constant")
+    )
     run: RunSettings = field(default_factory=lambda: RunSettings(log_every=1, eval_every=10, save_every=10))
 
     def __post_init__(self):
         if self.lora.enabled is None:  # as for SFT/RM: LoRA when starting from trained weights
-            object.__setattr__(self, "lora", dataclasses.replace(self.lora, enabled=self.model.model is not None))
+            object.__setattr__(
+                self, "lora", dataclasses.replace(self.lora, enabled=self.model.model is not None)
+            )
         if self.run.output_dir is None:
             object.__setattr__(self, "run", dataclasses.replace(self.run, output_dir="runs/grpo"))
         rows, minibatch = self.grpo.rollout_rows, self.optim.batch_size
         if rows % minibatch:
-            raise ValueError(f"the rollout's {rows} rows (prompts_per_iteration * group_size) must split into "
-                             f"whole minibatches of micro_batch_size * grad_accum_steps = {minibatch}")
+            raise ValueError(
+                f"the rollout's {rows} rows (prompts_per_iteration * group_size) must split into "
+                f"whole minibatches of micro_batch_size * grad_accum_steps = {minibatch}"
+            )
         steps = self.grpo.iterations * self.grpo.epochs * (rows // minibatch)
         object.__setattr__(self, "optim", dataclasses.replace(self.optim, max_steps=steps))
 
@@ -142,8 +167,15 @@ class GRPOConfig:
     @classmethod
     def from_dict(cls, d: dict) -> GRPOConfig:
         """From nested {"section": {...}} (a config file + CLI overrides); unknown keys are errors."""
-        sections = {"model": ModelSettings, "lora": LoRASettings, "task": TaskSettings, "data": DataSettings,
-                    "grpo": GRPOSettings, "optim": OptimSettings, "run": RunSettings}
+        sections = {
+            "model": ModelSettings,
+            "lora": LoRASettings,
+            "task": TaskSettings,
+            "data": DataSettings,
+            "grpo": GRPOSettings,
+            "optim": OptimSettings,
+            "run": RunSettings,
+        }
         unknown = set(d) - set(sections)
         if unknown:
             raise ValueError(f"unknown config section(s) {sorted(unknown)}; expected {sorted(sections)}")
@@ -168,19 +200,33 @@ class GRPOTrainer:
 
     stage = "grpo"
 
-    def __init__(self, config: GRPOConfig, model: GPT, tokenizer, train_prompts: list[str],
-                 eval_prompts: list[str], reward_fn: RewardFunction, strategy: Strategy | None = None):
+    def __init__(
+        self,
+        config: GRPOConfig,
+        model: GPT,
+        tokenizer,
+        train_prompts: list[str],
+        eval_prompts: list[str],
+        reward_fn: RewardFunction,
+        strategy: Strategy | None = None,
+    ):
         self.config, self.model, self.tokenizer, self.reward_fn = config, model, tokenizer, reward_fn
         g, o = config.grpo, config.optim
         if model.config.vocab_size < tokenizer.vocab_size:
-            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only "
-                             f"{model.config.vocab_size}: they do not belong together")
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} tokens, the model only "
+                f"{model.config.vocab_size}: they do not belong together"
+            )
         self.lora = "policy" in adapter_names(model)
         if config.lora.enabled and not self.lora:
-            raise ValueError("config.lora.enabled but the model has no 'policy' adapter (add_lora(model, 'policy'))")
+            raise ValueError(
+                "config.lora.enabled but the model has no 'policy' adapter (add_lora(model, 'policy'))"
+            )
         if self.lora:
             set_adapter(model, "policy")
-        self.strategy = strategy or SingleDeviceStrategy(_device(config), config.run.precision, o.max_grad_norm)
+        self.strategy = strategy or SingleDeviceStrategy(
+            _device(config), config.run.precision, o.max_grad_norm
+        )
         self.device = self.strategy.device
         model.to(self.device)
         # Full-parameter mode needs its own frozen copy as the KL reference; LoRA mode gets it for free
@@ -193,24 +239,35 @@ class GRPOTrainer:
             raise ValueError("nothing to train: no parameter of the model requires grad")
         decay = [p for p in self.trainable.values() if p.dim() >= 2]
         no_decay = [p for p in self.trainable.values() if p.dim() < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=o.betas)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr,
+            betas=o.betas,
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o))
         _, self.optimizer, self.scheduler = self.strategy.prepare(model, optimizer, scheduler)
 
         max_prompt_len = config.data.max_prompt_len
         if max_prompt_len + g.max_new_tokens > model.config.n_positions:
-            raise ValueError(f"data.max_prompt_len {max_prompt_len} + grpo.max_new_tokens {g.max_new_tokens} "
-                             f"exceeds the model's n_positions={model.config.n_positions}")
+            raise ValueError(
+                f"data.max_prompt_len {max_prompt_len} + grpo.max_new_tokens {g.max_new_tokens} "
+                f"exceeds the model's n_positions={model.config.n_positions}"
+            )
         if not train_prompts or not eval_prompts:
             raise ValueError("GRPOTrainer needs at least one training and one held-out prompt")
         seed = config.run.seed
-        self.batches = ResumableBatches(PromptDataset(train_prompts, tokenizer, max_prompt_len),
-                                        g.prompts_per_iteration, PromptCollator(tokenizer), seed=seed)
+        self.batches = ResumableBatches(
+            PromptDataset(train_prompts, tokenizer, max_prompt_len),
+            g.prompts_per_iteration,
+            PromptCollator(tokenizer),
+            seed=seed,
+        )
         self.eval_prompts = list(eval_prompts)[: g.eval_prompts]
         self.sample_generator = torch.Generator(self.device).manual_seed(seed)
         self.shuffle_generator = torch.Generator().manual_seed(seed + 1)
-        self.advantage_config = rl.AdvantageConfig(estimator="grpo", group_size=g.group_size, std_eps=g.std_eps)
+        self.advantage_config = rl.AdvantageConfig(
+            estimator="grpo", group_size=g.group_size, std_eps=g.std_eps
+        )
         self.run_dir = Path(config.run.output_dir)
         self.checkpoints = CheckpointManager(self.run_dir, config.run.keep_last)
         self.logger = MetricsLogger(self.run_dir, enabled=self.strategy.is_main)
@@ -222,17 +279,28 @@ class GRPOTrainer:
         g = self.config.grpo
         tok = self.tokenizer
         with self.strategy.autocast():
-            return generate(self.model, input_ids, attention_mask, max_new_tokens=g.max_new_tokens,
-                            do_sample=sample, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                            generator=(generator or self.sample_generator) if sample else None,
-                            return_logprobs=sample,
-                            compile=self.config.run.compile)
+            return generate(
+                self.model,
+                input_ids,
+                attention_mask,
+                max_new_tokens=g.max_new_tokens,
+                do_sample=sample,
+                temperature=g.temperature,
+                top_k=g.top_k,
+                top_p=g.top_p,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+                generator=(generator or self.sample_generator) if sample else None,
+                return_logprobs=sample,
+                compile=self.config.run.compile,
+            )
 
     def _completions(self, out) -> list[str]:
         P = out.sequences.shape[1] - out.response_mask.shape[1]
-        return [self.tokenizer.decode(row[m.bool()].tolist())
-                for row, m in zip(out.sequences[:, P:].cpu(), out.response_mask.cpu())]
+        return [
+            self.tokenizer.decode(row[m.bool()].tolist())
+            for row, m in zip(out.sequences[:, P:].cpu(), out.response_mask.cpu())
+        ]
 
     def _policy_logprobs(self, sequences, attention_mask, first_action: int, *, reference: bool = False):
         if not reference:
@@ -264,11 +332,16 @@ class GRPOTrainer:
 
         t0 = time.perf_counter()
         attention_mask = out.attention_mask.bool()
+        zero = torch.zeros((), device=self.device)
         with self.strategy.autocast():
             logprobs = self._policy_logprobs(out.sequences, attention_mask, first).float()
+            logprobs = torch.where(action_mask, logprobs, zero)  # 0 after EOS, as in Experience
             ref_logprobs = None
             if self.config.grpo.kl_coef > 0:
-                ref_logprobs = self._policy_logprobs(out.sequences, attention_mask, first, reference=True).float()
+                ref_logprobs = self._policy_logprobs(
+                    out.sequences, attention_mask, first, reference=True
+                ).float()
+                ref_logprobs = torch.where(action_mask, ref_logprobs, zero)
         # the outcome score sits on the last response token; the grpo estimator sums each row's rewards
         rewards = torch.zeros(B, S - 1, device=self.device)
         last, _ = rl.last_token_index(action_mask)
@@ -287,20 +360,42 @@ class GRPOTrainer:
             "logprob_gap_mean": float(gap.mean()),
             **times,
         }
-        exp = rl.Experience(sequences=out.sequences, attention_mask=attention_mask, action_mask=action_mask,
-                            logprobs=logprobs, advantages=advantages, returns=returns, ref_logprobs=ref_logprobs,
-                            rewards=rewards, scores=scores)
+        exp = rl.Experience(
+            sequences=out.sequences,
+            attention_mask=attention_mask,
+            action_mask=action_mask,
+            logprobs=logprobs,
+            advantages=advantages,
+            returns=returns,
+            ref_logprobs=ref_logprobs,
+            rewards=rewards,
+            scores=scores,
+        )
         return exp, first, stats
 
-    def policy_loss(self, exp: rl.Experience, first_action: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def policy_loss(
+        self, exp: rl.Experience, first_action: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clipped-ratio loss (+ kl_coef * k3 KL) of a micro-batch, token mean over its action tokens."""
         g = self.config.grpo
-        logprobs, entropy = action_logprobs(self.model, exp.sequences, exp.attention_mask,
-                                            first_action=first_action, with_entropy=True)
+        logprobs, entropy = action_logprobs(
+            self.model, exp.sequences, exp.attention_mask, first_action=first_action, with_entropy=True
+        )
         zeros = torch.zeros_like(logprobs)
-        loss, metrics = rl.ppo_loss(logprobs, exp.logprobs, exp.advantages, zeros, zeros, zeros, exp.action_mask,
-                                    clip_eps=g.clip_eps, vf_coef=0.0, ref_logprobs=exp.ref_logprobs,
-                                    kl_coef=g.kl_coef, backend=self.config.model.kernel_backend)
+        loss, metrics = rl.ppo_loss(
+            logprobs,
+            exp.logprobs,
+            exp.advantages,
+            zeros,
+            zeros,
+            zeros,
+            exp.action_mask,
+            clip_eps=g.clip_eps,
+            vf_coef=0.0,
+            ref_logprobs=exp.ref_logprobs,
+            kl_coef=g.kl_coef,
+            backend=self.config.model.kernel_backend,
+        )
         metrics.pop("value_loss")
         metrics["entropy"] = rl.masked_mean(entropy.detach(), exp.action_mask)
         return loss, metrics
@@ -314,7 +409,7 @@ class GRPOTrainer:
         for _ in range(self.config.grpo.epochs):
             order = torch.randperm(len(exp), generator=self.shuffle_generator).to(self.device)
             for start in range(0, len(exp), o.batch_size):
-                minibatch = exp.select(order[start: start + o.batch_size])
+                minibatch = exp.select(order[start : start + o.batch_size])
                 count = minibatch.action_mask.sum().clamp(min=1)
                 for micro in minibatch.split(o.micro_batch_size):
                     # each micro-batch's token mean, weighted by its share of the minibatch's tokens:
@@ -341,13 +436,17 @@ class GRPOTrainer:
         self.model.eval()
         sampled, greedy = [], []
         for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i: i + batch_size]
-            ids = [self.tokenizer.encode(p)[-self.config.data.max_prompt_len:] for p in chunk]
+            chunk = prompts[i : i + batch_size]
+            ids = [self.tokenizer.encode(p)[-self.config.data.max_prompt_len :] for p in chunk]
             input_ids, mask = (t.to(self.device) for t in self.tokenizer.pad(ids, side="left"))
             out = self._generate(input_ids, mask, sample=False)
             greedy.append(score_completions(self.reward_fn, chunk, self._completions(out)))
-            out = self._generate(input_ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), sample=True,
-                                 generator=generator)
+            out = self._generate(
+                input_ids.repeat_interleave(k, 0),
+                mask.repeat_interleave(k, 0),
+                sample=True,
+                generator=generator,
+            )
             repeated = [p for p in chunk for _ in range(k)]
             sampled.append(score_completions(self.reward_fn, repeated, self._completions(out)))
         return {"reward": float(torch.cat(sampled).mean()), "greedy_reward": float(torch.cat(greedy).mean())}
@@ -373,8 +472,13 @@ class GRPOTrainer:
             self.resume()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=self.iteration, desc=self.stage, dynamic_ncols=True,
-                   disable=not (run.progress and self.strategy.is_main))
+        bar = tqdm(
+            total=total,
+            initial=self.iteration,
+            desc=self.stage,
+            dynamic_ncols=True,
+            disable=not (run.progress and self.strategy.is_main),
+        )
         while self.iteration < stop:
             stats = self.train_iteration()
             self.iteration += 1
@@ -397,25 +501,35 @@ class GRPOTrainer:
     def _log_eval(self) -> dict[str, float]:
         metrics = self.evaluate()
         self.logger.log(self.iteration, metrics, prefix="eval")
-        log.info("iteration %d eval: %s", self.iteration, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        log.info(
+            "iteration %d eval: %s", self.iteration, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        )
         return metrics
 
     def export(self, directory) -> Path:
         """HF GPT-2 directory of the policy (adapter merged in) that `--model` and HF load."""
         name = resolve_tokenizer_name(self.config)
-        return export_model(self.model, self.tokenizer, name, directory,
-                            merge_adapter="policy" if self.lora else None)
+        return export_model(
+            self.model, self.tokenizer, name, directory, merge_adapter="policy" if self.lora else None
+        )
 
     # --- checkpoints -------------------------------------------------------------------------------
     def save(self) -> Path | None:
         if not self.strategy.is_main:
             return None
         weights = {n: p.detach().cpu().clone() for n, p in self.trainable.items()}
-        generators = {"sample": self.sample_generator.get_state(), "shuffle": self.shuffle_generator.get_state()}
+        generators = {
+            "sample": self.sample_generator.get_state(),
+            "shuffle": self.shuffle_generator.get_state(),
+        }
         path = self.checkpoints.save(
             self.iteration,
-            {"weights": weights, "optim": self.strategy.state_dict(), "rng": capture_rng_state(),
-             "generators": generators},
+            {
+                "weights": weights,
+                "optim": self.strategy.state_dict(),
+                "rng": capture_rng_state(),
+                "generators": generators,
+            },
             {"data": self.batches.state_dict(), "stage": self.stage},
         )
         self.logger.event(self.iteration, checkpoint=str(path))
@@ -452,16 +566,30 @@ def _device(config: GRPOConfig) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def cold_start(model: GPT, tokenizer, examples, *, steps: int, lr: float = 3e-3, batch_size: int = 16,
-               seed: int = 0, max_prompt_len: int = 48, max_len: int = 112) -> list[float]:
+def cold_start(
+    model: GPT,
+    tokenizer,
+    examples,
+    *,
+    steps: int,
+    lr: float = 3e-3,
+    batch_size: int = 16,
+    seed: int = 0,
+    max_prompt_len: int = 48,
+    max_len: int = 112,
+) -> list[float]:
     """SFT warm-up on formatted answers (DeepSeek-R1's "cold start") so the policy emits the format
     sometimes and GRPO has a signal. Trains the *base* weights (adapters off, then a no-op adapter again),
     so a KL reference (adapters off) is the warmed-up model. Returns the per-step losses."""
     if steps < 1:
         raise ValueError(f"cold_start: steps must be >= 1, got {steps}")
     device = model.transformer.wte.weight.device
-    batches = ResumableBatches(SFTDataset(examples, tokenizer, max_prompt_len, max_len), batch_size,
-                               SFTCollator(tokenizer), seed=seed)
+    batches = ResumableBatches(
+        SFTDataset(examples, tokenizer, max_prompt_len, max_len),
+        batch_size,
+        SFTCollator(tokenizer),
+        seed=seed,
+    )
     adapters = adapter_names(model)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     if adapters:
@@ -497,12 +625,22 @@ def build_grpo_trainer(config: GRPOConfig) -> GRPOTrainer:
     device, t, d = _device(config), config.task, config.data
     model.to(device)
     if t.reward_model is not None:
-        reward_fn = load_reward_model_scorer(t.reward_model, tokenizer, model.config.vocab_size, device,
-                                             attn_backend=config.model.attn_backend,
-                                             kernel_backend=config.model.kernel_backend)
-        train, held_out, _ = load_preference_splits(d.data, subset=d.subset, eval_size=d.eval_size,
-                                                    synthetic_size=d.synthetic_size, seed=config.run.seed,
-                                                    skip_bad_examples=d.skip_bad_examples)
+        reward_fn = load_reward_model_scorer(
+            t.reward_model,
+            tokenizer,
+            model.config.vocab_size,
+            device,
+            attn_backend=config.model.attn_backend,
+            kernel_backend=config.model.kernel_backend,
+        )
+        train, held_out, _ = load_preference_splits(
+            d.data,
+            subset=d.subset,
+            eval_size=d.eval_size,
+            synthetic_size=d.synthetic_size,
+            seed=config.run.seed,
+            skip_bad_examples=d.skip_bad_examples,
+        )
         train_prompts = list(dict.fromkeys(ex.prompt for ex in train))
         eval_prompts = list(dict.fromkeys(ex.prompt for ex in held_out))
     else:
@@ -518,14 +656,23 @@ def _cold_start_once(config: GRPOConfig, model: GPT, tokenizer, examples) -> Non
     """Cold start, saved in the run directory, so a resumed run reloads the very same warmed-up base."""
     path = Path(config.run.output_dir) / COLD_START_FILE
     if config.run.resume and path.is_file():
-        model.load_state_dict(torch.load(path, map_location=model.transformer.wte.weight.device,
-                                         weights_only=True))
+        model.load_state_dict(
+            torch.load(path, map_location=model.transformer.wte.weight.device, weights_only=True)
+        )
         log.info("cold start: loaded %s", path)
         return
     t = config.task
-    losses = cold_start(model, tokenizer, examples, steps=t.cold_start_steps, lr=t.cold_start_lr,
-                        batch_size=16, seed=config.run.seed, max_prompt_len=config.data.max_prompt_len,
-                        max_len=config.data.max_len)
+    losses = cold_start(
+        model,
+        tokenizer,
+        examples,
+        steps=t.cold_start_steps,
+        lr=t.cold_start_lr,
+        batch_size=16,
+        seed=config.run.seed,
+        max_prompt_len=config.data.max_prompt_len,
+        max_len=config.data.max_len,
+    )
     log.info("cold start: %d SFT steps, loss %.3f -> %.3f", len(losses), losses[0], losses[-1])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -35,7 +35,9 @@ def reward_function(name: str) -> RewardFunction:
     try:
         return REWARD_FUNCTIONS[name]
     except KeyError:
-        raise ValueError(f"unknown reward function {name!r}; choose one of {sorted(REWARD_FUNCTIONS)}") from None
+        raise ValueError(
+            f"unknown reward function {name!r}; choose one of {sorted(REWARD_FUNCTIONS)}"
+        ) from None
 
 
 register_reward_function("arithmetic")(arithmetic.arithmetic_reward)
@@ -55,8 +57,9 @@ def weighted_sum(functions: dict[str, float]) -> RewardFunction:
     return total
 
 
-def score_completions(fn: RewardFunction, prompts: list[str], completions: list[str],
-                      device: torch.device | str = "cpu") -> torch.Tensor:
+def score_completions(
+    fn: RewardFunction, prompts: list[str], completions: list[str], device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """fn's scores as a finite (B,) fp32 tensor on `device`; a clear error for anything else."""
     if len(prompts) != len(completions):
         raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
@@ -64,8 +67,10 @@ def score_completions(fn: RewardFunction, prompts: list[str], completions: list[
     scores = torch.as_tensor(out if torch.is_tensor(out) else list(out), dtype=torch.float32)
     name = getattr(fn, "__name__", type(fn).__name__)
     if scores.shape != (len(completions),):
-        raise ValueError(f"reward function {name} returned shape {tuple(scores.shape)}, expected "
-                         f"({len(completions)},): one score per completion")
+        raise ValueError(
+            f"reward function {name} returned shape {tuple(scores.shape)}, expected "
+            f"({len(completions)},): one score per completion"
+        )
     if not torch.isfinite(scores).all():
         raise ValueError(f"reward function {name} returned a non-finite score")
     return scores.to(device)
@@ -80,8 +85,10 @@ class RewardModelScorer:
 
     def __init__(self, model: GPT, head: ScalarHead, tokenizer, policy_vocab_size: int, batch_size: int = 32):
         if model.config.vocab_size != policy_vocab_size:
-            raise ValueError(f"the reward model has vocab_size {model.config.vocab_size}, the policy "
-                             f"{policy_vocab_size}: it was trained with a different tokenizer/vocabulary")
+            raise ValueError(
+                f"the reward model has vocab_size {model.config.vocab_size}, the policy "
+                f"{policy_vocab_size}: it was trained with a different tokenizer/vocabulary"
+            )
         self.model, self.head, self.tokenizer = model.eval().requires_grad_(False), head.eval(), tokenizer
         self.head.requires_grad_(False)
         self.batch_size = batch_size
@@ -90,17 +97,24 @@ class RewardModelScorer:
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
         tok, device = self.tokenizer, self.model.transformer.wte.weight.device
-        ids = [(tok.encode(p) + tok.encode(c) + [tok.eos_token_id])[-self.max_len:]
-               for p, c in zip(prompts, completions)]
+        ids = [
+            (tok.encode(p) + tok.encode(c) + [tok.eos_token_id])[-self.max_len :]
+            for p, c in zip(prompts, completions)
+        ]
         scores = []
         for i in range(0, len(ids), self.batch_size):
-            input_ids, mask = tok.pad(ids[i: i + self.batch_size], side="left")
+            input_ids, mask = tok.pad(ids[i : i + self.batch_size], side="left")
             scores.append(reward_scores(self.model, self.head, input_ids.to(device), mask.to(device)))
         return torch.cat(scores).float().cpu()
 
 
-def load_reward_model_scorer(directory, policy_tokenizer, policy_vocab_size: int,
-                             device: torch.device | str = "cpu", **config_overrides) -> RewardModelScorer:
+def load_reward_model_scorer(
+    directory,
+    policy_tokenizer,
+    policy_vocab_size: int,
+    device: torch.device | str = "cpu",
+    **config_overrides,
+) -> RewardModelScorer:
     """A RewardModelScorer from an `rlhf-fast rm` export; clear errors for a missing directory or an RM
     whose tokenizer/vocabulary differs from the policy's."""
     from .common import TOKENIZER_MARKER
@@ -115,11 +129,15 @@ def load_reward_model_scorer(directory, policy_tokenizer, policy_vocab_size: int
         rm_tokenizer = load_tokenizer(json.loads(marker.read_text())["tokenizer"])
     else:
         rm_tokenizer = load_tokenizer(str(directory))
-    mismatch = (rm_tokenizer.vocab_size != policy_tokenizer.vocab_size
-                or rm_tokenizer.eos_token_id != policy_tokenizer.eos_token_id
-                or type(rm_tokenizer) is not type(policy_tokenizer))
+    mismatch = (
+        rm_tokenizer.vocab_size != policy_tokenizer.vocab_size
+        or rm_tokenizer.eos_token_id != policy_tokenizer.eos_token_id
+        or type(rm_tokenizer) is not type(policy_tokenizer)
+    )
     if mismatch:
-        raise ValueError(f"the reward model in {directory} uses a {type(rm_tokenizer).__name__} with "
-                         f"{rm_tokenizer.vocab_size} tokens, the policy a {type(policy_tokenizer).__name__} "
-                         f"with {policy_tokenizer.vocab_size}: a different tokenizer/vocabulary")
+        raise ValueError(
+            f"the reward model in {directory} uses a {type(rm_tokenizer).__name__} with "
+            f"{rm_tokenizer.vocab_size} tokens, the policy a {type(policy_tokenizer).__name__} "
+            f"with {policy_tokenizer.vocab_size}: a different tokenizer/vocabulary"
+        )
     return RewardModelScorer(model.to(device), head.to(device), policy_tokenizer, policy_vocab_size)
