@@ -267,7 +267,7 @@ def cmd_grpo(args) -> int:
     trainer = build_grpo_trainer(_grpo_config(args))
     before = trainer.evaluate() if trainer.iteration == 0 and not trainer.config.run.resume else None
     trainer.train()
-    after = trainer.evaluate()
+    after = trainer.last_eval or trainer.evaluate()
     if before is not None:
         print(f"held-out reward: {before['reward']:.3f} -> {after['reward']:.3f} (sampled), "
               f"{before['greedy_reward']:.3f} -> {after['greedy_reward']:.3f} (greedy)")

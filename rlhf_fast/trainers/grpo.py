@@ -272,28 +272,30 @@ class GRPOTrainer:
         self.checkpoints = CheckpointManager(self.run_dir, config.run.keep_last)
         self.logger = MetricsLogger(self.run_dir, enabled=self.strategy.is_main)
         self.iteration = 0
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # per-iteration metrics of this process
+        self.last_eval: dict[str, float] | None = None
 
     # --- the steps of one iteration ----------------------------------------------------------------
     def _generate(self, input_ids, attention_mask, *, sample: bool, generator=None):
         g = self.config.grpo
         tok = self.tokenizer
-        with self.strategy.autocast():
-            return generate(
-                self.model,
-                input_ids,
-                attention_mask,
-                max_new_tokens=g.max_new_tokens,
-                do_sample=sample,
-                temperature=g.temperature,
-                top_k=g.top_k,
-                top_p=g.top_p,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-                generator=(generator or self.sample_generator) if sample else None,
-                return_logprobs=sample,
-                compile=self.config.run.compile,
-            )
+        # no autocast: the KV cache holds the weights' dtype, and generation-time log-probs should match
+        # the training-time ones as closely as the precision allows
+        return generate(
+            self.model,
+            input_ids,
+            attention_mask,
+            max_new_tokens=g.max_new_tokens,
+            do_sample=sample,
+            temperature=g.temperature,
+            top_k=g.top_k,
+            top_p=g.top_p,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            generator=(generator or self.sample_generator) if sample else None,
+            return_logprobs=sample,
+            compile=self.config.run.compile,
+        )
 
     def _completions(self, out) -> list[str]:
         P = out.sequences.shape[1] - out.response_mask.shape[1]
@@ -499,7 +501,7 @@ class GRPOTrainer:
         return self.history
 
     def _log_eval(self) -> dict[str, float]:
-        metrics = self.evaluate()
+        metrics = self.last_eval = self.evaluate()
         self.logger.log(self.iteration, metrics, prefix="eval")
         log.info(
             "iteration %d eval: %s", self.iteration, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
