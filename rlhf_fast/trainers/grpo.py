@@ -297,6 +297,12 @@ class GRPOTrainer:
             compile=self.config.run.compile,
         )
 
+    def _now(self) -> float:
+        """perf_counter after the device's queued work: phase times measure the work, not the launches."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def _completions(self, out) -> list[str]:
         P = out.sequences.shape[1] - out.response_mask.shape[1]
         return [
@@ -320,19 +326,19 @@ class GRPOTrainer:
         prompt_mask = batch["attention_mask"].repeat_interleave(G, dim=0).to(self.device)
         prompts = [p for p in batch["prompts"] for _ in range(G)]
         self.model.eval()
-        t0 = time.perf_counter()
+        t0 = self._now()
         out = self._generate(input_ids, prompt_mask, sample=True)
-        times["time_generate"] = time.perf_counter() - t0
+        times["time_generate"] = self._now() - t0
         B, S = out.sequences.shape
         first = input_ids.shape[1] - 1  # action t is token t + 1: the first response token is action P - 1
         action_mask = torch.zeros(B, S - 1, dtype=torch.bool, device=self.device)
         action_mask[:, first:] = out.response_mask.bool()
 
-        t0 = time.perf_counter()
+        t0 = self._now()
         scores = score_completions(self.reward_fn, prompts, self._completions(out), self.device)
-        times["time_score"] = time.perf_counter() - t0
+        times["time_score"] = self._now() - t0
 
-        t0 = time.perf_counter()
+        t0 = self._now()
         attention_mask = out.attention_mask.bool()
         zero = torch.zeros((), device=self.device)
         with self.strategy.autocast():
@@ -349,7 +355,7 @@ class GRPOTrainer:
         last, _ = rl.last_token_index(action_mask)
         rewards[torch.arange(B, device=self.device), last] = scores
         advantages, returns = rl.compute_advantages(self.advantage_config, rewards, action_mask)
-        times["time_logprobs"] = time.perf_counter() - t0
+        times["time_logprobs"] = self._now() - t0
 
         gap = (logprobs[:, first:] - out.logprobs).abs()[out.response_mask.bool()]
         grouped = scores.view(-1, G)
@@ -358,6 +364,7 @@ class GRPOTrainer:
             "reward_std": float(scores.std()) if B > 1 else 0.0,
             "groups_without_signal": float((grouped.std(dim=1) == 0).float().mean()),
             "response_length": float(out.response_mask.sum(dim=1).float().mean()),
+            "generated_tokens_per_s": float(out.response_mask.sum()) / max(times["time_generate"], 1e-9),
             "logprob_gap_max": float(gap.max()),  # generation-time vs training-time log-probs: ~0 in fp32
             "logprob_gap_mean": float(gap.mean()),
             **times,
@@ -455,10 +462,12 @@ class GRPOTrainer:
 
     # --- the loop ----------------------------------------------------------------------------------
     def train_iteration(self) -> dict[str, float]:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         exp, first, stats = self.rollout(next(self.batches))
-        t0 = time.perf_counter()
+        t0 = self._now()
         stats.update(self.update(exp, first))
-        stats["time_update"] = time.perf_counter() - t0
+        stats["time_update"] = self._now() - t0
         if self.device.type == "cuda":
             stats["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return stats
