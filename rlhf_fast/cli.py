@@ -181,6 +181,103 @@ def cmd_rm(args) -> int:
     return _run_stage(args, "rm")
 
 
+# --- grpo: critic-free RL with a verifiable reward or a reward model -------------------------------
+
+_GRPO_FLAGS = [
+    ("--preset", "model.preset", str, "random-init model preset (tiny, demo, gpt2, ...) when no --model"),
+    ("--model", "model.model", str, "HF GPT-2 directory (e.g. an `rlhf-fast sft` export) or hub name"),
+    ("--tokenizer", "model.tokenizer", str, "'byte' or an HF tokenizer dir (default: byte for tiny/demo, "
+                                            "else the model's)"),
+    ("--attn-backend", "model.attn_backend", str, "attention backend: auto, torch, sdpa, triton, flash"),
+    ("--kernel-backend", "model.kernel_backend", str, "fused-kernel backend: auto, torch, triton"),
+    ("--task", "task.task", str, "built-in verifiable task: arithmetic (default unless --reward-model)"),
+    ("--reward", "task.reward", str, "registered reward function for the task: arithmetic, "
+                                     "arithmetic_format, arithmetic_correct"),
+    ("--reward-model", "task.reward_model", str, "an `rlhf-fast rm` export to score completions with; "
+                                                 "prompts then come from --data"),
+    ("--max-operand", "task.max_operand", int, "arithmetic operands lie in [0, MAX_OPERAND]"),
+    ("--cold-start-steps", "task.cold_start_steps", int, "SFT warm-up steps on formatted task answers "
+                                                         "before GRPO (R1-style cold start; 0: none)"),
+    ("--data", "data.data", str, "prompts for --reward-model: synthetic, an HH-RLHF hub name or .jsonl file"),
+    ("--max-prompt-len", "data.max_prompt_len", int, "prompt tokens kept (from the end)"),
+    ("--group-size", "grpo.group_size", int, "G: completions sampled per prompt"),
+    ("--prompts-per-iteration", "grpo.prompts_per_iteration", int, "prompts per rollout (rows = this * G)"),
+    ("--iterations", "grpo.iterations", int, "rollout + update iterations"),
+    ("--epochs", "grpo.epochs", int, "passes over each rollout's minibatches"),
+    ("--clip-eps", "grpo.clip_eps", float, "ratio clipping epsilon"),
+    ("--kl-coef", "grpo.kl_coef", float, "k3 KL penalty to the reference (adapters off; 0: no reference "
+                                         "pass)"),
+    ("--max-new-tokens", "grpo.max_new_tokens", int, "longest completion"),
+    ("--temperature", "grpo.temperature", float, "sampling temperature of the rollouts"),
+    ("--eval-prompts", "grpo.eval_prompts", int, "held-out prompts scored at each evaluation"),
+    ("--lora-rank", "lora.rank", int, "LoRA rank"),
+    ("--lr", "optim.lr", float, "learning rate (AdamW)"),
+    ("--micro-batch-size", "optim.micro_batch_size", int, "rollout rows per forward pass"),
+    ("--grad-accum-steps", "optim.grad_accum_steps", int, "micro-batches per optimizer step (a minibatch)"),
+    ("--max-grad-norm", "optim.max_grad_norm", float, "gradient clipping norm"),
+    ("--output-dir", "run.output_dir", str, "run directory: config, metrics.jsonl, checkpoints, export"),
+    ("--seed", "run.seed", int, "seed for init, prompt order, sampling and the task"),
+    ("--device", "run.device", str, "cpu, cuda, cuda:1, ... (default: cuda when available)"),
+    ("--precision", "run.precision", str, "fp32, bf16 or fp16 (fp16: CUDA only)"),
+    ("--eval-every", "run.eval_every", int, "iterations between evaluations (0: only at the end)"),
+    ("--save-every", "run.save_every", int, "iterations between checkpoints (0: only at the end)"),
+]
+
+
+def _add_grpo_args(p: argparse.ArgumentParser) -> None:
+    from dataclasses import asdict
+
+    from rlhf_fast.trainers.grpo import GRPOConfig
+
+    defaults = asdict(GRPOConfig())
+    p.add_argument("--config", help="JSON (or YAML, with PyYAML) file of config sections; flags override it")
+    for flag, key, typ, text in _GRPO_FLAGS:
+        section, _, name = key.partition(".")
+        default = defaults[section][name]
+        p.add_argument(flag, dest=key, type=typ, default=None, metavar=flag[2:].upper().replace("-", "_"),
+                       help=text if default is None else f"{text} (default: {default})")
+    p.add_argument("--lora", dest="lora.enabled", action=argparse.BooleanOptionalAction, default=None,
+                   help="train a LoRA adapter `policy` (--no-lora: all weights); default: LoRA when starting "
+                        "from --model weights, all weights for a random-init --preset")
+    p.add_argument("--resume", dest="run.resume", action="store_const", const=True,
+                   help="continue from the newest checkpoint in --output-dir")
+    p.add_argument("--no-progress", dest="run.progress", action="store_const", const=False,
+                   help="no tqdm progress bar")
+    p.add_argument("--no-export", action="store_true", help="skip the merged HF-format export at the end")
+
+
+def _grpo_config(args):
+    from rlhf_fast.trainers.config import apply_overrides, load_config_file
+    from rlhf_fast.trainers.grpo import GRPOConfig
+
+    file_config = load_config_file(args.config) if args.config else {}
+    overrides = {k: v for k, v in vars(args).items() if "." in k}
+    d = apply_overrides(file_config, overrides)
+    if overrides.get("task.reward_model") is not None and overrides.get("task.task") is None:
+        d["task"]["task"] = None  # --reward-model replaces the default built-in task
+    return GRPOConfig.from_dict(d)
+
+
+def cmd_grpo(args) -> int:
+    import logging
+
+    from rlhf_fast.trainers.grpo import build_grpo_trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    trainer = build_grpo_trainer(_grpo_config(args))
+    before = trainer.evaluate() if trainer.iteration == 0 and not trainer.config.run.resume else None
+    trainer.train()
+    after = trainer.last_eval or trainer.evaluate()
+    if before is not None:
+        print(f"held-out reward: {before['reward']:.3f} -> {after['reward']:.3f} (sampled), "
+              f"{before['greedy_reward']:.3f} -> {after['greedy_reward']:.3f} (greedy)")
+    else:
+        print(f"held-out reward: {after['reward']:.3f} (sampled), {after['greedy_reward']:.3f} (greedy)")
+    if not args.no_export:
+        print(f"exported merged model to {trainer.export(trainer.run_dir / 'export')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rm", help="reward-model training on preference pairs")
     _add_train_args(p, "rm")
     p.set_defaults(func=cmd_rm)
+    p = sub.add_parser("grpo", help="GRPO: G completions per prompt, group-normalised advantages, no critic")
+    _add_grpo_args(p)
+    p.set_defaults(func=cmd_grpo)
     return parser
 
 

@@ -1,5 +1,13 @@
 """Tokenizers, datasets (HH-RLHF, built-in synthetic task), collators and a resumable batch order."""
 
+from .arithmetic import (
+    ArithmeticProblem,
+    all_problems,
+    arithmetic_reward,
+    arithmetic_split,
+    correctness_reward,
+    format_reward,
+)
 from .examples import (
     PreferenceCollator,
     PreferenceDataset,
@@ -17,6 +25,7 @@ from .synthetic import synthetic_preferences, synthetic_prompts, synthetic_split
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
+    "ArithmeticProblem",
     "BadExampleError",
     "ByteTokenizer",
     "HFTokenizer",
@@ -31,6 +40,11 @@ __all__ = [
     "SFTDataset",
     "SFTExample",
     "Tokenizer",
+    "all_problems",
+    "arithmetic_reward",
+    "arithmetic_split",
+    "correctness_reward",
+    "format_reward",
     "load_hh",
     "load_preference_splits",
     "load_tokenizer",

@@ -3,22 +3,32 @@
 from .checkpoint import CheckpointManager
 from .common import Trainer, TrainModule
 from .config import DataSettings, LoRASettings, ModelSettings, OptimSettings, RunSettings, TrainConfig
+from .grpo import GRPOConfig, GRPOSettings, GRPOTrainer, TaskSettings, build_grpo_trainer
 from .reward import RewardTrainer, build_reward_trainer, load_reward_model
+from .reward_functions import REWARD_FUNCTIONS, RewardModelScorer, register_reward_function
 from .sft import SFTTrainer, build_sft_trainer
 
 __all__ = [
     "CheckpointManager",
     "DataSettings",
+    "GRPOConfig",
+    "GRPOSettings",
+    "GRPOTrainer",
     "LoRASettings",
     "ModelSettings",
     "OptimSettings",
+    "REWARD_FUNCTIONS",
+    "RewardModelScorer",
     "RewardTrainer",
     "RunSettings",
     "SFTTrainer",
+    "TaskSettings",
     "TrainConfig",
     "TrainModule",
     "Trainer",
+    "build_grpo_trainer",
     "build_reward_trainer",
     "build_sft_trainer",
     "load_reward_model",
+    "register_reward_function",
 ]
