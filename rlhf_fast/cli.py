@@ -157,8 +157,6 @@ def _add_train_args(p: argparse.ArgumentParser, stage: str) -> None:
                    help="DeepSpeed: optimizer states and step on the CPU (DeepSpeedCPUAdam; ZeRO >= 1)")
     p.add_argument("--offload-params", dest="deepspeed.offload_params", action="store_const", const=True,
                    help="DeepSpeed: parameters on the CPU between uses (ZeRO-3)")
-    # the deepspeed launcher passes --local_rank; the rank is read from LOCAL_RANK instead
-    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
 
 
 def _train_config(args, stage: str):
@@ -195,6 +193,8 @@ def cmd_rm(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__)
+    # the deepspeed launcher passes --local_rank=N before the subcommand; the rank is read from LOCAL_RANK
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, devices and usable kernel/attention backends")
     p.set_defaults(func=cmd_info)

@@ -168,7 +168,8 @@ class Trainer:
     def _log_eval(self) -> dict[str, float]:
         metrics = self.evaluate()
         self.logger.log(self.step, metrics, prefix="eval")
-        log.info("step %d eval: %s", self.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if self.strategy.is_main:
+            log.info("step %d eval: %s", self.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
 
     # --- checkpoints ----------------------------------------------------------------------------

@@ -25,15 +25,17 @@ from rlhf_fast.trainers import (
     OptimSettings,
     RunSettings,
     TrainConfig,
+    build_reward_trainer,
     build_sft_trainer,
 )
 from rlhf_fast.trainers.checkpoint import CheckpointManager
 from rlhf_fast.trainers.common import build_strategy
 
 REPO = Path(__file__).resolve().parents[2]
-# Parameters with an exactly-zero gradient (softmax ignores the key bias): Adam turns float noise there
-# into +-lr steps, so their values are not compared (as in tests/trainers/test_invariance.py).
-KEY_BIAS = "attn.c_attn.bias"
+# Parameters with an exactly-zero gradient: Adam turns float noise there into +-lr steps, so their values
+# are not compared (as in tests/trainers/test_invariance.py): the attention key bias (softmax ignores a
+# shift shared by all keys) and the reward head's bias (the pairwise loss sees only score differences).
+KEY_BIAS, HEAD_BIAS = "attn.c_attn.bias", "head.proj.bias"
 
 
 def _free_port() -> int:
@@ -61,10 +63,10 @@ def ds_env():
             os.environ[k] = v
 
 
-def _config(tmp_path, *, strategy="single", ds=None, steps=3, micro=4, accum=2, lr=3e-3, lora=False, device="cpu",
-            **run):
+def _config(tmp_path, stage="sft", *, strategy="single", ds=None, steps=3, micro=4, accum=2, lr=3e-3, lora=False,
+            device="cpu", **run):
     return TrainConfig(
-        stage="sft",
+        stage=stage,
         model=ModelSettings(preset="tiny", attn_backend="sdpa", kernel_backend="torch"),
         lora=LoRASettings(enabled=lora, rank=4),
         data=DataSettings(eval_size=8, synthetic_size=64, max_prompt_len=24, max_len=56),
@@ -83,6 +85,8 @@ def _assert_params_close(a: dict, b: dict, atol=2e-5):
     assert a.keys() == b.keys()
     for n in a:
         x, y = a[n], b[n]
+        if n.endswith(HEAD_BIAS):
+            continue
         if n.endswith(KEY_BIAS):
             C = x.numel() // 3
             x, y = torch.cat([x[:C], x[2 * C:]]), torch.cat([y[:C], y[2 * C:]])
@@ -107,6 +111,22 @@ def test_zero_with_offload_matches_single_device(tmp_path, ds_env, ds):
     assert h_ds[-1]["loss"] < h_ds[0]["loss"]  # it trained
     with trainer.strategy.gathered(trainer.trainable.values()):
         _assert_params_close(_params(single), _params(trainer))
+
+
+@pytest.mark.slow
+def test_reward_model_with_lora_under_zero1_matches_single_device(tmp_path, ds_env):
+    kw = dict(lora=True, micro=3, accum=2, lr=1e-2)
+    single = build_reward_trainer(_config(tmp_path / "single", "rm", **kw))
+    h_single = single.train()
+    trainer = build_reward_trainer(_config(tmp_path / "ds", "rm", strategy="deepspeed",
+                                           ds=DeepSpeedSettings(zero_stage=1), **kw))
+    h_ds = trainer.train()
+    for a, b in zip(h_single, h_ds, strict=True):
+        for key in ("loss", "accuracy", "margin", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert set(trainer.trainable) == set(single.trainable) and all("lora" in n or n.startswith("head.")
+                                                                   for n in trainer.trainable)
+    _assert_params_close(_params(single), _params(trainer))
 
 
 @pytest.mark.slow
@@ -141,14 +161,21 @@ def test_save_resume_is_exact_and_checkpoint_loads_without_deepspeed(tmp_path, d
     assert {p.name for p in (run / "strategy").iterdir()} == kept
 
 
+LAUNCHERS = {
+    "torchrun": ["torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "-m"],
+    "deepspeed": ["deepspeed.launcher.runner", "--num_gpus", "2", "--module"],  # on CPU: 2 CPU ranks
+}
+
+
 @pytest.mark.slow
-def test_two_processes_match_one_process_same_global_batch(tmp_path, ds_env):
-    """torchrun, 2 ranks x micro-batch 2 (ZeRO-2, gloo) == one process, micro-batch 2 x grad-accum 2."""
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_match_one_process_same_global_batch(tmp_path, ds_env, launcher):
+    """2 ranks x micro-batch 2 (ZeRO-2, gloo) == one process, micro-batch 2 x grad-accum 2."""
     out = tmp_path / "two"
     port = _free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(port),
-           "-m", "rlhf_fast.cli", "sft", "--strategy", "deepspeed", "--zero-stage", "2",
+    launch, module_flag = LAUNCHERS[launcher][:-1], LAUNCHERS[launcher][-1]
+    cmd = [sys.executable, "-m", *launch, "--master_addr", "127.0.0.1", "--master_port", str(port),
+           module_flag, "rlhf_fast.cli", "sft", "--strategy", "deepspeed", "--zero-stage", "2",
            "--preset", "tiny", "--attn-backend", "sdpa", "--kernel-backend", "torch", "--no-lora",
            "--synthetic-size", "64", "--eval-size", "8", "--max-prompt-len", "24", "--max-len", "56",
            "--micro-batch-size", "2", "--grad-accum-steps", "1", "--max-steps", "3", "--warmup-steps", "1",
@@ -197,7 +224,23 @@ def test_incompatible_models_are_refused(tmp_path, ds_env):
         build_strategy(_config(tmp_path, strategy="deepspeed", device="cuda"))
 
 
-# --- bad input that needs no DeepSpeed ----------------------------------------------------------------
+# --- bad input and CLI plumbing; no DeepSpeed needed ------------------------------------------------
+
+
+def test_cli_flags_reach_the_deepspeed_section(tmp_path):
+    from rlhf_fast.cli import _train_config, build_parser
+
+    user = tmp_path / "ds.json"
+    user.write_text("{}")
+    args = build_parser().parse_args(["--local_rank=1", "sft", "--strategy", "deepspeed", "--zero-stage", "3",
+                                      "--offload-optimizer", "--offload-params", "--deepspeed-config", str(user)])
+    cfg = _train_config(args, "sft")
+    assert cfg.run.strategy == "deepspeed"
+    assert cfg.deepspeed == DeepSpeedSettings(zero_stage=3, offload_optimizer=True, offload_params=True,
+                                              config_file=str(user))
+    assert _train_config(build_parser().parse_args(["rm"]), "rm").run.strategy == "single"
+    with pytest.raises(ValueError, match="offload_params needs zero_stage=3"):
+        _train_config(build_parser().parse_args(["sft", "--offload-params"]), "sft")
 
 
 def test_missing_deepspeed_names_the_extra(monkeypatch, tmp_path):
