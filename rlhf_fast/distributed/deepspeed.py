@@ -32,6 +32,7 @@ from .strategy import PRECISIONS, Strategy
 
 INSTALL_HINT = "pip install 'rlhf_fast[deepspeed]'"
 ZERO_STAGES = (0, 1, 2, 3)
+BUCKET_ELEMENTS = 50_000_000
 
 
 def import_deepspeed():
@@ -66,6 +67,10 @@ class DeepSpeedSettings:
         if self.config_file is not None:
             return self._user_config(micro_batch_size, grad_accum_steps)
         zero: dict = {"stage": self.zero_stage}
+        if self.zero_stage in (1, 2):
+            # 5e7-element buckets: ~100 MB of bf16 gradient buffers on the GPU instead of DeepSpeed's 5e8
+            # (~1 GB each for reduce and all-gather), which the 16 GB plan (docs/memory.md) cannot spare.
+            zero.update(reduce_bucket_size=BUCKET_ELEMENTS, allgather_bucket_size=BUCKET_ELEMENTS)
         if self.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         if self.offload_params:
