@@ -114,6 +114,21 @@ def test_zero_with_offload_matches_single_device(tmp_path, ds_env, ds):
 
 
 @pytest.mark.slow
+def test_bf16_keeps_bf16_weights_and_fp32_masters_close_to_fp32_run(tmp_path, ds_env):
+    h_fp32 = build_sft_trainer(_config(tmp_path / "fp32", steps=4)).train()
+    ds = DeepSpeedSettings(zero_stage=2, offload_optimizer=True)
+    trainer = build_sft_trainer(_config(tmp_path / "bf16", strategy="deepspeed", ds=ds, precision="bf16", steps=4))
+    h_bf16 = trainer.train()
+    assert {p.dtype for p in trainer.trainable.values()} == {torch.bfloat16}  # DeepSpeed cast the module
+    # bf16 forward and backward, fp32 master weights and Adam: the loss curve stays within bf16 rounding of
+    # the fp32 run's
+    for a, b in zip(h_fp32, h_bf16, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=2e-2)
+    assert h_bf16[-1]["loss"] < h_bf16[0]["loss"] - 0.3
+
+
+@pytest.mark.slow
 def test_reward_model_with_lora_under_zero1_matches_single_device(tmp_path, ds_env):
     kw = dict(lora=True, micro=3, accum=2, lr=1e-2)
     single = build_reward_trainer(_config(tmp_path / "single", "rm", **kw))
