@@ -181,14 +181,18 @@ class DeepSpeedStrategy(Strategy):
         return self.all_reduce_sum(value) / self.world_size
 
     # --- models ---------------------------------------------------------------------------------
+    def _stage(self) -> int:
+        return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+
     def _check_model(self, model: nn.Module) -> None:
-        stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        stage = self._stage()
         if stage == 3 and _uses_lora(model):
             raise ValueError(
-                "ZeRO-3 partitions every parameter, including the frozen base that the LoRA adapters (policy, "
-                "value, reward, and the reference = adapters off) share; calls outside this engine would read "
-                "empty shards. Use zero_stage <= 2 with LoRA (the frozen base has no optimizer state, so "
-                "ZeRO-1/2 already shard all that is trainable) or full-parameter training for ZeRO-3.")
+                "ZeRO-3 with LoRA adapters is not supported: it would partition the frozen base that the adapters "
+                "(policy, value, reward; the reference = adapters off) share, so a second engine over that base "
+                "would partition it again and direct weight reads (adapter merging) would see empty shards. Use "
+                "zero_stage <= 2 with LoRA (the frozen base has no optimizer state, so ZeRO-1/2 already shard all "
+                "that is trainable), or full-parameter training for ZeRO-3.")
         mine = {id(p) for p in model.parameters()}
         for other in self.engines.values():
             shared = mine & {id(p) for p in other.module.parameters()}
@@ -227,7 +231,8 @@ class DeepSpeedStrategy(Strategy):
         the engine passes attribute access through to the model (`engine.model` is `model.model`)."""
         self._check_model(model)
         optimizer = self._optimizer_for_engine(optimizer, scheduler)
-        model.to(self.device)
+        if self._stage() != 3:  # ZeRO-3 places (and with offload_params, keeps on the CPU) each shard itself
+            model.to(self.device)
         engine, ds_optimizer, _, ds_scheduler = self.deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=dict(self.ds_config),
             dist_init_required=False)

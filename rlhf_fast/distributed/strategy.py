@@ -44,7 +44,8 @@ class Strategy:
         raise NotImplementedError
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None):
-        """Place/wrap model and optimizer; returns (model, optimizer, scheduler)."""
+        """Place/wrap model and optimizer; returns (model, optimizer, scheduler). The returned model may be a
+        wrapper (DeepSpeed's engine) that passes attribute access through: run training forwards through it."""
         raise NotImplementedError
 
     def autocast(self):
