@@ -124,6 +124,10 @@ _TRAIN_FLAGS = [
     ("--eval-every", "run.eval_every", int, "steps between evaluations (0: only at the end)"),
     ("--save-every", "run.save_every", int, "steps between checkpoints (0: only at the end)"),
     ("--keep-last", "run.keep_last", int, "checkpoints kept"),
+    ("--strategy", "run.strategy", str, "single (one device) or deepspeed (ZeRO; also under torchrun / the "
+                                        "deepspeed launcher)"),
+    ("--zero-stage", "deepspeed.zero_stage", int, "DeepSpeed ZeRO stage 0-3"),
+    ("--deepspeed-config", "deepspeed.config_file", str, "DeepSpeed JSON used instead of the generated config"),
 ]
 
 
@@ -149,6 +153,10 @@ def _add_train_args(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--no-progress", dest="run.progress", action="store_const", const=False,
                    help="no tqdm progress bar")
     p.add_argument("--no-export", action="store_true", help="skip the merged HF-format export at the end")
+    p.add_argument("--offload-optimizer", dest="deepspeed.offload_optimizer", action="store_const", const=True,
+                   help="DeepSpeed: optimizer states and step on the CPU (DeepSpeedCPUAdam; ZeRO >= 1)")
+    p.add_argument("--offload-params", dest="deepspeed.offload_params", action="store_const", const=True,
+                   help="DeepSpeed: parameters on the CPU between uses (ZeRO-3)")
 
 
 def _train_config(args, stage: str):
@@ -169,7 +177,9 @@ def _run_stage(args, stage: str) -> int:
     trainer = (build_sft_trainer if stage == "sft" else build_reward_trainer)(config)
     trainer.train()
     if not args.no_export:
-        print(f"exported merged model to {trainer.export(trainer.run_dir / 'export')}")
+        with trainer.strategy.gathered(trainer.module.parameters()):  # full weights under ZeRO-3
+            if trainer.strategy.is_main:
+                print(f"exported merged model to {trainer.export(trainer.run_dir / 'export')}")
     return 0
 
 
@@ -280,6 +290,8 @@ def cmd_grpo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__)
+    # the deepspeed launcher passes --local_rank=N before the subcommand; the rank is read from LOCAL_RANK
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, devices and usable kernel/attention backends")
     p.set_defaults(func=cmd_info)

@@ -10,8 +10,16 @@ and under DeepSpeed (a later strategy with the same methods). Contract for one o
         strategy.backward(loss)
     grad_norm = strategy.step()   # unscale (fp16), clip after all backwards, optimizer + scheduler step
 
-Checkpoints: trainers write files only where `is_main`, and take the optimizer / scheduler / loss-scaler
-state from `state_dict()`. This package takes plain nn.Modules and imports nothing else from rlhf_fast.
+Data parallel (DeepSpeed with N processes): each rank runs its share of the global step; the loss
+count is summed over ranks (`all_reduce_sum`) so every rank's loss is its share of the global mean.
+
+Checkpoints: every process calls `save_checkpoint(directory)` (a strategy may write sharded state
+there, collectively); the main process stores the dict it returns with the trainer's files and
+`load_checkpoint(state, directory)` restores it. Parameters are read inside `gathered(params)` (a
+no-op except under ZeRO-3). Several models can be prepared (PPO: actor, critic); `backward` and
+`step` then take `model=`. Frozen models go through `prepare_frozen` and may be moved off the device
+between uses with `on_device`. This package takes plain nn.Modules and imports nothing else from
+rlhf_fast.
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ class Strategy:
         raise NotImplementedError
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None):
-        """Place/wrap model and optimizer; returns (model, optimizer, scheduler)."""
+        """Place/wrap model and optimizer; returns (model, optimizer, scheduler). The returned model may be a
+        wrapper (DeepSpeed's engine) that passes attribute access through: run training forwards through it."""
         raise NotImplementedError
 
     def autocast(self):
@@ -60,6 +69,42 @@ class Strategy:
     def all_reduce_mean(self, value: float) -> float:
         """Mean of a Python number over processes (identity on one device), for logged metrics."""
         raise NotImplementedError
+
+    # --- defaults shared by single-process strategies -------------------------------------------
+    rank: int = 0
+    world_size: int = 1
+
+    def barrier(self) -> None:
+        """Wait for every process (nothing to wait for in one process)."""
+
+    def all_reduce_sum(self, value):
+        """Sum of a number or tensor over processes (identity in one process)."""
+        return value
+
+    def save_checkpoint(self, directory) -> dict:
+        """Called on every process at a checkpoint; returns the state the main process stores."""
+        return self.state_dict()
+
+    def load_checkpoint(self, state: dict, directory) -> None:
+        self.load_state_dict(state)
+
+    def gathered(self, params, modify: bool = False):
+        """Context in which `params` hold their full values (ZeRO-3 gathers them); `modify`: writes kept."""
+        return contextlib.nullcontext()
+
+    def prepare_frozen(self, model: nn.Module) -> nn.Module:
+        """A model that is only evaluated (reference, reward model): eval mode, no grads, on the device."""
+        return model.requires_grad_(False).eval().to(self.device)
+
+    @contextlib.contextmanager
+    def on_device(self, model: nn.Module, offload: bool = True):
+        """Run a frozen model on the device, then (offload=True) move it back to the CPU to free memory."""
+        model.to(self.device)
+        try:
+            yield model
+        finally:
+            if offload:
+                model.to("cpu")
 
 
 class SingleDeviceStrategy(Strategy):
@@ -94,15 +139,21 @@ class SingleDeviceStrategy(Strategy):
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def backward(self, loss):
+    def _check(self, model):
         if self.optimizer is None:
             raise RuntimeError("SingleDeviceStrategy.backward before prepare()")
+        if model is not None and model is not self.model:
+            raise ValueError("SingleDeviceStrategy holds one model/optimizer pair: this model was not prepared")
+
+    def backward(self, loss, model=None):
+        self._check(model)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def _params(self):
         return [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
 
-    def step(self) -> float:
+    def step(self, model=None) -> float:
+        self._check(model)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         params = self._params()

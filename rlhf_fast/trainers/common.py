@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from rlhf_fast.data import ResumableBatches, load_tokenizer
-from rlhf_fast.distributed import SingleDeviceStrategy, Strategy
+from rlhf_fast.distributed import DeepSpeedStrategy, SingleDeviceStrategy, Strategy
 from rlhf_fast.model import GPT, add_lora
 
 from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
@@ -35,6 +36,11 @@ class TrainModule(nn.Module):
         super().__init__()
         self.model = model
         self.head = head
+
+    def forward(self, step_fn, *args, **kwargs):
+        """Run `step_fn` (a trainer's forward + loss) as this module's forward pass, so that a wrapping
+        engine sees every training forward (DeepSpeed ZeRO-3 counts micro-steps there)."""
+        return step_fn(*args, **kwargs)
 
 
 def lr_lambda(optim) -> Callable[[int], float]:
@@ -100,21 +106,28 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
+    def _next_batch(self) -> dict:
+        """This rank's micro-batch: ranks take turns through one batch order, so N ranks x micro-batch m
+        see exactly the examples of one process with grad_accum N (same global batch, same padding)."""
+        batches = [next(self.batches) for _ in range(self.strategy.world_size)]
+        return self._to_device(batches[self.strategy.rank])
+
     def train_step(self) -> dict[str, float]:
         self.module.train()
-        micro = [self._to_device(next(self.batches)) for _ in range(self.config.optim.grad_accum_steps)]
-        count = sum(self.loss_count(b) for b in micro).clamp(min=1)
+        micro = [self._next_batch() for _ in range(self.config.optim.grad_accum_steps)]
+        # the count of the global step (all ranks): each rank's loss is its share of the global mean
+        count = self.strategy.all_reduce_sum(sum(self.loss_count(b) for b in micro)).clamp(min=1)
         totals: dict[str, float] = {}
         for b in micro:
             with self.strategy.autocast():
-                loss, metrics = self.loss_fn(b, count)
+                loss, metrics = self.module(self.loss_fn, b, count)
             self.strategy.backward(loss)
             for k, v in {"loss": loss, **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach())
-        totals = {k: self.strategy.all_reduce_mean(v) for k, v in totals.items()}
+        totals = {k: self.strategy.all_reduce_sum(v) for k, v in totals.items()}  # shares -> global
         totals["grad_norm"] = self.strategy.step()
         totals["lr"] = self.scheduler.get_last_lr()[0]
-        totals["tokens"] = int(sum(int(b["attention_mask"].sum()) for b in micro))
+        totals["tokens"] = int(self.strategy.all_reduce_sum(sum(float(b["attention_mask"].sum()) for b in micro)))
         return totals
 
     def train(self, until_step: int | None = None) -> list[dict]:
@@ -155,20 +168,34 @@ class Trainer:
     def _log_eval(self) -> dict[str, float]:
         metrics = self.evaluate()
         self.logger.log(self.step, metrics, prefix="eval")
-        log.info("step %d eval: %s", self.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if self.strategy.is_main:
+            log.info("step %d eval: %s", self.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
 
     # --- checkpoints ----------------------------------------------------------------------------
+    def _strategy_dir(self, step: int) -> Path:
+        """Where a strategy keeps its own (e.g. DeepSpeed's sharded) state of checkpoint `step`."""
+        return self.run_dir / "strategy" / f"step-{step:08d}"
+
     def save(self) -> Path | None:
-        if not self.strategy.is_main:
-            return None
-        weights = {n: p.detach().cpu().clone() for n, p in self.trainable.items()}
-        path = self.checkpoints.save(
-            self.step,
-            {"weights": weights, "optim": self.strategy.state_dict(), "rng": capture_rng_state()},
-            {"data": self.batches.state_dict(), "stage": self.stage},
-        )
-        self.logger.event(self.step, checkpoint=str(path))
+        """Collective: every process calls it; the main one writes the checkpoint (weights load without
+        the strategy), after the strategy's own state is complete on every rank."""
+        with self.strategy.gathered(self.trainable.values()):
+            weights = {n: p.detach().cpu().clone() for n, p in self.trainable.items()} if self.strategy.is_main \
+                else None
+        optim = self.strategy.save_checkpoint(self._strategy_dir(self.step))
+        self.strategy.barrier()
+        path = None
+        if self.strategy.is_main:
+            path = self.checkpoints.save(self.step, {"weights": weights, "optim": optim, "rng": capture_rng_state()},
+                                         {"data": self.batches.state_dict(), "stage": self.stage})
+            kept = {p.name for p in self.checkpoints.checkpoints()}
+            strategy_root = self.run_dir / "strategy"
+            for old in strategy_root.glob("step-*") if strategy_root.is_dir() else []:
+                if old.name not in kept:
+                    shutil.rmtree(old, ignore_errors=True)
+            self.logger.event(self.step, checkpoint=str(path))
+        self.strategy.barrier()  # no rank runs ahead (or resumes) before the checkpoint is complete
         return path
 
     def resume(self) -> bool:
@@ -183,10 +210,10 @@ class Trainer:
         missing = sorted(set(self.trainable) - set(blobs["weights"]))
         if missing:
             raise ValueError(f"{path} does not fit this model: no weights for {missing[:4]}")
-        with torch.no_grad():
+        with torch.no_grad(), self.strategy.gathered(self.trainable.values(), modify=True):
             for n, p in self.trainable.items():
                 p.copy_(blobs["weights"][n])
-        self.strategy.load_state_dict(blobs["optim"])
+        self.strategy.load_checkpoint(blobs["optim"], self._strategy_dir(int(state["step"])))
         restore_rng_state(blobs["rng"])
         self.batches.load_state_dict(state["data"])
         self.step = int(state["step"])
@@ -203,8 +230,17 @@ def resolve_device(config: TrainConfig) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_strategy(config: TrainConfig) -> SingleDeviceStrategy:
-    return SingleDeviceStrategy(resolve_device(config), config.run.precision, config.optim.max_grad_norm)
+def build_strategy(config: TrainConfig) -> Strategy:
+    """SingleDeviceStrategy, or DeepSpeedStrategy for run.strategy='deepspeed' (device from its launcher)."""
+    run, optim = config.run, config.optim
+    if run.strategy == "deepspeed":
+        strategy = DeepSpeedStrategy(config.deepspeed, run.precision, optim.max_grad_norm,
+                                     optim.micro_batch_size, optim.grad_accum_steps)
+        if run.device is not None and torch.device(run.device).type != strategy.device.type:
+            raise ValueError(f"run.device={run.device!r}, but DeepSpeed's accelerator is {strategy.device.type}: "
+                             "drop --device (set DS_ACCELERATOR=cpu to force the CPU)")
+        return strategy
+    return SingleDeviceStrategy(resolve_device(config), run.precision, optim.max_grad_norm)
 
 
 def build_model(config: TrainConfig, adapter: str) -> tuple[GPT, object]:

@@ -1,6 +1,6 @@
 """Config dataclasses shared by the SFT and reward-model stages, and JSON/YAML config files.
 
-A run's config is `TrainConfig` = model + lora + data + optim + run. Each part validates itself in
+A run's config is `TrainConfig` = model + lora + data + optim + run (+ deepspeed). Each part validates itself in
 `__post_init__`; configs are frozen and never changed while training. A config file holds the same
 nested structure ({"model": {...}, "optim": {...}, ...}); CLI flags override what it sets.
 """
@@ -12,9 +12,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rlhf_fast.distributed import PRECISIONS
+from rlhf_fast.distributed import PRECISIONS, DeepSpeedSettings
 
 STAGES = ("sft", "rm")
+STRATEGIES = ("single", "deepspeed")
 SCHEDULES = ("cosine", "constant")
 
 
@@ -98,7 +99,8 @@ class OptimSettings:
 class RunSettings:
     output_dir: str | None = None  # None: runs/<stage>
     seed: int = 0
-    device: str | None = None  # None: cuda when available, else cpu
+    device: str | None = None  # None: cuda when available, else cpu (deepspeed: its accelerator decides)
+    strategy: str = "single"  # single (one device) | deepspeed (ZeRO, offload, multi-process; see deepspeed)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: CUDA only)
     # torch.compile the loss step. None = auto: on for CUDA; off for CPU, where compiling costs tens of
     # seconds per graph and small models gain little.
@@ -113,6 +115,8 @@ class RunSettings:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"run.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"run.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.keep_last < 1:
             raise ValueError(f"run.keep_last must be >= 1, got {self.keep_last}")
         if min(self.log_every, self.eval_every, self.save_every) < 0:
@@ -127,6 +131,7 @@ class TrainConfig:
     data: DataSettings = field(default_factory=DataSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     run: RunSettings = field(default_factory=RunSettings)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)  # used with run.strategy=deepspeed
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -164,7 +169,7 @@ class TrainConfig:
 
 
 _SECTIONS = {"model": ModelSettings, "lora": LoRASettings, "data": DataSettings, "optim": OptimSettings,
-             "run": RunSettings}
+             "run": RunSettings, "deepspeed": DeepSpeedSettings}
 
 
 def apply_overrides(d: dict, overrides: dict) -> dict:

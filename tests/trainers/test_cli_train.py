@@ -18,7 +18,7 @@ def test_every_flag_has_help():
     sub = next(a for a in parser._actions if a.dest == "command")
     for name in ("sft", "rm"):
         actions = [a for a in sub.choices[name]._actions if a.dest != "help"]
-        assert len(actions) == len(_TRAIN_FLAGS) + 7
+        assert len(actions) == len(_TRAIN_FLAGS) + 9  # + --offload-optimizer, --offload-params
         for a in actions:
             assert a.help and len(a.help) > 10, a.option_strings
 
