@@ -3,10 +3,17 @@
 from .checkpoint import CheckpointManager
 from .common import Trainer, TrainModule
 from .config import DataSettings, LoRASettings, ModelSettings, OptimSettings, RunSettings, TrainConfig
+from .experience import ExperienceMaker, PPOModels
+from .ppo import PPOConfig, PPOTrainer, load_ppo_models
 from .reward import RewardTrainer, build_reward_trainer, load_reward_model
 from .sft import SFTTrainer, build_sft_trainer
 
 __all__ = [
+    "ExperienceMaker",
+    "PPOConfig",
+    "PPOModels",
+    "PPOTrainer",
+    "load_ppo_models",
     "CheckpointManager",
     "DataSettings",
     "LoRASettings",
