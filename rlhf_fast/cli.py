@@ -206,8 +206,7 @@ def _add_ppo_config_flags(p: argparse.ArgumentParser) -> None:
 def cmd_ppo(args) -> int:
     import logging
 
-    from rlhf_fast.data import load_preference_splits
-    from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer, load_ppo_models, prompt_batches
+    from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer, load_ppo_models, load_prompts, prompt_batches
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("ppo.") and v is not None}
@@ -219,10 +218,10 @@ def cmd_ppo(args) -> int:
                                             seed=config.seed)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"rlhf-fast ppo: {e}") from e
-    train, held_out, _ = load_preference_splits(args.data, subset=args.data_subset, eval_size=args.eval_size,
-                                                synthetic_size=args.synthetic_size, seed=config.seed)
+    train, held_out = load_prompts(args.data, subset=args.data_subset, eval_size=args.eval_size,
+                                   synthetic_size=args.synthetic_size, seed=config.seed)
     prompts = prompt_batches(train, tokenizer, config.rollout_batch_size, args.max_prompt_len, config.seed)
-    eval_prompts = [tokenizer.encode(ex.prompt)[-args.max_prompt_len:] for ex in held_out]
+    eval_prompts = [tokenizer.encode(p)[-args.max_prompt_len:] for p in held_out]
     trainer = PPOTrainer(config, models, tokenizer, prompts, eval_prompts)
     trainer.train()
     print(f"exported PPO policy to {trainer.export(trainer.run_dir / 'export')}")
@@ -274,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ppo", help="PPO from an SFT export and a reward-model export (LoRA: one shared base)")
     p.add_argument("--sft-model", required=True, help="HF GPT-2 directory exported by `rlhf-fast sft`")
     p.add_argument("--reward-model", required=True, help="directory exported by `rlhf-fast rm`")
-    p.add_argument("--data", default="synthetic", help="prompts: 'synthetic', an HH-RLHF hub name, or "
-                   ".jsonl(.gz) files of HH records")
+    p.add_argument("--data", default="synthetic", help="prompts: 'synthetic', an HH-RLHF hub name, .jsonl(.gz) "
+                   "HH records, or a .jsonl(.gz) file of {\"prompt\": ...} lines")
     p.add_argument("--data-subset", help="HH-RLHF data subset, e.g. harmless-base")
     p.add_argument("--max-prompt-len", type=int, default=48, help="prompt tokens kept (from the end)")
     p.add_argument("--eval-size", type=int, default=128, help="held-out prompts for evaluation")

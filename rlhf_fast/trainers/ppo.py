@@ -13,6 +13,7 @@ prompt order, iteration) resume exactly: a run split by a restart takes the very
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import json
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_fast.data import PromptCollator, PromptDataset, ResumableBatches, load_tokenizer
+from rlhf_fast.data import PromptCollator, PromptDataset, ResumableBatches, load_preference_splits, load_tokenizer
 from rlhf_fast.distributed import PRECISIONS, SingleDeviceStrategy
 from rlhf_fast.generation import generate, release_kv_caches
 from rlhf_fast.model import GPT, ScalarHead, add_lora, load_adapter
@@ -364,6 +365,36 @@ def load_ppo_models(sft_model, reward_model, *, lora: bool = True, lora_rank: in
                  rm_dir, sft_dir)
     policy.set_adapter(POLICY)
     return PPOModels(policy, value_head, reward_head, reward_model=reward_model), tokenizer
+
+
+def load_prompts(source: str, *, subset: str | None = None, eval_size: int = 128, synthetic_size: int = 4000,
+                 seed: int = 0) -> tuple[list[str], list[str]]:
+    """(train, held-out) prompts: a .jsonl(.gz) file of {"prompt": ...} lines (its last `eval_size` held
+    out), or the prompts of any preference source `load_preference_splits` reads (synthetic, HH-RLHF)."""
+    path = Path(source)
+    if path.is_file() and path.name.endswith((".jsonl", ".jsonl.gz")):
+        with (gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path)) as f:
+            first = next((line for line in f if line.strip()), "{}")
+        if "prompt" in json.loads(first) and "chosen" not in json.loads(first):
+            return _prompt_file(path, eval_size)
+    train, held_out, _ = load_preference_splits(source, subset=subset, eval_size=eval_size,
+                                                synthetic_size=synthetic_size, seed=seed)
+    return [ex.prompt for ex in train], [ex.prompt for ex in held_out]
+
+
+def _prompt_file(path: Path, eval_size: int) -> tuple[list[str], list[str]]:
+    prompts = []
+    with gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with a string 'prompt'")
+            prompts.append(record["prompt"])
+    if len(prompts) <= eval_size:
+        raise ValueError(f"{path}: {len(prompts)} prompts, need more than eval_size={eval_size}")
+    return prompts[:-eval_size], prompts[-eval_size:]
 
 
 def prompt_batches(prompts, tokenizer, batch_size: int, max_prompt_len: int, seed: int) -> ResumableBatches:

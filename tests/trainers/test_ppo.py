@@ -11,7 +11,7 @@ from rlhf_fast.model import GPT, ScalarHead
 from rlhf_fast.trainers import build_reward_trainer, build_sft_trainer, load_reward_model
 from rlhf_fast.trainers.common import TOKENIZER_MARKER
 from rlhf_fast.trainers.experience import use_adapter
-from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer, load_ppo_models, prompt_batches
+from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer, load_ppo_models, load_prompts, prompt_batches
 from rlhf_fast.trainers.reward import REWARD_HEAD_FILE
 
 
@@ -127,7 +127,8 @@ def test_bad_paths_and_mismatched_reward_models_give_clear_errors(tmp_path, expo
 
     GPT2TokenizerFast(vocab_file=str(bpe / "vocab.json"), merges_file=str(bpe / "merges.txt")).save_pretrained(bpe)
     (other / TOKENIZER_MARKER).write_text(json.dumps({"tokenizer": str(bpe)}))
-    with pytest.raises(ValueError, match=r"different tokenizer \(.*bpe, \d+ tokens\) than the SFT policy .* \(byte, 258 tokens\)"):
+    mismatch = r"different tokenizer \(.*bpe, \d+ tokens\) than the SFT policy .* \(byte, 258 tokens\)"
+    with pytest.raises(ValueError, match=mismatch):
         load_ppo_models(sft_dir, other)
     with pytest.raises(SystemExit, match="rlhf-fast ppo: SFT model directory not found"):
         main(["ppo", "--sft-model", str(tmp_path / "nope"), "--reward-model", str(rm_dir)])
@@ -149,10 +150,26 @@ def test_ppo_config_rejects_impossible_settings():
 def test_cli_ppo_runs_on_exports(tmp_path, exports, capsys):
     sft_dir, rm_dir, _ = exports
     out = tmp_path / "run"
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n\n" for p in synthetic_prompts(12, 5)))
     assert main(["ppo", "--sft-model", str(sft_dir), "--reward-model", str(rm_dir), "--iterations", "1",
-                 "--rollout-batch-size", "4", "--mini-batch-size", "4", "--max-new-tokens", "5",
-                 "--eval-size", "4", "--synthetic-size", "16", "--lora-rank", "2", "--device", "cpu",
+                 "--rollout-batch-size", "4", "--mini-batch-size", "4", "--max-new-tokens", "5", "--data",
+                 str(data), "--eval-size", "4", "--lora-rank", "2", "--device", "cpu",
                  "--output-dir", str(out), "--no-progress", "--attn-backend", "sdpa"]) == 0
     assert "exported PPO policy" in capsys.readouterr().out
     assert GPT.from_pretrained(str(out / "export")).config.vocab_size == 320
     assert json.loads((out / "ppo_config.json").read_text())["iterations"] == 1
+
+
+def test_prompt_files_split_and_reject_bad_lines(tmp_path):
+    good = tmp_path / "p.jsonl"
+    good.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(7)))
+    assert load_prompts(str(good), eval_size=2) == (["q0", "q1", "q2", "q3", "q4"], ["q5", "q6"])
+    with pytest.raises(ValueError, match="need more than eval_size=7"):
+        load_prompts(str(good), eval_size=7)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": 3}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:2: expected a JSON object with a string 'prompt'"):
+        load_prompts(str(bad), eval_size=1)
+    train, held_out = load_prompts("synthetic", eval_size=3, synthetic_size=10)
+    assert len(train) == 10 and len(held_out) == 3 and all("Human:" in p for p in train)
