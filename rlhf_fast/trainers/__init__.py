@@ -9,16 +9,15 @@ from .reward import RewardTrainer, build_reward_trainer, load_reward_model
 from .sft import SFTTrainer, build_sft_trainer
 
 __all__ = [
-    "ExperienceMaker",
-    "PPOConfig",
-    "PPOModels",
-    "PPOTrainer",
-    "load_ppo_models",
     "CheckpointManager",
     "DataSettings",
+    "ExperienceMaker",
     "LoRASettings",
     "ModelSettings",
     "OptimSettings",
+    "PPOConfig",
+    "PPOModels",
+    "PPOTrainer",
     "RewardTrainer",
     "RunSettings",
     "SFTTrainer",
@@ -27,5 +26,6 @@ __all__ = [
     "Trainer",
     "build_reward_trainer",
     "build_sft_trainer",
+    "load_ppo_models",
     "load_reward_model",
 ]

@@ -38,6 +38,9 @@ class DemoConfig:
     sft_steps: int = 300  # eval loss ~1.2 -> ~0.3 on the synthetic task
     rm_steps: int = 200
     ppo_iterations: int = 40
+    # KL penalty per token: at 0.05 the policy reaches ~13 nats/sequence and games the byte-level RM
+    # (polite-word salad); at 0.2 it stays near ~6 nats and still raises the held-out reward clearly.
+    kl_coef: float = 0.2
     rollout_batch_size: int = 32
     eval_prompts: int = 128
     eval_size: int = 200  # held-out SFT examples / RM pairs
@@ -93,7 +96,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     t0 = time.perf_counter()
     models, tokenizer = load_ppo_models(sft_dir, rm_dir, seed=cfg.seed)
     ppo_cfg = PPOConfig(iterations=cfg.ppo_iterations, rollout_batch_size=cfg.rollout_batch_size,
-                        mini_batch_size=max(1, cfg.rollout_batch_size // 2), device=cfg.device, seed=cfg.seed,
+                        mini_batch_size=max(1, cfg.rollout_batch_size // 2), init_kl_coef=cfg.kl_coef,
+                        device=cfg.device, seed=cfg.seed,
                         output_dir=str(root / "ppo"), progress=cfg.progress)
     prompts = prompt_batches(synthetic_prompts(64 * cfg.rollout_batch_size, cfg.seed), tokenizer,
                              cfg.rollout_batch_size, 48, cfg.seed)

@@ -102,6 +102,8 @@ def _first_action(action_mask: torch.Tensor) -> int:
 
 
 class PPOTrainer:
+    """PPO over built objects: PPOModels, a tokenizer, resumable prompt batches, held-out prompt ids."""
+
     stage = "ppo"
 
     def __init__(self, config: PPOConfig, models: PPOModels, tokenizer, prompts: ResumableBatches,
