@@ -285,6 +285,67 @@ def cmd_grpo(args) -> int:
         print(f"held-out reward: {after['reward']:.3f} (sampled), {after['greedy_reward']:.3f} (greedy)")
     if not args.no_export:
         print(f"exported merged model to {trainer.export(trainer.run_dir / 'export')}")
+# --- ppo / demo ----------------------------------------------------------------------------------
+
+
+def _add_ppo_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per PPOConfig field (--rollout-batch-size, --init-kl-coef, ...), default from the dataclass."""
+    import dataclasses
+
+    from rlhf_fast.trainers.ppo import PPOConfig
+
+    for f in dataclasses.fields(PPOConfig):
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=f"ppo.{f.name}", action=argparse.BooleanOptionalAction, default=None,
+                           help=f"(default: {default})")
+            continue
+        typ = {int: int, float: float}.get(type(default), str)
+        if f.name in ("kl_target", "max_grad_norm"):
+            typ = float
+        p.add_argument(flag, dest=f"ppo.{f.name}", type=typ, default=None, metavar=f.name.upper(),
+                       help=f"(default: {default})")
+
+
+def cmd_ppo(args) -> int:
+    import logging
+
+    from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer, load_ppo_models, load_prompts, prompt_batches
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    overrides = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("ppo.") and v is not None}
+    config = PPOConfig(**overrides)
+    try:
+        models, tokenizer = load_ppo_models(args.sft_model, args.reward_model, lora=args.lora,
+                                            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                                            attn_backend=args.attn_backend, kernel_backend=args.kernel_backend,
+                                            seed=config.seed)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"rlhf-fast ppo: {e}") from e
+    train, held_out = load_prompts(args.data, subset=args.data_subset, eval_size=args.eval_size,
+                                   synthetic_size=args.synthetic_size, seed=config.seed)
+    prompts = prompt_batches(train, tokenizer, config.rollout_batch_size, args.max_prompt_len, config.seed)
+    eval_prompts = [tokenizer.encode(p)[-args.max_prompt_len:] for p in held_out]
+    trainer = PPOTrainer(config, models, tokenizer, prompts, eval_prompts)
+    trainer.train()
+    print(f"exported PPO policy to {trainer.export(trainer.run_dir / 'export')}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import logging
+
+    from rlhf_fast.trainers.demo import DemoConfig, format_summary, run_demo
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    sizes = {k: v for k, v in vars(args).items() if k.startswith(("sft_", "rm_", "ppo_")) and v is not None}
+    common = dict(output_dir=args.output_dir, device=args.device, seed=args.seed, progress=not args.no_progress,
+                  **sizes)
+    config = DemoConfig.quick(**common) if args.quick else DemoConfig(**common)
+    summary = run_demo(config)
+    print(format_summary(summary))
+    print(f"\nrun directory: {config.output_dir} (summary.json, ppo_curves.png, sft/ rm/ ppo/ with "
+          "checkpoints, metrics.jsonl and exports)")
     return 0
 
 
@@ -318,6 +379,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("grpo", help="GRPO: G completions per prompt, group-normalised advantages, no critic")
     _add_grpo_args(p)
     p.set_defaults(func=cmd_grpo)
+    p = sub.add_parser("ppo", help="PPO from an SFT export and a reward-model export (LoRA: one shared base)")
+    p.add_argument("--sft-model", required=True, help="HF GPT-2 directory exported by `rlhf-fast sft`")
+    p.add_argument("--reward-model", required=True, help="directory exported by `rlhf-fast rm`")
+    p.add_argument("--data", default="synthetic", help="prompts: 'synthetic', an HH-RLHF hub name, .jsonl(.gz) "
+                   "HH records, or a .jsonl(.gz) file of {\"prompt\": ...} lines")
+    p.add_argument("--data-subset", help="HH-RLHF data subset, e.g. harmless-base")
+    p.add_argument("--max-prompt-len", type=int, default=48, help="prompt tokens kept (from the end)")
+    p.add_argument("--eval-size", type=int, default=128, help="held-out prompts for evaluation")
+    p.add_argument("--synthetic-size", type=int, default=4000, help="training prompts for --data synthetic")
+    p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True,
+                   help="LoRA adapters on one frozen base (--no-lora: full-parameter policy + separate critic)")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--attn-backend", default="auto", help="auto, torch, sdpa, triton, flash")
+    p.add_argument("--kernel-backend", default="auto", help="auto, torch, triton")
+    _add_ppo_config_flags(p)
+    p.set_defaults(func=cmd_ppo)
+    p = sub.add_parser("demo", help="the main job: SFT -> RM -> PPO on the built-in synthetic task, offline")
+    p.add_argument("--output-dir", default="runs/demo", help="run directory (default: runs/demo)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sft-steps", dest="sft_steps", type=int, help="SFT optimizer steps (default: 300)")
+    p.add_argument("--rm-steps", dest="rm_steps", type=int, help="reward-model optimizer steps (default: 200)")
+    p.add_argument("--ppo-iterations", dest="ppo_iterations", type=int, help="PPO iterations (default: 40)")
+    p.add_argument("--quick", action="store_true", help="tiny model and step counts: a smoke test in seconds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,13 +10,25 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_fast.data import PreferenceCollator, PreferenceDataset, ResumableBatches, load_preference_splits
-from rlhf_fast.model import GPT, RewardHead, reward_scores
+from rlhf_fast.model import GPT, RewardHead, reward_scores, save_adapter
 
 from .common import Trainer, TrainModule, build_model, build_strategy, export_model, resolve_tokenizer_name
 from .config import TrainConfig
 from .metrics import log
 
 REWARD_HEAD_FILE = "reward_head.pt"
+REWARD_ADAPTER_FILE = "reward_adapter.pt"  # LoRA RMs: the adapter itself, for PPO on the same frozen base
+REWARD_META_FILE = "rlhf_fast_reward.json"
+
+
+def weights_fingerprint(model: GPT) -> str:
+    """sha256 of the base weights (LoRA adapters excluded): tells whether two models share one base."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if ".lora_" not in name:
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def pairwise_loss_terms(chosen: torch.Tensor, rejected: torch.Tensor):
@@ -65,8 +78,11 @@ class RewardTrainer(Trainer):
         model, head = self.module.model, self.module.head
         directory = export_model(model, self.tokenizer, name, directory, merge_adapter=self.adapter)
         torch.save({k: v.cpu() for k, v in head.state_dict().items()}, directory / REWARD_HEAD_FILE)
-        (directory / "rlhf_fast_reward.json").write_text(json.dumps({"head": REWARD_HEAD_FILE,
-                                                                      "score": "last real token"}))
+        meta = {"head": REWARD_HEAD_FILE, "score": "last real token"}
+        if self.adapter is not None:  # PPO can then put this adapter on the SFT base instead of a 2nd model
+            save_adapter(model, self.adapter, directory / REWARD_ADAPTER_FILE)
+            meta.update(adapter=REWARD_ADAPTER_FILE, base_fingerprint=weights_fingerprint(model))
+        (directory / REWARD_META_FILE).write_text(json.dumps(meta))
         return directory
 
 

@@ -1,0 +1,45 @@
+"""`rlhf-fast demo --quick`: the main job's whole pipeline (SFT -> RM -> PPO) at tiny sizes."""
+
+import json
+
+import pytest
+import torch
+
+from rlhf_fast.cli import main
+from rlhf_fast.trainers.demo import DemoConfig
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_demo_quick_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--output-dir", str(out), "--device", "cpu", "--no-progress",
+                 "--ppo-iterations", "2"]) == 0
+    printed = capsys.readouterr().out
+    for row in ("SFT   eval loss", "RM    accuracy", "mean reward, SFT policy", "mean reward, PPO policy",
+                "KL to reference", "sft / rm / ppo / total", "one frozen base for all roles        yes"):
+        assert row in printed, row
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["ppo_iterations"] == 2 and summary["reward_model_shares_base"]
+    assert summary["sft_policy_kl"] == pytest.approx(0.0, abs=1e-4)  # evaluated before any PPO update
+    assert summary["max_gen_logprob_gap"] < 1e-4
+    assert (out / "ppo_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for stage in ("sft", "rm", "ppo"):
+        assert (out / stage / "metrics.jsonl").is_file(), stage
+        assert any((out / stage / "checkpoints").glob("step-*")), stage
+        assert (out / stage / "export" / "config.json").is_file(), stage
+    assert (out / "rm" / "export" / "reward_adapter.pt").is_file()
+    ppo_lines = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in ppo_lines if "train/score" in r] == [1, 2]
+
+
+def test_demo_config_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="ppo_iterations"):
+        DemoConfig(ppo_iterations=0)
+    assert DemoConfig.quick(seed=3).seed == 3 and DemoConfig.quick().preset == "tiny"
