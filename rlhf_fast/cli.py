@@ -285,6 +285,9 @@ def cmd_grpo(args) -> int:
         print(f"held-out reward: {after['reward']:.3f} (sampled), {after['greedy_reward']:.3f} (greedy)")
     if not args.no_export:
         print(f"exported merged model to {trainer.export(trainer.run_dir / 'export')}")
+    return 0
+
+
 # --- ppo / demo ----------------------------------------------------------------------------------
 
 
