@@ -66,6 +66,12 @@ class CheckpointManager:
         """Complete checkpoints, oldest first."""
         if not self.dir.is_dir():
             return []
+        for old in self.dir.glob(".old-step-*"):  # a crash while re-saving a step: bring the old copy back
+            final = self.dir / old.name.removeprefix(".old-")
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, final)
         found = [p for p in self.dir.iterdir() if _STEP_RE.match(p.name) and (p / STATE_FILE).is_file()]
         return sorted(found, key=lambda p: p.name)
 
@@ -91,16 +97,36 @@ class CheckpointManager:
                 json.dump({**trainer_state, "step": step}, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-            if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-                shutil.rmtree(final)
+            # Re-saving a step (e.g. the final save right after a periodic one): move the old copy aside
+            # first, so that a complete copy of the step exists at every moment (see checkpoints()).
+            aside = self.dir / f".old-step-{step:08d}"
+            if final.exists():
+                os.replace(final, aside)
             os.replace(tmp, final)
             _fsync_dir(self.dir)
+            shutil.rmtree(aside, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         for old in self.checkpoints()[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def load_latest(self, stage: str, trainable: dict) -> tuple[Path, dict[str, object], dict] | None:
+        """(path, objects, trainer_state) of the newest complete checkpoint, or None when there is none.
+
+        Checks that it was written by `stage` and holds weights for every name in `trainable`.
+        """
+        path = self.latest()
+        if path is None:
+            return None
+        blobs, state = self.load(path)
+        if state.get("stage") != stage:
+            raise ValueError(f"{path} is a {state.get('stage')!r} checkpoint, not {stage!r}")
+        missing = sorted(set(trainable) - set(blobs["weights"]))
+        if missing:
+            raise ValueError(f"{path} does not fit this model: no weights for {missing[:4]}")
+        return path, blobs, state
 
     @staticmethod
     def load(path) -> tuple[dict[str, object], dict]:

@@ -548,16 +548,11 @@ class GRPOTrainer:
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint of the run directory; False when there is none."""
-        path = self.checkpoints.latest()
-        if path is None:
+        loaded = self.checkpoints.load_latest(self.stage, self.trainable)
+        if loaded is None:
             log.info("no checkpoint in %s: starting from iteration 0", self.checkpoints.dir)
             return False
-        blobs, state = CheckpointManager.load(path)
-        if state.get("stage") != self.stage:
-            raise ValueError(f"{path} is a {state.get('stage')!r} checkpoint, not {self.stage!r}")
-        missing = sorted(set(self.trainable) - set(blobs["weights"]))
-        if missing:
-            raise ValueError(f"{path} does not fit this model: no weights for {missing[:4]}")
+        path, blobs, state = loaded
         with torch.no_grad():
             for n, p in self.trainable.items():
                 p.copy_(blobs["weights"][n])

@@ -84,3 +84,28 @@ def test_keep_last_and_checkpoint_contents(tmp_path, make_config):
     rm = build_reward_trainer(make_config(tmp_path, "rm", steps=5, resume=True))
     with pytest.raises(ValueError, match="'sft' checkpoint"):
         rm.resume()
+
+
+def test_crash_while_resaving_a_step_keeps_a_complete_copy(tmp_path, monkeypatch):
+    import os
+
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    first = manager.save(3, {"weights": {"w": torch.ones(2)}}, {"stage": "sft"})
+    real_replace = os.replace
+
+    def crash_on_second(src, dst):  # move the old copy aside, then die before the new one lands
+        real_replace(src, dst)
+        if str(dst).endswith(".old-step-00000003"):
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(os, "replace", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        manager.save(3, {"weights": {"w": torch.zeros(2)}}, {"stage": "sft"})
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert manager.latest() == first  # the aside copy was brought back
+    path, blobs, state = manager.load_latest("sft", {"w": None})
+    assert torch.equal(blobs["weights"]["w"], torch.ones(2)) and state["step"] == 3
+    with pytest.raises(ValueError, match="not 'rm'"):
+        manager.load_latest("rm", {"w": None})
+    with pytest.raises(ValueError, match="no weights for"):
+        manager.load_latest("sft", {"v": None})
