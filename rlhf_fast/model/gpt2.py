@@ -47,9 +47,9 @@ def _flash_attention(q, k, v, key_padding_mask):
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     B, H, T, D = q.shape
-    if k.shape[2] != T:
-        raise NotImplementedError("attn_backend='flash' supports only Tq == Tk (no KV-cache decode)")
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, H, D)
+    if k.shape[2] != T:
+        return _flash_decode(qt, kt, vt, key_padding_mask).transpose(1, 2)
     if key_padding_mask is None:
         return flash_attn_func(qt, kt, vt, causal=True).transpose(1, 2)
     # Left padding: each row's real tokens are contiguous, so causal within them is bottom-right.
@@ -61,6 +61,23 @@ def _flash_attention(q, k, v, key_padding_mask):
     out = flash_attn_varlen_func(flat(qt), flat(kt), flat(vt), cu, cu, max_len, max_len, causal=True)
     full = torch.zeros(B * T, H, D, dtype=q.dtype, device=q.device).index_copy(0, idx, out)
     return full.view(B, T, H, D).transpose(1, 2)
+
+
+def _flash_decode(qt, kt, vt, key_padding_mask):
+    """Decode over a static KV cache with flash-attn's kv-cache kernel (flash-attn >= 2.6 for leftpad).
+
+    The generation engine's cache keeps each row's valid slots contiguous — left padding, then the
+    prompt, then generated tokens — so the (B, T_max) mask becomes a per-row [start, end) range,
+    computed on the device (no host sync).
+    """
+    from flash_attn import flash_attn_with_kvcache
+
+    if key_padding_mask is None:
+        raise ValueError("attn_backend='flash': a KV-cache decode step needs the cache's key_padding_mask")
+    slots = torch.arange(kt.shape[1], device=qt.device)
+    start = torch.where(key_padding_mask, slots, kt.shape[1]).amin(dim=1).to(torch.int32)
+    end = torch.where(key_padding_mask, slots + 1, 0).amax(dim=1).to(torch.int32)
+    return flash_attn_with_kvcache(qt, kt, vt, cache_seqlens=end, cache_leftpad=start, causal=True)
 
 
 def attention(q, k, v, key_padding_mask, backend: str):

@@ -141,3 +141,35 @@ def test_out_of_vocab_and_too_long():
         model(torch.zeros(1, 129, dtype=torch.long))
     with pytest.raises(ValueError, match="attention_mask has shape"):
         model(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 5))
+
+
+def test_flash_decode_glue_passes_each_rows_valid_range(monkeypatch):
+    """flash-attn is not installable here: check our glue (layout, per-row [start, end) from the cache
+    mask) against a stand-in with flash_attn_with_kvcache's documented semantics."""
+    import sys
+    import types
+
+    from rlhf_fast.kernels import reference
+    from rlhf_fast.model.gpt2 import _flash_attention
+
+    def fake_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, cache_leftpad, causal):
+        assert q.shape[1] == 1 and k_cache.stride(-1) == 1 and causal  # (B, 1, H, D) query, BTHD cache
+        slots = torch.arange(k_cache.shape[1])
+        valid = (slots >= cache_leftpad[:, None].long()) & (slots < cache_seqlens[:, None].long())
+        out = reference.masked_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                         valid, causal=False)
+        return out.transpose(1, 2)
+
+    fake = types.SimpleNamespace(flash_attn_with_kvcache=fake_with_kvcache, flash_attn_func=None,
+                                 flash_attn_varlen_func=None)
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    g = torch.Generator().manual_seed(0)
+    B, H, Tk, D = 3, 2, 11, 16
+    q = torch.randn(B, H, 1, D, generator=g)
+    k, v = torch.randn(B, H, Tk, D, generator=g), torch.randn(B, H, Tk, D, generator=g)
+    mask = torch.zeros(B, Tk, dtype=torch.bool)
+    mask[0, 2:9] = True  # left padding, prompt + generated, unwritten tail
+    mask[1, 0:11] = True
+    mask[2, 8:9] = True  # a single real token
+    want = reference.masked_attention(q, k, v, mask, causal=True)
+    torch.testing.assert_close(_flash_attention(q, k, v, mask), want)
