@@ -379,17 +379,18 @@ def cmd_bench(args) -> int:
 
 
 BENCH_FIELDS = ("presets", "batch_size", "prompt_len", "new_tokens", "dtype", "backends", "mini_batch_size",
-                "ppo_epochs", "lora_rank", "warmup", "iters", "data", "compile", "hf", "baseline", "max_vram_gb",
-                "out_dir", "seed")
+                "ppo_epochs", "lora_rank", "warmup", "iters", "data", "compile", "hf", "baseline",
+                "max_vram_gb", "out_dir", "seed")
 
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", dest="presets", action="append", help="model preset, repeatable (default: gpt2 "
-                   "and gpt2-medium on CUDA, tiny on CPU)")
+    p.add_argument("--preset", dest="presets", action="append",
+                   help="model preset, repeatable (default: gpt2 and gpt2-medium on CUDA, tiny on CPU)")
     p.add_argument("--batch-size", type=int, help="prompts per PPO iteration (default: 64; CPU 4)")
     p.add_argument("--prompt-len", type=int, help="prompt width in tokens (default: 256; CPU 12)")
     p.add_argument("--new-tokens", type=int, help="tokens generated per prompt (default: 128; CPU 6)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16; CPU float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16; CPU float32")
     p.add_argument("--backend", dest="backends", action="append", choices=["triton", "torch"],
                    help="kernel backend(s) of our PPO rows, repeatable (default: triton and torch)")
     p.add_argument("--mini-batch-size", type=int, help="sequences per PPO optimizer step (default: 8; CPU 2)")
@@ -401,7 +402,8 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
                    "synthetic, or an HH-RLHF .jsonl(.gz) file / directory")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the compiled decode step (default: on CUDA)")
-    p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=None, help="time HF generate (default: on)")
+    p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=None,
+                   help="time HF generate (default: on)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
                    help="time the seed-style baseline iteration (default: on)")
     p.add_argument("--max-vram-gb", type=float, help="emulate a card with this many GiB (CUDA only), e.g. 16")

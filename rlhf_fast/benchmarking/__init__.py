@@ -1,7 +1,7 @@
 """End-to-end benchmark behind `rlhf-fast bench` (cli-level code: it may import trainers and below).
 
-    from rlhf_fast.benchmarking import BenchConfig, run_bench
-    record = run_bench(BenchConfig.for_device())
+from rlhf_fast.benchmarking import BenchConfig, run_bench
+record = run_bench(BenchConfig.for_device())
 """
 
 from .report import format_report, write_chart, write_json

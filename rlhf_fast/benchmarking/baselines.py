@@ -25,8 +25,9 @@ from rlhf_fast.trainers.rollout import action_logprobs, action_values
 
 
 @torch.no_grad()
-def no_cache_generate(model, input_ids, attention_mask, max_new_tokens: int,
-                      generator: torch.Generator | None = None):
+def no_cache_generate(
+    model, input_ids, attention_mask, max_new_tokens: int, generator: torch.Generator | None = None
+):
     """(sequences, attention_mask) (B, P + N): greedy, or sampled at temperature 1 with `generator`."""
     ids, mask = input_ids, attention_mask.long()
     for _ in range(max_new_tokens):
@@ -64,28 +65,49 @@ class SeedStyleBaseline:
 
     TORCH = dict(attn_backend="torch", kernel_backend="torch")
 
-    def __init__(self, base: GPT, value_head: ScalarHead, reward_head: ScalarHead, *, max_new_tokens: int,
-                 mini_batch_size: int, ppo_epochs: int, lora_rank: int, precision: str, lr: float = 5e-4,
-                 kl_coef: float = 0.05, seed: int = 0):
+    def __init__(
+        self,
+        base: GPT,
+        value_head: ScalarHead,
+        reward_head: ScalarHead,
+        *,
+        max_new_tokens: int,
+        mini_batch_size: int,
+        ppo_epochs: int,
+        lora_rank: int,
+        precision: str,
+        lr: float = 5e-4,
+        kl_coef: float = 0.05,
+        seed: int = 0,
+    ):
         self.device = base.lm_head.weight.device
         self.policy, self.reference, self.critic, self.reward_model = (
-            separate_copy(base, **self.TORCH) for _ in range(4))
+            separate_copy(base, **self.TORCH) for _ in range(4)
+        )
         for m in (self.policy, self.reference, self.critic, self.reward_model):
             m.requires_grad_(False)
         torch.manual_seed(seed)
         add_lora(self.policy, "policy", rank=lora_rank)
         add_lora(self.critic, "value", rank=lora_rank)
-        self.value_head, self.reward_head = copy.deepcopy(value_head), copy.deepcopy(reward_head).requires_grad_(False)
+        self.value_head, self.reward_head = (
+            copy.deepcopy(value_head),
+            copy.deepcopy(reward_head).requires_grad_(False),
+        )
         params = adapter_parameters(self.policy, "policy") + adapter_parameters(self.critic, "value")
         for p in params:
             p.requires_grad_(True)
         params += list(self.value_head.parameters())
-        self.modules = nn.ModuleList([self.policy, self.reference, self.critic, self.reward_model,
-                                      self.value_head, self.reward_head])
+        self.modules = nn.ModuleList(
+            [self.policy, self.reference, self.critic, self.reward_model, self.value_head, self.reward_head]
+        )
         self.strategy = SingleDeviceStrategy(self.device, precision, 1.0)
         optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95))
         self.modules, self.optimizer, _ = self.strategy.prepare(self.modules, optimizer)
-        self.max_new_tokens, self.mini_batch_size, self.ppo_epochs = max_new_tokens, mini_batch_size, ppo_epochs
+        self.max_new_tokens, self.mini_batch_size, self.ppo_epochs = (
+            max_new_tokens,
+            mini_batch_size,
+            ppo_epochs,
+        )
         self.kl_coef = kl_coef
         self.advantage = AdvantageConfig(estimator="gae", whiten=True, backend="torch")  # as PPOConfig
         self.generator = torch.Generator(self.device).manual_seed(seed)
@@ -94,11 +116,12 @@ class SeedStyleBaseline:
     def experience(self, input_ids, attention_mask, timer: PhaseTimer) -> Experience:
         self.modules.eval()
         with timer("generate"), self.strategy.autocast():
-            seq, mask = no_cache_generate(self.policy, input_ids, attention_mask, self.max_new_tokens,
-                                          self.generator)
+            seq, mask = no_cache_generate(
+                self.policy, input_ids, attention_mask, self.max_new_tokens, self.generator
+            )
         first = input_ids.shape[1] - 1
         mask = mask.bool()
-        action_mask = F.pad(torch.ones_like(mask[:, first + 1:]), (first, 0), value=False)  # (B, S - 1)
+        action_mask = F.pad(torch.ones_like(mask[:, first + 1 :]), (first, 0), value=False)  # (B, S - 1)
         with timer("score"), self.strategy.autocast():
             logprobs = action_logprobs(self.policy, seq, mask, first_action=first)
             ref_logprobs = action_logprobs(self.reference, seq, mask, first_action=first)
@@ -107,9 +130,18 @@ class SeedStyleBaseline:
         with timer("advantages"):
             rewards, _ = shape_rewards(scores, logprobs, ref_logprobs, action_mask, self.kl_coef, "k1")
             advantages, returns = compute_advantages(self.advantage, rewards, action_mask, values)
-        return Experience(sequences=seq, attention_mask=mask, action_mask=action_mask, logprobs=logprobs,
-                          advantages=advantages, returns=returns, ref_logprobs=ref_logprobs, values=values,
-                          rewards=rewards, scores=scores)
+        return Experience(
+            sequences=seq,
+            attention_mask=mask,
+            action_mask=action_mask,
+            logprobs=logprobs,
+            advantages=advantages,
+            returns=returns,
+            ref_logprobs=ref_logprobs,
+            values=values,
+            rewards=rewards,
+            scores=scores,
+        )
 
     def update(self, exp: Experience) -> None:
         self.modules.train()
@@ -117,13 +149,25 @@ class SeedStyleBaseline:
         for _ in range(self.ppo_epochs):
             order = torch.randperm(B, device=self.device)
             for i in range(0, B, self.mini_batch_size):
-                mb = exp.select(order[i: i + self.mini_batch_size])
+                mb = exp.select(order[i : i + self.mini_batch_size])
                 with self.strategy.autocast():
-                    logprobs = action_logprobs(self.policy, mb.sequences, mb.attention_mask, first_action=first)
-                    values = action_values(self.critic, self.value_head, mb.sequences, mb.attention_mask,
-                                           first_action=first)
-                    loss, _ = ppo_loss(logprobs, mb.logprobs, mb.advantages, values, mb.values, mb.returns,
-                                       mb.action_mask, ref_logprobs=mb.ref_logprobs, backend="torch")
+                    logprobs = action_logprobs(
+                        self.policy, mb.sequences, mb.attention_mask, first_action=first
+                    )
+                    values = action_values(
+                        self.critic, self.value_head, mb.sequences, mb.attention_mask, first_action=first
+                    )
+                    loss, _ = ppo_loss(
+                        logprobs,
+                        mb.logprobs,
+                        mb.advantages,
+                        values,
+                        mb.values,
+                        mb.returns,
+                        mb.action_mask,
+                        ref_logprobs=mb.ref_logprobs,
+                        backend="torch",
+                    )
                 self.strategy.backward(loss)
                 self.strategy.step()
 

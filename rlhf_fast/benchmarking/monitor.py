@@ -20,10 +20,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def git_commit(cwd: Path = REPO_ROOT) -> str:
     """Short commit of the checkout, with "-dirty" when tracked files are modified; "unknown" outside git."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=cwd,
-                             timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=cwd, timeout=10).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=cwd, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            timeout=10,
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -40,7 +46,9 @@ def environment() -> dict:
     """Device name, versions, commit and time: what every recorded result carries."""
     cuda = torch.cuda.is_available()
     env = {
-        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name(0)
+        if cuda
+        else f"cpu ({platform.processor() or platform.machine()})",
         "cuda": torch.version.cuda if cuda else None,
         "torch": torch.__version__,
         "triton": _version("triton"),
@@ -140,11 +148,20 @@ class GpuSampler:
         inside = [s for s in self.samples if t0 <= s[0] <= t1]
         if not inside:
             reason = self.reason or "window shorter than the sampling interval"
-            return {"gpu_util_mean": None, "gpu_util_min": None, "gpu_mem_used_max_gib": None, "samples": 0,
-                    "gpu_util_reason": reason}
+            return {
+                "gpu_util_mean": None,
+                "gpu_util_min": None,
+                "gpu_mem_used_max_gib": None,
+                "samples": 0,
+                "gpu_util_reason": reason,
+            }
         utils = [s[1] for s in inside]
-        return {"gpu_util_mean": sum(utils) / len(utils), "gpu_util_min": min(utils),
-                "gpu_mem_used_max_gib": max(s[2] for s in inside), "samples": len(inside)}
+        return {
+            "gpu_util_mean": sum(utils) / len(utils),
+            "gpu_util_min": min(utils),
+            "gpu_mem_used_max_gib": max(s[2] for s in inside),
+            "samples": len(inside),
+        }
 
 
 def _nvml_handle(pynvml, device: torch.device):
@@ -163,8 +180,10 @@ def cap_memory(max_vram_gb: float, device: torch.device) -> dict:
     """Emulate a card with `max_vram_gb` GiB: the caching allocator refuses to grow past that fraction of
     the real card (allocations beyond it raise OutOfMemoryError, as on the smaller card)."""
     if device.type != "cuda" or not torch.cuda.is_available():
-        raise ValueError(f"--max-vram-gb {max_vram_gb} emulates a smaller GPU and needs a CUDA device; "
-                         f"this run is on {device}")
+        raise ValueError(
+            f"--max-vram-gb {max_vram_gb} emulates a smaller GPU and needs a CUDA device; "
+            f"this run is on {device}"
+        )
     if max_vram_gb <= 0:
         raise ValueError(f"--max-vram-gb must be > 0, got {max_vram_gb}")
     total = torch.cuda.get_device_properties(device).total_memory

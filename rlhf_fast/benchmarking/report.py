@@ -6,16 +6,53 @@ import json
 from pathlib import Path
 
 COLUMNS = {
-    "generation": ["preset", "impl", "status", "tokens_per_s", "x_vs_ours_eager", "peak_alloc_gib",
-                   "peak_reserved_gib"],
-    "ppo": ["preset", "impl", "status", "samples_per_s", "experience_samples_per_s", "train_tokens_per_s",
-            "generate_s", "score_s", "advantages_s", "train_s", "generate_fraction"],
-    "ppo memory / GPU": ["preset", "impl", "experience_peak_alloc_gib", "experience_peak_reserved_gib",
-                         "train_peak_alloc_gib", "train_peak_reserved_gib", "experience_gpu_util_mean",
-                         "train_gpu_util_mean", "iteration_gpu_util_mean"],
-    "baseline": ["preset", "impl", "status", "samples_per_s", "generate_s", "score_s", "advantages_s", "train_s",
-                 "generate_fraction", "iteration_peak_alloc_gib", "iteration_peak_reserved_gib",
-                 "iteration_gpu_util_mean"],
+    "generation": [
+        "preset",
+        "impl",
+        "status",
+        "tokens_per_s",
+        "x_vs_ours_eager",
+        "peak_alloc_gib",
+        "peak_reserved_gib",
+    ],
+    "ppo": [
+        "preset",
+        "impl",
+        "status",
+        "samples_per_s",
+        "experience_samples_per_s",
+        "train_tokens_per_s",
+        "generate_s",
+        "score_s",
+        "advantages_s",
+        "train_s",
+        "generate_fraction",
+    ],
+    "ppo memory / GPU": [
+        "preset",
+        "impl",
+        "experience_peak_alloc_gib",
+        "experience_peak_reserved_gib",
+        "train_peak_alloc_gib",
+        "train_peak_reserved_gib",
+        "experience_gpu_util_mean",
+        "train_gpu_util_mean",
+        "iteration_gpu_util_mean",
+    ],
+    "baseline": [
+        "preset",
+        "impl",
+        "status",
+        "samples_per_s",
+        "generate_s",
+        "score_s",
+        "advantages_s",
+        "train_s",
+        "generate_fraction",
+        "iteration_peak_alloc_gib",
+        "iteration_peak_reserved_gib",
+        "iteration_gpu_util_mean",
+    ],
 }
 
 
@@ -35,19 +72,26 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 def format_report(record: dict) -> str:
     env, cfg = record["environment"], record["config"]
-    out = [f"# rlhf-fast bench: {env['device']}, torch {env['torch']}, triton {env['triton']}, "
-           f"commit {env['commit']}",
-           f"# {cfg['batch_size']} prompts x {cfg['prompt_len']} tokens (lengths: {record['prompt_lengths']['source']},"
-           f" mean {record['prompt_lengths']['mean']:.1f}) + {cfg['new_tokens']} new tokens, {cfg['dtype']}, "
-           f"{cfg['iters']} timed iteration(s) after {cfg['warmup']} warm-up"]
+    out = [
+        f"# rlhf-fast bench: {env['device']}, torch {env['torch']}, triton {env['triton']}, "
+        f"commit {env['commit']}",
+        f"# {cfg['batch_size']} prompts x {cfg['prompt_len']} tokens "
+        f"(lengths: {record['prompt_lengths']['source']}, mean {record['prompt_lengths']['mean']:.1f}) + {cfg['new_tokens']} new tokens, {cfg['dtype']}, "
+        f"{cfg['iters']} timed iteration(s) after {cfg['warmup']} warm-up",
+    ]
     if record["memory_cap"]:
-        out.append(f"# memory capped at {record['memory_cap']['max_vram_gb']:g} GiB "
-                   f"(fraction {record['memory_cap']['memory_fraction']:.3f} of the card)")
+        out.append(
+            f"# memory capped at {record['memory_cap']['max_vram_gb']:g} GiB "
+            f"(fraction {record['memory_cap']['memory_fraction']:.3f} of the card)"
+        )
     if not record["gpu_monitor"]["available"]:
         out.append(f"# GPU utilisation: not sampled ({record['gpu_monitor']['reason']})")
     for section, columns in COLUMNS.items():
-        rows = [r for r in record["rows"] if r["section"] == section.split()[0] and r["status"] == "ok"
-                or r["section"] == section]
+        rows = [
+            r
+            for r in record["rows"]
+            if r["section"] == section.split()[0] and r["status"] == "ok" or r["section"] == section
+        ]
         if rows:
             out += ["", f"== {section}", format_table(rows, columns)]
     if record["targets"]:
@@ -55,7 +99,9 @@ def format_report(record: dict) -> str:
         for preset, ts in record["targets"].items():
             for name, t in ts.items():
                 verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT met")
-                out.append(f"{preset:<12} {name:<24} {_fmt(t['value']):>8}  target {t['target']:<7} {verdict}")
+                out.append(
+                    f"{preset:<12} {name:<24} {_fmt(t['value']):>8}  target {t['target']:<7} {verdict}"
+                )
     return "\n".join(out)
 
 

@@ -37,8 +37,11 @@ from .monitor import REPO_ROOT, GpuSampler, PhaseMemory, cap_memory, environment
 BACKENDS = ("triton", "torch")
 HH_DIRS = (Path("../shared/data/hh-rlhf"), REPO_ROOT.parent / "shared" / "data" / "hh-rlhf")
 BYTES_PER_GPT2_TOKEN = 4.0  # English text; the GPT-2 BPE files are not available offline
-TARGETS = {"iteration_x_baseline": (">=", 10.0), "iteration_gpu_util_pct": (">=", 85.0),
-           "generate_fraction": ("<=", 0.5)}
+TARGETS = {
+    "iteration_x_baseline": (">=", 10.0),
+    "iteration_gpu_util_pct": (">=", 85.0),
+    "generate_fraction": ("<=", 0.5),
+}
 
 
 @dataclass(frozen=True)
@@ -64,15 +67,23 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("batch_size", "prompt_len", "new_tokens", "mini_batch_size", "ppo_epochs", "lora_rank",
-                     "iters"):
+        for name in (
+            "batch_size",
+            "prompt_len",
+            "new_tokens",
+            "mini_batch_size",
+            "ppo_epochs",
+            "lora_rank",
+            "iters",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"bench: {name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"bench: warmup must be >= 0, got {self.warmup}")
         if self.mini_batch_size > self.batch_size:
-            raise ValueError(f"bench: mini_batch_size ({self.mini_batch_size}) exceeds batch_size "
-                             f"({self.batch_size})")
+            raise ValueError(
+                f"bench: mini_batch_size ({self.mini_batch_size}) exceeds batch_size ({self.batch_size})"
+            )
         unknown = [p for p in self.presets if p not in PRESETS]
         if unknown or not self.presets:
             raise ValueError(f"bench: unknown preset(s) {unknown}; known: {', '.join(PRESETS)}")
@@ -83,16 +94,25 @@ class BenchConfig:
             raise ValueError(f"bench: dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         for p in self.presets:
             if self.prompt_len + self.new_tokens > PRESETS[p].get("n_positions", 1024):
-                raise ValueError(f"bench: prompt_len + new_tokens = {self.prompt_len + self.new_tokens} exceeds "
-                                 f"{p}'s context of {PRESETS[p].get('n_positions', 1024)} positions")
+                raise ValueError(
+                    f"bench: prompt_len + new_tokens = {self.prompt_len + self.new_tokens} exceeds "
+                    f"{p}'s context of {PRESETS[p].get('n_positions', 1024)} positions"
+                )
 
     @classmethod
     def for_device(cls, device: str | None = None, **overrides) -> BenchConfig:
         """The reference sizes on CUDA; tiny sizes (a smoke run, times meaningless) on CPU."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if torch.device(device).type == "cpu":
-            small = dict(presets=("tiny",), batch_size=4, prompt_len=12, new_tokens=6, dtype="float32",
-                         mini_batch_size=2, compile=False)
+            small = dict(
+                presets=("tiny",),
+                batch_size=4,
+                prompt_len=12,
+                new_tokens=6,
+                dtype="float32",
+                mini_batch_size=2,
+                compile=False,
+            )
             overrides = {**small, **overrides}
         return cls(device=device, **overrides)
 
@@ -127,7 +147,9 @@ def prompt_lengths(cfg: BenchConfig) -> tuple[list[int], str]:
     g = torch.Generator().manual_seed(cfg.seed)
     path = _hh_file(cfg.data)
     if path is None:
-        lengths = torch.randint(max(1, cfg.prompt_len // 2), cfg.prompt_len + 1, (cfg.batch_size,), generator=g)
+        lengths = torch.randint(
+            max(1, cfg.prompt_len // 2), cfg.prompt_len + 1, (cfg.batch_size,), generator=g
+        )
         return lengths.tolist(), "synthetic: uniform in [prompt_len/2, prompt_len]"
     from rlhf_fast.data.hh import ASSISTANT
 
@@ -136,7 +158,9 @@ def prompt_lengths(cfg: BenchConfig) -> tuple[list[int], str]:
         dialogues = [json.loads(line)["chosen"] for line in itertools.islice(f, 4096) if line.strip()]
     texts = [d[: d.rfind(ASSISTANT) + len(ASSISTANT)] for d in dialogues]
     pick = torch.randint(0, len(texts), (cfg.batch_size,), generator=g).tolist()
-    lengths = [min(cfg.prompt_len, max(1, round(len(texts[i].encode()) / BYTES_PER_GPT2_TOKEN))) for i in pick]
+    lengths = [
+        min(cfg.prompt_len, max(1, round(len(texts[i].encode()) / BYTES_PER_GPT2_TOKEN))) for i in pick
+    ]
     return lengths, f"hh-rlhf {path.name}: prompt bytes / {BYTES_PER_GPT2_TOKEN:g}, capped at prompt_len"
 
 
@@ -185,21 +209,36 @@ def bench_generation(cfg, base: GPT, ids, mask, device, tmp) -> list[dict]:
                 t = _time(fn, device, warmup, cfg.iters)
         except torch.cuda.OutOfMemoryError as e:
             return rows.append(_oom_row(r, e))
-        rows.append({**r, "status": "ok", "seconds": t, "tokens_per_s": B * N / t,
-                     "peak_alloc_gib": mem.allocated_gib, "peak_reserved_gib": mem.reserved_gib})
+        rows.append(
+            {
+                **r,
+                "status": "ok",
+                "seconds": t,
+                "tokens_per_s": B * N / t,
+                "peak_alloc_gib": mem.allocated_gib,
+                "peak_reserved_gib": mem.reserved_gib,
+            }
+        )
 
     base.eval()
     row("ours eager", lambda: generate(base, ids, mask, max_new_tokens=N, do_sample=False, compile=False))
     if cfg.compile:
-        row("ours compiled", lambda: generate(base, ids, mask, max_new_tokens=N, do_sample=False, compile=True),
-            warmup=max(1, cfg.warmup))
+        row(
+            "ours compiled",
+            lambda: generate(base, ids, mask, max_new_tokens=N, do_sample=False, compile=True),
+            warmup=max(1, cfg.warmup),
+        )
     else:
         rows.append(dict(section="generation", impl="ours compiled", status="skipped (--no-compile)"))
     release_kv_caches(base)
     if cfg.hf:
         hf = hf_copy(base, tmp, base.lm_head.weight.dtype, device)
-        row("hf generate", lambda: hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=N,
-                                               min_new_tokens=N, pad_token_id=0))
+        row(
+            "hf generate",
+            lambda: hf.generate(
+                ids, attention_mask=mask, do_sample=False, max_new_tokens=N, min_new_tokens=N, pad_token_id=0
+            ),
+        )
         del hf
     else:
         rows.append(dict(section="generation", impl="hf generate", status="skipped (--no-hf)"))
@@ -221,15 +260,20 @@ def lora_models(base: GPT, backend: str, lora_rank: int, seed: int) -> PPOModels
     for name in ("policy", "value", "reward"):
         add_lora(model, name, rank=lora_rank)
     C = model.config.n_embd
-    heads = [ScalarHead(C).to(device=model.lm_head.weight.device, dtype=model.lm_head.weight.dtype) for _ in "vr"]
+    heads = [
+        ScalarHead(C).to(device=model.lm_head.weight.device, dtype=model.lm_head.weight.dtype) for _ in "vr"
+    ]
     model.set_adapter("policy")
     return PPOModels(model, *heads)
 
 
 def _phase_fields(prefix: str, mem: PhaseMemory, gpu: dict) -> dict:
-    return {f"{prefix}_peak_alloc_gib": mem.allocated_gib, f"{prefix}_peak_reserved_gib": mem.reserved_gib,
-            f"{prefix}_gpu_util_mean": gpu["gpu_util_mean"], f"{prefix}_gpu_mem_used_max_gib":
-            gpu["gpu_mem_used_max_gib"]}
+    return {
+        f"{prefix}_peak_alloc_gib": mem.allocated_gib,
+        f"{prefix}_peak_reserved_gib": mem.reserved_gib,
+        f"{prefix}_gpu_util_mean": gpu["gpu_util_mean"],
+        f"{prefix}_gpu_mem_used_max_gib": gpu["gpu_mem_used_max_gib"],
+    }
 
 
 def bench_ppo(cfg, base: GPT, ids, mask, device, backend: str, sampler: GpuSampler, tmp) -> dict:
@@ -239,14 +283,25 @@ def bench_ppo(cfg, base: GPT, ids, mask, device, backend: str, sampler: GpuSampl
         return {**row, "status": "skipped (triton needs CUDA or TRITON_INTERPRET=1)"}
     try:
         models = lora_models(base, backend, cfg.lora_rank, cfg.seed)
-        pcfg = PPOConfig(iterations=cfg.warmup + cfg.iters, rollout_batch_size=cfg.batch_size,
-                         mini_batch_size=cfg.mini_batch_size, ppo_epochs=cfg.ppo_epochs,
-                         max_new_tokens=cfg.new_tokens, loss_backend=backend, precision=cfg.precision,
-                         device=str(device), seed=cfg.seed, output_dir=str(Path(tmp) / f"ppo-{backend}"),
-                         log_every=0, progress=False)
+        pcfg = PPOConfig(
+            iterations=cfg.warmup + cfg.iters,
+            rollout_batch_size=cfg.batch_size,
+            mini_batch_size=cfg.mini_batch_size,
+            ppo_epochs=cfg.ppo_epochs,
+            max_new_tokens=cfg.new_tokens,
+            loss_backend=backend,
+            precision=cfg.precision,
+            device=str(device),
+            seed=cfg.seed,
+            output_dir=str(Path(tmp) / f"ppo-{backend}"),
+            log_every=0,
+            progress=False,
+        )
         # No EOS: every response has exactly new_tokens tokens, so all rows do the same work.
         tokenizer = SimpleNamespace(eos_token_id=None, pad_token_id=0)
-        trainer = PPOTrainer(pcfg, models, tokenizer, itertools.repeat({"input_ids": ids, "attention_mask": mask}))
+        trainer = PPOTrainer(
+            pcfg, models, tokenizer, itertools.repeat({"input_ids": ids, "attention_mask": mask})
+        )
         timed = []
         for i in range(cfg.warmup + cfg.iters):
             sync(device)
@@ -262,16 +317,25 @@ def bench_ppo(cfg, base: GPT, ids, mask, device, backend: str, sampler: GpuSampl
         release_kv_caches(models.policy)
     except torch.cuda.OutOfMemoryError as e:
         return _oom_row(row, e)
-    total, t0, t1, t2, stats, mem_exp, mem_train, seq_tokens = sorted(timed, key=lambda x: x[0])[len(timed) // 2]
+    total, t0, t1, t2, stats, mem_exp, mem_train, seq_tokens = sorted(timed, key=lambda x: x[0])[
+        len(timed) // 2
+    ]
     B = cfg.batch_size
-    out = {**row, "status": "ok", "seconds": total, "samples_per_s": B / total,
-           "experience_samples_per_s": B / (t1 - t0),
-           "generate_s": stats["time/generate"], "score_s": stats["time/score"],
-           "advantages_s": stats["time/advantages"], "train_s": t2 - t1,
-           "train_tokens_per_s": cfg.ppo_epochs * seq_tokens / (t2 - t1),
-           "generate_fraction": stats["time/generate"] / total,
-           **_phase_fields("experience", mem_exp, sampler.window(t0, t1)),
-           **_phase_fields("train", mem_train, sampler.window(t1, t2))}
+    out = {
+        **row,
+        "status": "ok",
+        "seconds": total,
+        "samples_per_s": B / total,
+        "experience_samples_per_s": B / (t1 - t0),
+        "generate_s": stats["time/generate"],
+        "score_s": stats["time/score"],
+        "advantages_s": stats["time/advantages"],
+        "train_s": t2 - t1,
+        "train_tokens_per_s": cfg.ppo_epochs * seq_tokens / (t2 - t1),
+        "generate_fraction": stats["time/generate"] / total,
+        **_phase_fields("experience", mem_exp, sampler.window(t0, t1)),
+        **_phase_fields("train", mem_train, sampler.window(t1, t2)),
+    }
     it = sampler.window(t0, t2)
     out["iteration_gpu_util_mean"] = it["gpu_util_mean"]
     if it["gpu_util_mean"] is None:
@@ -284,9 +348,16 @@ def bench_baseline(cfg, base: GPT, ids, mask, device, sampler: GpuSampler) -> di
     try:
         C = base.config.n_embd
         heads = [ScalarHead(C).to(device=device, dtype=base.lm_head.weight.dtype) for _ in "vr"]
-        seed_style = SeedStyleBaseline(base, *heads, max_new_tokens=cfg.new_tokens,
-                                       mini_batch_size=cfg.mini_batch_size, ppo_epochs=cfg.ppo_epochs,
-                                       lora_rank=cfg.lora_rank, precision=cfg.precision, seed=cfg.seed)
+        seed_style = SeedStyleBaseline(
+            base,
+            *heads,
+            max_new_tokens=cfg.new_tokens,
+            mini_batch_size=cfg.mini_batch_size,
+            ppo_epochs=cfg.ppo_epochs,
+            lora_rank=cfg.lora_rank,
+            precision=cfg.precision,
+            seed=cfg.seed,
+        )
         timed = []
         for i in range(min(cfg.warmup, 1) + cfg.iters):  # one warm-up at most: it is the slow one
             sync(device)
@@ -302,11 +373,20 @@ def bench_baseline(cfg, base: GPT, ids, mask, device, sampler: GpuSampler) -> di
     total, t0, t1, times, mem = sorted(timed, key=lambda x: x[0])[len(timed) // 2]
     B = cfg.batch_size
     gpu = sampler.window(t0, t1)
-    return {**row, "status": "ok", "seconds": total, "samples_per_s": B / total,
-            "generate_s": times["time/generate"], "score_s": times["time/score"],
-            "advantages_s": times["time/advantages"], "train_s": times["time/train"],
-            "generate_fraction": times["time/generate"] / total, "iteration_peak_alloc_gib": mem.allocated_gib,
-            "iteration_peak_reserved_gib": mem.reserved_gib, "iteration_gpu_util_mean": gpu["gpu_util_mean"]}
+    return {
+        **row,
+        "status": "ok",
+        "seconds": total,
+        "samples_per_s": B / total,
+        "generate_s": times["time/generate"],
+        "score_s": times["time/score"],
+        "advantages_s": times["time/advantages"],
+        "train_s": times["time/train"],
+        "generate_fraction": times["time/generate"] / total,
+        "iteration_peak_alloc_gib": mem.allocated_gib,
+        "iteration_peak_reserved_gib": mem.reserved_gib,
+        "iteration_gpu_util_mean": gpu["gpu_util_mean"],
+    }
 
 
 def targets(rows: list[dict], on_gpu: bool) -> dict:
@@ -315,18 +395,29 @@ def targets(rows: list[dict], on_gpu: bool) -> dict:
     out = {}
     for preset in dict.fromkeys(r["preset"] for r in rows):
         ours = [r for r in rows if r["preset"] == preset and r["section"] == "ppo" and r.get("seconds")]
-        base = next((r for r in rows if r["preset"] == preset and r["section"] == "baseline" and r.get("seconds")),
-                    None)
+        base = next(
+            (r for r in rows if r["preset"] == preset and r["section"] == "baseline" and r.get("seconds")),
+            None,
+        )
         if not ours:
             continue
         best = min(ours, key=lambda r: r["seconds"])
-        values = {"iteration_x_baseline": base["seconds"] / best["seconds"] if base else None,
-                  "iteration_gpu_util_pct": best.get("iteration_gpu_util_mean"),
-                  "generate_fraction": best["generate_fraction"]}
-        out[preset] = {k: {"value": v, "target": f"{TARGETS[k][0]} {TARGETS[k][1]:g}", "best": best["impl"],
-                           "met": None if v is None or not on_gpu else (v >= TARGETS[k][1] if TARGETS[k][0] == ">=" else
-                                                          v <= TARGETS[k][1])}
-                       for k, v in values.items()}
+        values = {
+            "iteration_x_baseline": base["seconds"] / best["seconds"] if base else None,
+            "iteration_gpu_util_pct": best.get("iteration_gpu_util_mean"),
+            "generate_fraction": best["generate_fraction"],
+        }
+        out[preset] = {
+            k: {
+                "value": v,
+                "target": f"{TARGETS[k][0]} {TARGETS[k][1]:g}",
+                "best": best["impl"],
+                "met": None
+                if v is None or not on_gpu
+                else (v >= TARGETS[k][1] if TARGETS[k][0] == ">=" else v <= TARGETS[k][1]),
+            }
+            for k, v in values.items()
+        }
     return out
 
 
@@ -352,8 +443,18 @@ def run_bench(cfg: BenchConfig) -> dict:
                 torch.cuda.empty_cache()
         gpu_reason = None if sampler.available else sampler.reason
     config = dataclasses.asdict(cfg)
-    return {"benchmark": "e2e", "environment": environment(), "config": config, "memory_cap": cap,
-            "prompt_lengths": {"source": length_source, "mean": sum(lengths) / len(lengths),
-                               "min": min(lengths), "max": max(lengths)},
-            "gpu_monitor": {"available": gpu_reason is None, "reason": gpu_reason},
-            "rows": rows, "targets": targets(rows, device.type == "cuda")}
+    return {
+        "benchmark": "e2e",
+        "environment": environment(),
+        "config": config,
+        "memory_cap": cap,
+        "prompt_lengths": {
+            "source": length_source,
+            "mean": sum(lengths) / len(lengths),
+            "min": min(lengths),
+            "max": max(lengths),
+        },
+        "gpu_monitor": {"available": gpu_reason is None, "reason": gpu_reason},
+        "rows": rows,
+        "targets": targets(rows, device.type == "cuda"),
+    }
