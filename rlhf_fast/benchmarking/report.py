@@ -71,12 +71,13 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def format_report(record: dict) -> str:
-    env, cfg = record["environment"], record["config"]
+    env, cfg, lengths = record["environment"], record["config"], record["prompt_lengths"]
     out = [
         f"# rlhf-fast bench: {env['device']}, torch {env['torch']}, triton {env['triton']}, "
         f"commit {env['commit']}",
         f"# {cfg['batch_size']} prompts x {cfg['prompt_len']} tokens "
-        f"(lengths: {record['prompt_lengths']['source']}, mean {record['prompt_lengths']['mean']:.1f}) + {cfg['new_tokens']} new tokens, {cfg['dtype']}, "
+        f"(lengths: {lengths['source']}, mean {lengths['mean']:.1f}) + {cfg['new_tokens']} new tokens, "
+        f"{cfg['dtype']}, "
         f"{cfg['iters']} timed iteration(s) after {cfg['warmup']} warm-up",
     ]
     if record["memory_cap"]:
