@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.nn as nn
@@ -49,13 +50,13 @@ def hf_copy(model: GPT, directory, dtype: torch.dtype, device) -> nn.Module:
     return hf.to(device=device, dtype=dtype).eval()
 
 
-def separate_copy(base: GPT, **backends) -> GPT:
-    """A model of its own with `base`'s weights and the given attention / kernel backends."""
-    from rlhf_fast.model import GPTConfig
-
-    cfg = GPTConfig(**{**base.config.__dict__, **backends})
-    model = GPT(cfg).to(device=base.lm_head.weight.device, dtype=base.lm_head.weight.dtype)
-    model.load_state_dict(base.state_dict())
+def separate_copy(base: GPT, device, dtype: torch.dtype, **backends) -> GPT:
+    """A model of its own on `device` in `dtype` with `base`'s weights and the given attention / kernel
+    backends. `base` stays where it is (the suite keeps it on the CPU, so only the copies under test
+    count against the GPU memory being measured)."""
+    cfg = dataclasses.replace(base.config, **backends)
+    model = GPT(cfg).to(device=device, dtype=dtype)
+    model.load_state_dict(base.state_dict())  # copies across devices and casts to the model's dtype
     return model
 
 
@@ -68,6 +69,8 @@ class SeedStyleBaseline:
     def __init__(
         self,
         base: GPT,
+        device,
+        dtype: torch.dtype,
         value_head: ScalarHead,
         reward_head: ScalarHead,
         *,
@@ -80,9 +83,9 @@ class SeedStyleBaseline:
         kl_coef: float = 0.05,
         seed: int = 0,
     ):
-        self.device = base.lm_head.weight.device
+        self.device = torch.device(device)
         self.policy, self.reference, self.critic, self.reward_model = (
-            separate_copy(base, **self.TORCH) for _ in range(4)
+            separate_copy(base, device, dtype, **self.TORCH) for _ in range(4)
         )
         for m in (self.policy, self.reference, self.critic, self.reward_model):
             m.requires_grad_(False)

@@ -31,7 +31,7 @@ from rlhf_fast.model import GPT, PRESETS, ScalarHead, add_lora
 from rlhf_fast.trainers.experience import PPOModels
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
 
-from .baselines import SeedStyleBaseline, hf_copy, no_cache_generate
+from .baselines import SeedStyleBaseline, hf_copy, no_cache_generate, separate_copy
 from .monitor import REPO_ROOT, GpuSampler, PhaseMemory, cap_memory, environment, sync
 
 BACKENDS = ("triton", "torch")
@@ -198,7 +198,8 @@ def _oom_row(row: dict, err: Exception) -> dict:
     return {**row, "status": f"out of memory: {str(err).splitlines()[0][:120]}"}
 
 
-def bench_generation(cfg, base: GPT, ids, mask, device, tmp) -> list[dict]:
+def bench_generation(cfg, model: GPT, ids, mask, device, tmp) -> list[dict]:
+    """Our engine (eager, compiled), HF generate and the no-KV-cache loop on `model`'s weights."""
     B, N = ids.shape[0], cfg.new_tokens
     rows = []
 
@@ -220,19 +221,20 @@ def bench_generation(cfg, base: GPT, ids, mask, device, tmp) -> list[dict]:
             }
         )
 
-    base.eval()
-    row("ours eager", lambda: generate(base, ids, mask, max_new_tokens=N, do_sample=False, compile=False))
+    model.eval()
+    row("ours eager", lambda: generate(model, ids, mask, max_new_tokens=N, do_sample=False, compile=False))
     if cfg.compile:
         row(
             "ours compiled",
-            lambda: generate(base, ids, mask, max_new_tokens=N, do_sample=False, compile=True),
+            lambda: generate(model, ids, mask, max_new_tokens=N, do_sample=False, compile=True),
             warmup=max(1, cfg.warmup),
         )
     else:
         rows.append(dict(section="generation", impl="ours compiled", status="skipped (--no-compile)"))
-    release_kv_caches(base)
+    release_kv_caches(model)
+    torch.compiler.reset()  # drop compiled graphs (and the weights they hold) before the next model
     if cfg.hf:
-        hf = hf_copy(base, tmp, base.lm_head.weight.dtype, device)
+        hf = hf_copy(model, tmp, model.lm_head.weight.dtype, device)
         row(
             "hf generate",
             lambda: hf.generate(
@@ -242,7 +244,7 @@ def bench_generation(cfg, base: GPT, ids, mask, device, tmp) -> list[dict]:
         del hf
     else:
         rows.append(dict(section="generation", impl="hf generate", status="skipped (--no-hf)"))
-    row("no-KV-cache loop (seed)", lambda: no_cache_generate(base, ids, mask, N), warmup=min(cfg.warmup, 1))
+    row("no-KV-cache loop (seed)", lambda: no_cache_generate(model, ids, mask, N), warmup=min(cfg.warmup, 1))
     eager = rows[0].get("seconds")
     for r in rows:
         if r.get("seconds") and eager:
@@ -250,12 +252,10 @@ def bench_generation(cfg, base: GPT, ids, mask, device, tmp) -> list[dict]:
     return rows
 
 
-def lora_models(base: GPT, backend: str, lora_rank: int, seed: int) -> PPOModels:
+def lora_models(base: GPT, device, dtype, backend: str, lora_rank: int, seed: int) -> PPOModels:
     """PPOModels in LoRA mode (one base, adapters policy/value/reward) on a copy of `base`'s weights with
     every kernel (attention, LoRA linear) on `backend`."""
-    from .baselines import separate_copy
-
-    model = separate_copy(base, attn_backend=backend, kernel_backend=backend)
+    model = separate_copy(base, device, dtype, attn_backend=backend, kernel_backend=backend)
     torch.manual_seed(seed)
     for name in ("policy", "value", "reward"):
         add_lora(model, name, rank=lora_rank)
@@ -282,7 +282,7 @@ def bench_ppo(cfg, base: GPT, ids, mask, device, backend: str, sampler: GpuSampl
     if backend == "triton" and device.type != "cuda" and not kernels.interpreter_enabled():
         return {**row, "status": "skipped (triton needs CUDA or TRITON_INTERPRET=1)"}
     try:
-        models = lora_models(base, backend, cfg.lora_rank, cfg.seed)
+        models = lora_models(base, device, getattr(torch, cfg.dtype), backend, cfg.lora_rank, cfg.seed)
         pcfg = PPOConfig(
             iterations=cfg.warmup + cfg.iters,
             rollout_batch_size=cfg.batch_size,
@@ -315,6 +315,7 @@ def bench_ppo(cfg, base: GPT, ids, mask, device, backend: str, sampler: GpuSampl
             if i >= cfg.warmup:
                 timed.append((t2 - t0, t0, t1, t2, stats, mem_exp, mem_train, exp.sequences.numel()))
         release_kv_caches(models.policy)
+        torch.compiler.reset()
     except torch.cuda.OutOfMemoryError as e:
         return _oom_row(row, e)
     total, t0, t1, t2, stats, mem_exp, mem_train, seq_tokens = sorted(timed, key=lambda x: x[0])[
@@ -347,9 +348,12 @@ def bench_baseline(cfg, base: GPT, ids, mask, device, sampler: GpuSampler) -> di
     row = dict(section="baseline", impl="seed-style (no KV cache, 4 models, eager, torch)")
     try:
         C = base.config.n_embd
-        heads = [ScalarHead(C).to(device=device, dtype=base.lm_head.weight.dtype) for _ in "vr"]
+        dtype = getattr(torch, cfg.dtype)
+        heads = [ScalarHead(C).to(device=device, dtype=dtype) for _ in "vr"]
         seed_style = SeedStyleBaseline(
             base,
+            device,
+            dtype,
             *heads,
             max_new_tokens=cfg.new_tokens,
             mini_batch_size=cfg.mini_batch_size,
@@ -431,9 +435,9 @@ def run_bench(cfg: BenchConfig) -> dict:
     with GpuSampler(device) as sampler, tempfile.TemporaryDirectory() as tmp:
         for preset in cfg.presets:
             torch.manual_seed(cfg.seed)
-            base = GPT.from_preset(preset).to(device=device, dtype=dtype)
+            base = GPT.from_preset(preset)  # fp32 on the CPU: every section copies it to the device
             ids, mask = make_prompts(lengths, cfg.prompt_len, base.config.vocab_size, device, cfg.seed)
-            section_rows = bench_generation(cfg, base, ids, mask, device, tmp)
+            section_rows = bench_generation(cfg, separate_copy(base, device, dtype), ids, mask, device, tmp)
             section_rows += [bench_ppo(cfg, base, ids, mask, device, b, sampler, tmp) for b in cfg.backends]
             if cfg.baseline:
                 section_rows.append(bench_baseline(cfg, base, ids, mask, device, sampler))
