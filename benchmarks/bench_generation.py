@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import copy_bandwidth, print_table, time_fn, write_record  # noqa: E402
 
+from rlhf_fast.benchmarking.baselines import hf_copy, no_cache_generate  # noqa: E402
 from rlhf_fast.generation import generate  # noqa: E402
 from rlhf_fast.model import GPT  # noqa: E402
 
@@ -37,23 +38,6 @@ def left_padded_prompts(B, P, vocab, device, seed=0):
     lengths = torch.randint(max(1, P // 2), P + 1, (B,), generator=g)
     mask = (torch.arange(P)[None, :] >= (P - lengths)[:, None]).long()
     return ids.to(device), mask.to(device)
-
-
-@torch.no_grad()
-def no_cache_generate(model, ids, mask, n):
-    """The seed's loop: a full forward over the growing sequence for every new token."""
-    for _ in range(n):
-        tok = model(ids, mask)[:, -1].argmax(dim=-1, keepdim=True)
-        ids, mask = torch.cat([ids, tok], dim=1), torch.cat([mask, torch.ones_like(tok)], dim=1)
-    return ids
-
-
-def hf_copy(model, dtype, device, tmp):
-    import transformers
-
-    model.save_pretrained(tmp)
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp)
-    return hf.to(device=device, dtype=dtype).eval()
 
 
 def decode_floor_bytes(model, B, P, N, dtype):
@@ -76,7 +60,7 @@ def bench_one(preset, B, P, N, dtype, device, args, bandwidth, tmp):
     row = dict(preset=preset, B=B, P=P, N=N, dtype=str(dtype).removeprefix("torch."),
                ours_tok_s=B * N / t_ours)
     if not args.no_hf:
-        hf = hf_copy(model, dtype, device, tmp)
+        hf = hf_copy(model, tmp, dtype, device)
         hf_gen = lambda: hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=N,  # noqa: E731
                                      min_new_tokens=N, pad_token_id=0)
         t_hf = time_fn(hf_gen, device=device, warmup=1, iters=args.iters)

@@ -6,55 +6,19 @@ under benchmarks/results/, and always times its baseline in the same run.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import platform
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's rlhf_fast
+
+# shared with `rlhf-fast bench`
+from rlhf_fast.benchmarking.monitor import environment, git_commit  # noqa: E402, F401
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def environment() -> dict:
-    """What a result must be recorded with: device name, versions, commit, time."""
-    import importlib.metadata as md
-
-    def version(dist):
-        try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            return None
-
-    cuda = torch.cuda.is_available()
-    env = {
-        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
-        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "triton": version("triton"),
-        "transformers": version("transformers"),
-        "flash_attn": version("flash-attn"),
-        "python": platform.python_version(),
-        "commit": git_commit(),
-        "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_threads": torch.get_num_threads(),
-    }
-    if torch.cuda.is_available():
-        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    return env
 
 
 def sync(device) -> None:

@@ -352,6 +352,67 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from rlhf_fast.benchmarking import BenchConfig, format_report, run_bench, write_chart, write_json
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    overrides = {k: v for k, v in vars(args).items() if k in BENCH_FIELDS and v is not None}
+    for name in ("presets", "backends"):
+        if name in overrides:
+            overrides[name] = tuple(overrides[name])
+    try:
+        config = BenchConfig.for_device(device, **overrides)
+        record = run_bench(config)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"rlhf-fast bench: {e}") from e
+    print(format_report(record))
+    out_dir = Path(config.out_dir or ("benchmarks/results" if torch.device(device).type == "cuda"
+                                      else ".benchmarks/smoke"))
+    path = write_json(record, out_dir)
+    chart = write_chart(record, path.with_suffix(".png"))
+    print(f"\nrecord: {path}\nchart:  {chart}")
+    return 0
+
+
+BENCH_FIELDS = ("presets", "batch_size", "prompt_len", "new_tokens", "dtype", "backends", "mini_batch_size",
+                "ppo_epochs", "lora_rank", "warmup", "iters", "data", "compile", "hf", "baseline",
+                "max_vram_gb", "out_dir", "seed")
+
+
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", dest="presets", action="append",
+                   help="model preset, repeatable (default: gpt2 and gpt2-medium on CUDA, tiny on CPU)")
+    p.add_argument("--batch-size", type=int, help="prompts per PPO iteration (default: 64; CPU 4)")
+    p.add_argument("--prompt-len", type=int, help="prompt width in tokens (default: 256; CPU 12)")
+    p.add_argument("--new-tokens", type=int, help="tokens generated per prompt (default: 128; CPU 6)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16; CPU float32")
+    p.add_argument("--backend", dest="backends", action="append", choices=["triton", "torch"],
+                   help="kernel backend(s) of our PPO rows, repeatable (default: triton and torch)")
+    p.add_argument("--mini-batch-size", type=int, help="sequences per PPO optimizer step (default: 8; CPU 2)")
+    p.add_argument("--ppo-epochs", type=int, help="passes over each rollout (default: 1)")
+    p.add_argument("--lora-rank", type=int, help="LoRA rank (default: 8)")
+    p.add_argument("--warmup", type=int, help="untimed iterations first (default: 1)")
+    p.add_argument("--iters", type=int, help="timed iterations, median reported (default: 2)")
+    p.add_argument("--data", help="prompt lengths: auto (HH-RLHF from ../shared/data/hh-rlhf when present), "
+                   "synthetic, or an HH-RLHF .jsonl(.gz) file / directory")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the compiled decode step (default: on CUDA)")
+    p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=None,
+                   help="time HF generate (default: on)")
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
+                   help="time the seed-style baseline iteration (default: on)")
+    p.add_argument("--max-vram-gb", type=float, help="emulate a card with this many GiB (CUDA only), e.g. 16")
+    p.add_argument("--out-dir", help="record + chart directory (default: benchmarks/results; CPU: "
+                   ".benchmarks/smoke)")
+    p.add_argument("--device", help="default: cuda when available")
+    p.add_argument("--seed", type=int)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__)
     # the deepspeed launcher passes --local_rank=N before the subcommand; the rank is read from LOCAL_RANK
@@ -409,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny model and step counts: a smoke test in seconds")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("bench", help="end-to-end throughput: generation, experience, PPO iteration vs the "
+                       "seed-style baseline; table + JSON record + PNG chart")
+    _add_bench_args(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -18,6 +18,7 @@ ALLOWED = {
     "data": set(),
     "distributed": set(),
     "trainers": {"kernels", "model", "generation", "rl", "data", "distributed"},
+    "benchmarking": {"kernels", "model", "generation", "rl", "data", "distributed", "trainers"},
 }
 
 

@@ -1,0 +1,154 @@
+"""The outputs of `rlhf-fast bench`: a table on stdout, a JSON record and a PNG chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+COLUMNS = {
+    "generation": [
+        "preset",
+        "impl",
+        "status",
+        "tokens_per_s",
+        "x_vs_ours_eager",
+        "peak_alloc_gib",
+        "peak_reserved_gib",
+    ],
+    "ppo": [
+        "preset",
+        "impl",
+        "status",
+        "samples_per_s",
+        "experience_samples_per_s",
+        "train_tokens_per_s",
+        "generate_s",
+        "score_s",
+        "advantages_s",
+        "train_s",
+        "generate_fraction",
+    ],
+    "ppo memory / GPU": [
+        "preset",
+        "impl",
+        "experience_peak_alloc_gib",
+        "experience_peak_reserved_gib",
+        "train_peak_alloc_gib",
+        "train_peak_reserved_gib",
+        "experience_gpu_util_mean",
+        "train_gpu_util_mean",
+        "iteration_gpu_util_mean",
+    ],
+    "baseline": [
+        "preset",
+        "impl",
+        "status",
+        "samples_per_s",
+        "generate_s",
+        "score_s",
+        "advantages_s",
+        "train_s",
+        "generate_fraction",
+        "iteration_peak_alloc_gib",
+        "iteration_peak_reserved_gib",
+        "iteration_gpu_util_mean",
+    ],
+}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def format_report(record: dict) -> str:
+    env, cfg, lengths = record["environment"], record["config"], record["prompt_lengths"]
+    out = [
+        f"# rlhf-fast bench: {env['device']}, torch {env['torch']}, triton {env['triton']}, "
+        f"commit {env['commit']}",
+        f"# {cfg['batch_size']} prompts x {cfg['prompt_len']} tokens "
+        f"(lengths: {lengths['source']}, mean {lengths['mean']:.1f}) + {cfg['new_tokens']} new tokens, "
+        f"{cfg['dtype']}, "
+        f"{cfg['iters']} timed iteration(s) after {cfg['warmup']} warm-up",
+    ]
+    if record["memory_cap"]:
+        out.append(
+            f"# memory capped at {record['memory_cap']['max_vram_gb']:g} GiB "
+            f"(fraction {record['memory_cap']['memory_fraction']:.3f} of the card)"
+        )
+    if not record["gpu_monitor"]["available"]:
+        out.append(f"# GPU utilisation: not sampled ({record['gpu_monitor']['reason']})")
+    for section, columns in COLUMNS.items():
+        rows = [
+            r
+            for r in record["rows"]
+            if r["section"] == section.split()[0] and r["status"] == "ok" or r["section"] == section
+        ]
+        if rows:
+            out += ["", f"== {section}", format_table(rows, columns)]
+    if record["targets"]:
+        out += ["", "== targets (judged on CUDA only; from the fastest backend of ours)"]
+        for preset, ts in record["targets"].items():
+            for name, t in ts.items():
+                verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT met")
+                out.append(
+                    f"{preset:<12} {name:<24} {_fmt(t['value']):>8}  target {t['target']:<7} {verdict}"
+                )
+    return "\n".join(out)
+
+
+def record_stem(record: dict) -> str:
+    env = record["environment"]
+    device = "".join(ch if ch.isalnum() else "-" for ch in env["device"].split(" (")[0]).strip("-").lower()
+    stamp = env["time_utc"].removesuffix("+00:00").replace(":", "").replace("-", "")
+    return f"e2e-{'+'.join(record['config']['presets'])}-{device}-{stamp}"
+
+
+def write_json(record: dict, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{record_stem(record)}.json"
+    path.write_text(json.dumps(record, indent=2))
+    return path
+
+
+def write_chart(record: dict, path: Path) -> Path:
+    """Left: PPO iteration time split into phases, ours per backend vs the seed-style baseline.
+    Right: generation tokens/s per implementation. One row of plots per preset."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    presets = list(dict.fromkeys(r["preset"] for r in record["rows"]))
+    fig, axes = plt.subplots(len(presets), 2, figsize=(12, 3.2 * len(presets)), squeeze=False)
+    phases = ["generate_s", "score_s", "advantages_s", "train_s"]
+    for (ax_it, ax_gen), preset in zip(axes, presets):
+        rows = [r for r in record["rows"] if r["preset"] == preset and r.get("seconds")]
+        iters = [r for r in rows if r["section"] in ("ppo", "baseline")]
+        left = [0.0] * len(iters)
+        for phase in phases:
+            widths = [r[phase] for r in iters]
+            ax_it.barh([r["impl"] for r in iters], widths, left=left, label=phase.removesuffix("_s"))
+            left = [a + b for a, b in zip(left, widths)]
+        ax_it.set_xlabel("seconds per PPO iteration")
+        ax_it.set_title(f"{preset}: PPO iteration ({record['config']['batch_size']} prompts)")
+        ax_it.legend(fontsize="x-small", ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.3))
+        gens = [r for r in rows if r["section"] == "generation"]
+        ax_gen.barh([r["impl"] for r in gens], [r["tokens_per_s"] for r in gens], color="tab:green")
+        ax_gen.set_xlabel("generated tokens / s")
+        ax_gen.set_title(f"{preset}: generation")
+    env = record["environment"]
+    fig.suptitle(f"{env['device']} | torch {env['torch']} | commit {env['commit']}", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,165 @@
+"""`rlhf-fast bench` at tiny sizes on CPU: the table, the JSON record and the PNG chart are well-formed and
+self-consistent. Speed is never judged here (tiny CPU sizes say nothing about the GPU targets)."""
+
+import gzip
+import json
+import math
+
+import pytest
+
+from rlhf_fast.cli import main
+
+TINY = (
+    "bench --device cpu --preset tiny --batch-size 3 --prompt-len 7 --new-tokens 4 --mini-batch-size 2 "
+    "--warmup 0 --iters 1 --data synthetic"
+).split()
+GEN_IMPLS = ["ours eager", "ours compiled", "hf generate", "no-KV-cache loop (seed)"]
+
+
+def _positive(row, *keys):
+    for k in keys:
+        assert isinstance(row[k], float) and math.isfinite(row[k]) and row[k] > 0, (row["impl"], k, row[k])
+
+
+@pytest.mark.bench
+def test_bench_cli_writes_table_record_and_chart(tmp_path, capsys):
+    # Both kernel backends: without a GPU the triton rows run through the interpreter (conftest.py).
+    assert main(TINY + ["--backend", "torch", "--backend", "triton", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for header in ("== generation", "== ppo", "== ppo memory / GPU", "== baseline", "== targets"):
+        assert header in out
+    for impl in GEN_IMPLS + ["ours (torch kernels)", "ours (triton kernels)", "seed-style"]:
+        assert impl in out
+    assert "GPU utilisation: not sampled (no CUDA device" in out
+
+    records, charts = list(tmp_path.glob("e2e-tiny-cpu-*.json")), list(tmp_path.glob("e2e-tiny-cpu-*.png"))
+    assert len(records) == 1 and len(charts) == 1 and charts[0].stem == records[0].stem
+    assert f"record: {records[0]}" in out
+    rec = json.loads(records[0].read_text())
+    env = rec["environment"]
+    assert env["device"].startswith("cpu")
+    assert env["torch"] and env["triton"] and env["commit"] and env["time_utc"]
+    cfg = rec["config"]
+    assert (cfg["presets"], cfg["batch_size"], cfg["prompt_len"], cfg["new_tokens"], cfg["backends"]) == (
+        ["tiny"],
+        3,
+        7,
+        4,
+        ["torch", "triton"],
+    )
+    assert cfg["dtype"] == "float32" and cfg["compile"] is False and rec["memory_cap"] is None
+    assert rec["gpu_monitor"] == {"available": False, "reason": "no CUDA device: GPU utilisation not sampled"}
+    lengths = rec["prompt_lengths"]
+    assert lengths["source"].startswith("synthetic") and 3 <= lengths["min"] <= lengths["max"] <= 7
+
+    rows = {(r["section"], r["impl"]): r for r in rec["rows"]}
+    assert all(r["preset"] == "tiny" for r in rec["rows"])
+    gen = [rows[("generation", i)] for i in GEN_IMPLS]
+    assert [r["status"] for r in gen] == ["ok", "skipped (--no-compile)", "ok", "ok"]
+    for r in (gen[0], gen[2], gen[3]):
+        _positive(r, "seconds", "tokens_per_s")
+        assert r["tokens_per_s"] == pytest.approx(3 * 4 / r["seconds"])
+        assert r["peak_alloc_gib"] is None and r["peak_reserved_gib"] is None  # no allocator stats on CPU
+    assert gen[0]["x_vs_ours_eager"] == pytest.approx(1.0)
+
+    for backend in ("torch", "triton"):
+        r = rows[("ppo", f"ours ({backend} kernels)")]
+        assert r["status"] == "ok"
+        timed = ("seconds", "samples_per_s", "experience_samples_per_s", "train_tokens_per_s", "generate_s")
+        _positive(r, *timed, "score_s", "advantages_s", "train_s", "generate_fraction")
+        experience_s = 3 / r["experience_samples_per_s"]
+        # phases are timed inside the experience step, so they fit in it; experience + train = iteration
+        assert r["generate_s"] + r["score_s"] + r["advantages_s"] <= experience_s * 1.001
+        assert experience_s + r["train_s"] == pytest.approx(r["seconds"], rel=1e-3)
+        assert r["samples_per_s"] == pytest.approx(3 / r["seconds"])
+        assert r["train_tokens_per_s"] == pytest.approx(3 * (7 + 4) / r["train_s"])  # 1 epoch over (B, P + N)
+        assert r["generate_fraction"] == pytest.approx(r["generate_s"] / r["seconds"])
+        assert r["experience_peak_alloc_gib"] is None and r["iteration_gpu_util_mean"] is None
+        assert r["gpu_util_reason"].startswith("no CUDA device")
+
+    base = rows[("baseline", "seed-style (no KV cache, 4 models, eager, torch)")]
+    assert base["status"] == "ok"
+    _positive(base, "seconds", "samples_per_s", "generate_s", "score_s", "advantages_s", "train_s")
+    phases = base["generate_s"] + base["score_s"] + base["advantages_s"] + base["train_s"]
+    assert phases <= base["seconds"] * 1.001
+
+    t = rec["targets"]["tiny"]
+    assert set(t) == {"iteration_x_baseline", "iteration_gpu_util_pct", "generate_fraction"}
+    ours = [rows[("ppo", f"ours ({b} kernels)")] for b in ("torch", "triton")]
+    best = min(ours, key=lambda r: r["seconds"])
+    assert t["iteration_x_baseline"]["value"] == pytest.approx(base["seconds"] / best["seconds"])
+    assert all(v["met"] is None for v in t.values())  # never judged off CUDA
+
+    png = charts[0].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    h, w, _ = matplotlib.image.imread(charts[0]).shape
+    assert h > 100 and w > 100
+
+
+def test_bench_prompt_lengths_follow_hh_rlhf(tmp_path):
+    from rlhf_fast.benchmarking.suite import BenchConfig, prompt_lengths
+
+    path = tmp_path / "hh.jsonl.gz"
+    dialogues = ["\n\nHuman: " + "x" * n + "\n\nAssistant: ok" for n in (5, 40, 400)]
+    with gzip.open(path, "wt") as f:
+        for d in dialogues:
+            f.write(json.dumps({"chosen": d, "rejected": d + "!"}) + "\n")
+    cfg = BenchConfig(
+        device="cpu",
+        presets=("tiny",),
+        batch_size=9,
+        prompt_len=30,
+        new_tokens=4,
+        mini_batch_size=2,
+        data=str(path),
+    )
+    lengths, source = prompt_lengths(cfg)
+    # prompt = dialogue up to its last "\n\nAssistant:" -> 8 + n + 12 bytes; ~4 bytes per GPT-2 token, capped
+    allowed = {round((8 + n + 12) / 4) for n in (5, 40)} | {30}
+    assert len(lengths) == 9 and set(lengths) <= allowed and source.startswith("hh-rlhf hh.jsonl.gz")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-vram-gb", "16"], "--max-vram-gb 16.0 emulates a smaller GPU and needs a CUDA device"),
+        (["--batch-size", "0"], "batch_size must be >= 1"),
+        (["--mini-batch-size", "5"], "mini_batch_size (5) exceeds batch_size (3)"),
+        (["--preset", "gpt3"], "unknown preset(s) ['gpt3']"),
+        (["--prompt-len", "125"], "exceeds tiny's context of 128 positions"),
+    ],
+)
+def test_bench_bad_arguments_fail_clearly(args, message, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(TINY + ["--out-dir", str(tmp_path)] + args)
+    assert message in str(e.value)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_bench_missing_data_file(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(TINY[:-1] + [str(tmp_path / "nope.jsonl"), "--out-dir", str(tmp_path)])
+    assert "nope.jsonl not found" in str(e.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.bench
+def test_bench_on_gpu_records_memory_and_cap(tmp_path):
+    args = (
+        "bench --device cuda --preset tiny --batch-size 5 --prompt-len 33 --new-tokens 17 "
+        "--mini-batch-size 2 --warmup 1 --iters 1 --max-vram-gb 16"
+    ).split()
+    assert main(args + ["--out-dir", str(tmp_path)]) == 0
+    rec = json.loads(next(tmp_path.glob("e2e-*.json")).read_text())
+    assert rec["memory_cap"]["max_vram_gb"] == 16 and 0 < rec["memory_cap"]["memory_fraction"] <= 1
+    for r in rec["rows"]:
+        if r["section"] == "ppo":
+            assert r["status"] == "ok"
+            assert 0 < r["experience_peak_alloc_gib"] <= r["experience_peak_reserved_gib"] <= 16
+            assert 0 < r["train_peak_alloc_gib"] <= r["train_peak_reserved_gib"] <= 16
+    if rec["gpu_monitor"]["available"]:
+        assert any(r.get("iteration_gpu_util_mean") is not None for r in rec["rows"])
+    else:
+        assert "nvidia-ml-py" in rec["gpu_monitor"]["reason"] or "NVML" in rec["gpu_monitor"]["reason"]
