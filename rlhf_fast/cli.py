@@ -329,10 +329,23 @@ def cmd_ppo(args) -> int:
                                    synthetic_size=args.synthetic_size, seed=config.seed)
     prompts = prompt_batches(train, tokenizer, config.rollout_batch_size, args.max_prompt_len, config.seed)
     eval_prompts = [tokenizer.encode(p)[-args.max_prompt_len:] for p in held_out]
-    trainer = PPOTrainer(config, models, tokenizer, prompts, eval_prompts)
+    try:
+        trainer = PPOTrainer(config, models, tokenizer, prompts, eval_prompts, strategy=_ppo_strategy(args, config))
+    except ValueError as e:
+        raise SystemExit(f"rlhf-fast ppo: {e}") from e
     trainer.train()
-    print(f"exported PPO policy to {trainer.export(trainer.run_dir / 'export')}")
+    if trainer.strategy.is_main:
+        print(f"exported PPO policy to {trainer.export(trainer.run_dir / 'export')}")
     return 0
+
+
+def _ppo_strategy(args, config):
+    """The strategy of `rlhf-fast ppo`: --strategy plus the DeepSpeed flags, as for sft / rm."""
+    from rlhf_fast.distributed import DeepSpeedSettings
+    from rlhf_fast.trainers.ppo import build_ppo_strategy
+
+    ds = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("deepspeed.") and v is not None}
+    return build_ppo_strategy(config, args.strategy, DeepSpeedSettings(**ds) if ds else None)
 
 
 def cmd_demo(args) -> int:
@@ -458,6 +471,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--attn-backend", default="auto", help="auto, torch, sdpa, triton, flash")
     p.add_argument("--kernel-backend", default="auto", help="auto, torch, triton")
+    p.add_argument("--strategy", default="single", choices=["single", "deepspeed"],
+                   help="single (one device) or deepspeed (ZeRO 0-2; --no-lora: actor and critic engines)")
+    p.add_argument("--zero-stage", dest="deepspeed.zero_stage", type=int, help="DeepSpeed ZeRO stage 0-2")
+    p.add_argument("--deepspeed-config", dest="deepspeed.config_file",
+                   help="DeepSpeed JSON used instead of the generated config")
+    p.add_argument("--offload-optimizer", dest="deepspeed.offload_optimizer", action="store_const", const=True,
+                   help="DeepSpeed: optimizer states and step on the CPU (DeepSpeedCPUAdam; ZeRO >= 1)")
+    p.add_argument("--offload-params", dest="deepspeed.offload_params", action="store_const", const=True,
+                   help="DeepSpeed: parameters on the CPU between uses (ZeRO-3, which PPO refuses)")
     _add_ppo_config_flags(p)
     p.set_defaults(func=cmd_ppo)
     p = sub.add_parser("demo", help="the main job: SFT -> RM -> PPO on the built-in synthetic task, offline")

@@ -162,7 +162,8 @@ class ExperienceMaker:
 
     def __init__(self, models: PPOModels, *, max_new_tokens: int, eos_token_id: int | None,
                  pad_token_id: int | None, advantage: AdvantageConfig, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, kl_estimator: str = "k1", compile: bool | None = None):
+                 top_k: int = 0, top_p: float = 1.0, kl_estimator: str = "k1", compile: bool | None = None,
+                 frozen_on_device=None):
         if advantage.estimator != "gae":
             raise ValueError(f"PPO experience uses the gae estimator, got {advantage.estimator!r}")
         self.models, self.advantage = models, advantage
@@ -170,6 +171,9 @@ class ExperienceMaker:
                                top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                compile=compile)
         self.kl_estimator = kl_estimator
+        # model -> context in which a separate frozen model (reference, reward) is on the device (the
+        # strategy's on_device: offloading between uses); None for a role played by the shared base
+        self.frozen_on_device = frozen_on_device or (lambda model: contextlib.nullcontext())
 
     @torch.no_grad()
     def make(self, input_ids, attention_mask, *, kl_coef: float, generator: torch.Generator | None = None):
@@ -189,9 +193,11 @@ class ExperienceMaker:
         action_mask = torch.cat([torch.zeros_like(mask[:, :first]), out.response_mask.bool()], dim=1)  # (B, T)
         with timer("score"):
             logprobs = m.policy_logprobs(seq, mask, first)  # (B, T)
-            ref_logprobs = m.ref_logprobs(seq, mask, first)
+            with self.frozen_on_device(m.reference):
+                ref_logprobs = m.ref_logprobs(seq, mask, first)
             values = m.values(seq, mask, first)
-            scores = m.scores(seq, mask)  # (B,)
+            with self.frozen_on_device(m.reward_model):
+                scores = m.scores(seq, mask)  # (B,)
         with timer("advantages"):
             rewards, kl = shape_rewards(scores, logprobs, ref_logprobs, action_mask, kl_coef, self.kl_estimator)
             advantages, returns = compute_advantages(self.advantage, rewards, action_mask, values)

@@ -6,30 +6,39 @@ loss), gradient clipping, and a fixed or adaptive KL coefficient for the per-tok
 Every iteration logs the gap between generation-time and training-time log-probs of the same tokens
 (same weights, so it must stay ~1e-5 in fp32; a growing gap is a bug).
 
+Strategies: `SingleDeviceStrategy` (one optimizer over every trainable parameter) or `DeepSpeedStrategy`
+(ZeRO 0-2). Under DeepSpeed, full-parameter PPO makes the actor (policy) and the critic (critic + value head)
+two engines, each with its own optimizer, gradient clipping and checkpoint, and the frozen reference and
+reward model go through `prepare_frozen`; LoRA PPO is one engine over all the adapters and heads (they share
+the frozen base). Training forwards run through the engines; rollouts call the models directly.
+
 Checkpoints (adapters/heads or full weights, optimizer, KL coefficient, RNG and generator states,
 prompt order, iteration) resume exactly: a run split by a restart takes the very same steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
 import json
+import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from rlhf_fast.data import PromptCollator, PromptDataset, ResumableBatches, load_preference_splits, load_tokenizer
-from rlhf_fast.distributed import PRECISIONS, SingleDeviceStrategy
+from rlhf_fast.distributed import PRECISIONS, DeepSpeedSettings, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
 from rlhf_fast.generation import generate, release_kv_caches
 from rlhf_fast.model import GPT, ScalarHead, add_lora, load_adapter
 from rlhf_fast.rl import AdvantageConfig, kl_k1, make_kl_controller, masked_mean, ppo_loss
 from rlhf_fast.rl.kl import KL_ESTIMATORS
 
 from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
-from .common import TOKENIZER_MARKER
+from .common import TOKENIZER_MARKER, TrainModule
 from .experience import POLICY, REWARD, VALUE, ExperienceMaker, PhaseTimer, PPOModels
 from .metrics import MetricsLogger, log
 from .reward import REWARD_ADAPTER_FILE, REWARD_META_FILE, load_reward_model, weights_fingerprint
@@ -54,6 +63,7 @@ class PPOConfig:
     init_kl_coef: float = 0.05
     kl_target: float | None = None  # None: fixed KL coefficient; else adaptive (Ziegler et al. 2019)
     kl_horizon: int = 10000
+    offload_frozen: bool = False  # move the separate reference / reward model to the CPU between uses
     kl_estimator: str = "k1"  # per-token KL penalty in the shaped rewards
     gamma: float = 1.0
     lam: float = 0.95
@@ -96,67 +106,169 @@ class PPOConfig:
         return dataclasses.asdict(self)
 
 
+def build_ppo_strategy(config: PPOConfig, strategy: str = "single",
+                       deepspeed: DeepSpeedSettings | None = None) -> Strategy:
+    """The strategy `PPOTrainer` runs under: 'single' (config.device) or 'deepspeed' (device from its
+    launcher; one optimizer step per minibatch, so micro-batch = mini_batch_size and no accumulation)."""
+    if strategy == "single":
+        if deepspeed is not None:
+            raise ValueError("DeepSpeed settings (--zero-stage, --offload-*, --deepspeed-config) need "
+                             "--strategy deepspeed")
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return SingleDeviceStrategy(device, config.precision, config.max_grad_norm)
+    if strategy != "deepspeed":
+        raise ValueError(f"strategy must be 'single' or 'deepspeed', got {strategy!r}")
+    return DeepSpeedStrategy(deepspeed or DeepSpeedSettings(), config.precision, config.max_grad_norm,
+                             micro_batch_size=config.mini_batch_size, grad_accum_steps=1)
+
+
+def _adamw(params: list, config: PPOConfig) -> torch.optim.AdamW:
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
+
+
 def _first_action(action_mask: torch.Tensor) -> int:
     """The first action column of a batch (all rows share the prompt length P: it is P - 1)."""
     return int(action_mask.any(dim=0).to(torch.uint8).argmax())
 
 
 class PPOTrainer:
-    """PPO over built objects: PPOModels, a tokenizer, resumable prompt batches, held-out prompt ids."""
+    """PPO over built objects: PPOModels, a tokenizer, resumable prompt batches, held-out prompt ids, and
+    optionally a strategy (`build_ppo_strategy`; default: one device, `config.device`)."""
 
     stage = "ppo"
 
     def __init__(self, config: PPOConfig, models: PPOModels, tokenizer, prompts: ResumableBatches,
-                 eval_prompts: list[list[int]] | None = None):
+                 eval_prompts: list[list[int]] | None = None, strategy: Strategy | None = None):
         self.config, self.models, self.tokenizer, self.prompts = config, models, tokenizer, prompts
         self.eval_prompts = eval_prompts or []
         c = config
-        self.device = torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.strategy = strategy if strategy is not None else build_ppo_strategy(c)
+        self._check_strategy()
+        self.device = self.strategy.device
         self.run_dir = Path(c.output_dir)
         self.trainable = models.trainable_parameters()
         if not self.trainable:
             raise ValueError("PPO: nothing to train (no parameter of the policy/critic requires grad)")
-        decay = [p for p in self.trainable.values() if p.dim() >= 2]
-        no_decay = [p for p in self.trainable.values() if p.dim() < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=c.lr, betas=(0.9, 0.95))
-        self.strategy = SingleDeviceStrategy(self.device, c.precision, c.max_grad_norm)
-        self.models, self.optimizer, _ = self.strategy.prepare(models, optimizer)
+        self.actor, self.critic = self._prepare_models()
         self.kl_ctl = make_kl_controller(c.init_kl_coef, c.kl_target, c.kl_horizon)
         advantage = AdvantageConfig(estimator="gae", gamma=c.gamma, lam=c.lam, whiten=c.whiten_advantages,
                                     backend=c.loss_backend)
         self.maker = ExperienceMaker(models, max_new_tokens=c.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                      pad_token_id=tokenizer.pad_token_id, advantage=advantage,
                                      temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-                                     kl_estimator=c.kl_estimator)
+                                     kl_estimator=c.kl_estimator, frozen_on_device=self.frozen_on_device)
         # Own generators: rollouts and minibatch order are reproducible and saved with checkpoints.
         self.rollout_gen = torch.Generator(self.device).manual_seed(c.seed)
         self.shuffle_gen = torch.Generator().manual_seed(c.seed + 1)
         self.checkpoints = CheckpointManager(self.run_dir, c.keep_last)
-        self.logger = MetricsLogger(self.run_dir)
+        self.logger = MetricsLogger(self.run_dir, enabled=self.strategy.is_main)
         self.iteration = 0
         self.history: list[dict] = []  # per-iteration metrics of this process
         self.eval_history: list[dict] = []
 
+    def _check_strategy(self) -> None:
+        c, s = self.config, self.strategy
+        if s.precision != c.precision:
+            raise ValueError(f"ppo.precision={c.precision!r} but the strategy runs {s.precision!r}")
+        if c.device is not None and torch.device(c.device).type != s.device.type:
+            raise ValueError(f"ppo.device={c.device!r}, but the strategy's device is {s.device}: drop --device "
+                             "(under DeepSpeed set DS_ACCELERATOR=cpu to force the CPU)")
+        if isinstance(s, DeepSpeedStrategy):
+            if int(s.ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
+                raise ValueError("PPO under DeepSpeed supports ZeRO stages 0-2: rollouts run the actor outside its "
+                                 "engine (KV-cache generation), which ZeRO-3's partitioned weights do not allow")
+            if (s.micro_batch_size, s.grad_accum_steps) != (c.mini_batch_size, 1):
+                raise ValueError(f"the DeepSpeed strategy's batch layout (micro {s.micro_batch_size} x accumulation "
+                                 f"{s.grad_accum_steps}) must be PPO's one step per minibatch (micro "
+                                 f"{c.mini_batch_size} x 1): build it with build_ppo_strategy")
+
+    def _prepare_models(self):
+        """(actor, critic): the prepared training modules (one and the same unless DeepSpeed full-parameter)."""
+        m, c = self.models, self.config
+        if not isinstance(self.strategy, DeepSpeedStrategy) or m.lora:
+            # One optimizer over every trainable parameter (LoRA: the adapters share one frozen base).
+            module = TrainModule(m)
+            engine, self.optimizer, _ = self.strategy.prepare(module, _adamw(list(self.trainable.values()), c))
+            self.optimizers = [self.optimizer]
+            for frozen in (m.reference, m.reward_model):
+                if frozen is not None and c.offload_frozen:
+                    frozen.to("cpu")
+            return engine, engine
+        actor, actor_opt, _ = self.strategy.prepare(TrainModule(m.policy), _adamw(list(m.policy.parameters()), c))
+        critic_params = list(m.critic.parameters()) + list(m.value_head.parameters())
+        critic, critic_opt, _ = self.strategy.prepare(TrainModule(m.critic, m.value_head), _adamw(critic_params, c))
+        self.optimizers, self.optimizer = [actor_opt, critic_opt], None  # no single optimizer here
+        self.strategy.prepare_frozen(m.reward_head)  # a few hundred weights: stays on the device
+        for frozen in (m.reference, m.reward_model):
+            if frozen is not None:
+                self.strategy.prepare_frozen(frozen)
+                if c.offload_frozen:
+                    frozen.to("cpu")
+        return actor, critic
+
+    def frozen_on_device(self, model):
+        """Context for a pass of a separate frozen model (reference, reward model; None: nothing to place)."""
+        if model is None:
+            return contextlib.nullcontext()
+        return self.strategy.on_device(model, offload=self.config.offload_frozen)
+
     # --- the steps ------------------------------------------------------------------------------
     def rollout(self):
-        batch = next(self.prompts)
+        """This rank's prompts (ranks take turns through one batch order, as in the SFT/RM trainers)."""
+        batch = [next(self.prompts) for _ in range(self.strategy.world_size)][self.strategy.rank]
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         with self.strategy.autocast():
-            return self.maker.make(ids, mask, kl_coef=self.kl_ctl.value, generator=self.rollout_gen)
+            exp, stats = self.maker.make(ids, mask, kl_coef=self.kl_ctl.value, generator=self.rollout_gen)
+        if self.strategy.world_size > 1:  # every rank adapts the KL coefficient to the same global mean
+            stats = {k: self.strategy.all_reduce_mean(v) for k, v in stats.items()}
+        return exp, stats
+
+    def _forward(self, exp, first: int):
+        """(logprobs, entropy, values) of the training forward, through the engine(s)."""
+        m = self.models
+
+        def actor_fn():
+            return m.policy_logprobs(exp.sequences, exp.attention_mask, first, with_entropy=True)
+
+        def critic_fn():
+            return m.values(exp.sequences, exp.attention_mask, first)
+
+        if self.actor is self.critic:
+            return self.actor(lambda: (*actor_fn(), critic_fn()))
+        logprobs, entropy = self.actor(actor_fn)
+        return logprobs, entropy, self.critic(critic_fn)
 
     def loss(self, exp) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """PPO loss of one minibatch of experience and its (detached) metrics."""
-        first = _first_action(exp.action_mask)
-        m = self.models
-        logprobs, entropy = m.policy_logprobs(exp.sequences, exp.attention_mask, first, with_entropy=True)
-        values = m.values(exp.sequences, exp.attention_mask, first)
-        c = self.config
-        loss, metrics = ppo_loss(logprobs, exp.logprobs, exp.advantages, values, exp.values, exp.returns,
-                                 exp.action_mask, clip_eps=c.clip_eps, value_clip_eps=c.value_clip_eps,
-                                 vf_coef=c.vf_coef, ref_logprobs=exp.ref_logprobs, backend=c.loss_backend)
-        metrics["entropy"] = masked_mean(entropy.detach(), exp.action_mask)
+        loss, metrics, _ = self.module_losses(exp)
         return loss, metrics
+
+    def module_losses(self, exp) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+        """`loss(exp)`, plus the loss each prepared module backpropagates. Two engines (actor, critic): the
+        policy loss for the actor and the value loss for the critic, as two ppo_loss calls with the other
+        side detached, which are the gradients of the one summed loss."""
+        first = _first_action(exp.action_mask)
+        logprobs, entropy, values = self._forward(exp, first)
+        c = self.config
+        kw = dict(clip_eps=c.clip_eps, value_clip_eps=c.value_clip_eps, vf_coef=c.vf_coef,
+                  ref_logprobs=exp.ref_logprobs, backend=c.loss_backend)
+        old = (exp.advantages, values, exp.values, exp.returns, exp.action_mask)
+        if self.actor is self.critic:
+            loss, metrics = ppo_loss(logprobs, exp.logprobs, *old, **kw)
+            per_module = {self.actor: loss}
+        else:
+            loss, metrics = ppo_loss(logprobs, exp.logprobs, exp.advantages, values.detach(), *old[2:], **kw)
+            critic_loss, _ = ppo_loss(logprobs.detach(), exp.logprobs, *old, **kw)
+            per_module = {self.actor: loss, self.critic: critic_loss}
+        if self.strategy.world_size > 1:  # each rank's token-mean -> its share of the global token-mean
+            n = exp.action_mask.sum()
+            share = n / self.strategy.all_reduce_sum(n.float()).clamp(min=1)
+            per_module = {k: v * share for k, v in per_module.items()}
+        metrics["entropy"] = masked_mean(entropy.detach(), exp.action_mask)
+        return loss, metrics, per_module
 
     def update(self, exp) -> dict[str, float]:
         """ppo_epochs passes over shuffled minibatches; the mean of each metric over the steps."""
@@ -168,13 +280,19 @@ class PPOTrainer:
             order = torch.randperm(B, generator=self.shuffle_gen).to(self.device)
             for i in range(0, B, c.mini_batch_size):
                 with self.strategy.autocast():
-                    loss, metrics = self.loss(exp.select(order[i: i + c.mini_batch_size]))
-                self.strategy.backward(loss)
-                metrics = {"loss": loss.detach(), **metrics, "grad_norm": self.strategy.step()}
+                    loss, metrics, per_module = self.module_losses(exp.select(order[i: i + c.mini_batch_size]))
+                for module, module_loss in per_module.items():
+                    self.strategy.backward(module_loss, model=module)
+                # the norm over all trainable parameters (each engine clips its own)
+                grad_norm = math.sqrt(sum(self.strategy.step(model=module) ** 2 for module in per_module))
+                metrics = {"loss": loss.detach(), **metrics, "grad_norm": grad_norm}
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 steps += 1
-        return {k: v / steps for k, v in sums.items()}
+        means = {k: v / steps for k, v in sums.items()}
+        if self.strategy.world_size > 1:
+            means = {k: self.strategy.all_reduce_mean(v) for k, v in means.items()}
+        return means
 
     def step(self) -> dict[str, float]:
         """One iteration: rollout -> score -> advantages -> update."""
@@ -183,13 +301,14 @@ class PPOTrainer:
         timer = PhaseTimer(self.device)
         with timer("train"):
             train = self.update(exp)
-        self.kl_ctl.update(stats["kl"], n_steps=len(exp))
+        self.kl_ctl.update(stats["kl"], n_steps=len(exp) * self.strategy.world_size)
         return {**stats, **{f"train/{k}": v for k, v in train.items()}, **timer.times, "kl_coef": kl_coef}
 
     @torch.no_grad()
     def evaluate(self, batch_size: int | None = None, seed: int = 1234) -> dict[str, float]:
         """Mean reward-model score and KL to the reference (summed k1 per sequence) of sampled responses
-        to the held-out prompts. A fixed-seed generator of its own: training RNG is untouched."""
+        to the held-out prompts. A fixed-seed generator of its own: training RNG is untouched. Every rank
+        evaluates all the held-out prompts (the same numbers)."""
         if not self.eval_prompts:
             return {}
         self.models.eval()
@@ -204,10 +323,12 @@ class PPOTrainer:
             first, seq, amask = ids.shape[1] - 1, out.sequences, out.attention_mask.bool()
             with self.strategy.autocast():
                 lp = self.models.policy_logprobs(seq, amask, first)[:, first:]
-                ref = self.models.ref_logprobs(seq, amask, first)[:, first:]
-                scores.append(self.models.scores(seq, amask).float())
+                with self.frozen_on_device(self.models.reference):
+                    ref = self.models.ref_logprobs(seq, amask, first)[:, first:]
+                with self.frozen_on_device(self.models.reward_model):
+                    scores.append(self.models.scores(seq, amask).float())
             resp = out.response_mask.bool()
-            kls.append(torch.where(resp, kl_k1(lp, ref), 0.0).sum(dim=1))
+            kls.append(torch.where(resp, kl_k1(lp.float(), ref.float()), 0.0).sum(dim=1))
             lengths.append(resp.sum(dim=1).float())
         return {"reward": float(torch.cat(scores).mean()), "reward_std": float(torch.cat(scores).std()),
                 "kl": float(torch.cat(kls).mean()), "response_len": float(torch.cat(lengths).mean())}
@@ -216,14 +337,15 @@ class PPOTrainer:
         """Run to config.iterations (or stop at `until_iteration`, saving a checkpoint there)."""
         c = self.config
         stop = c.iterations if until_iteration is None else min(until_iteration, c.iterations)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "ppo_config.json").write_text(json.dumps(c.to_dict(), indent=1))
+        if self.strategy.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "ppo_config.json").write_text(json.dumps(c.to_dict(), indent=1))
         if c.resume:
             self.resume()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=c.iterations, initial=self.iteration, desc="ppo", disable=not c.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=c.iterations, initial=self.iteration, desc="ppo",
+                   disable=not (c.progress and self.strategy.is_main), dynamic_ncols=True)
         while self.iteration < stop:
             metrics = self.step()
             self.iteration += 1
@@ -250,21 +372,39 @@ class PPOTrainer:
         if metrics:
             self.eval_history.append({"iteration": self.iteration, **metrics})
             self.logger.log(self.iteration, metrics, prefix="eval")
-            log.info("ppo iteration %d eval: %s", self.iteration,
-                     ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            if self.strategy.is_main:
+                log.info("ppo iteration %d eval: %s", self.iteration,
+                         ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
 
     # --- checkpoints ----------------------------------------------------------------------------
-    def save(self) -> Path:
-        weights = {n: p.detach().cpu().clone() for n, p in self.trainable.items()}
-        generators = {"rollout": self.rollout_gen.get_state(), "shuffle": self.shuffle_gen.get_state()}
-        path = self.checkpoints.save(
-            self.iteration,
-            {"weights": weights, "optim": self.strategy.state_dict(), "rng": capture_rng_state(),
-             "generators": generators},
-            {"stage": self.stage, "data": self.prompts.state_dict(), "kl_coef": self.kl_ctl.value},
-        )
-        self.logger.event(self.iteration, checkpoint=str(path))
+    def _strategy_dir(self, iteration: int) -> Path:
+        """Where the strategy keeps its own state (DeepSpeed: one checkpoint per engine) of an iteration."""
+        return self.run_dir / "strategy" / f"step-{iteration:08d}"
+
+    def save(self) -> Path | None:
+        """Collective: every process calls it; the main one writes the checkpoint after the strategy's own
+        state (every engine's, under DeepSpeed) is complete on every rank."""
+        with self.strategy.gathered(self.trainable.values()):
+            weights = {n: p.detach().cpu().clone() for n, p in self.trainable.items()} \
+                if self.strategy.is_main else None
+        optim = self.strategy.save_checkpoint(self._strategy_dir(self.iteration))
+        self.strategy.barrier()
+        path = None
+        if self.strategy.is_main:
+            generators = {"rollout": self.rollout_gen.get_state(), "shuffle": self.shuffle_gen.get_state()}
+            path = self.checkpoints.save(
+                self.iteration,
+                {"weights": weights, "optim": optim, "rng": capture_rng_state(), "generators": generators},
+                {"stage": self.stage, "data": self.prompts.state_dict(), "kl_coef": self.kl_ctl.value},
+            )
+            kept = {p.name for p in self.checkpoints.checkpoints()}
+            strategy_root = self.run_dir / "strategy"
+            for old in strategy_root.glob("step-*") if strategy_root.is_dir() else []:
+                if old.name not in kept:
+                    shutil.rmtree(old, ignore_errors=True)
+            self.logger.event(self.iteration, checkpoint=str(path))
+        self.strategy.barrier()  # no rank runs ahead (or resumes) before the checkpoint is complete
         return path
 
     def resume(self) -> bool:
@@ -274,10 +414,10 @@ class PPOTrainer:
             log.info("no checkpoint in %s: PPO starts at iteration 0", self.checkpoints.dir)
             return False
         path, blobs, state = loaded
-        with torch.no_grad():
+        with torch.no_grad(), self.strategy.gathered(self.trainable.values(), modify=True):
             for n, p in self.trainable.items():
                 p.copy_(blobs["weights"][n])
-        self.strategy.load_state_dict(blobs["optim"])
+        self.strategy.load_checkpoint(blobs["optim"], self._strategy_dir(int(state["step"])))
         restore_rng_state(blobs["rng"])
         self.rollout_gen.set_state(blobs["generators"]["rollout"])
         self.shuffle_gen.set_state(blobs["generators"]["shuffle"])

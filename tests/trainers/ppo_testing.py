@@ -25,14 +25,31 @@ def tiny_models(seed: int = 0, perturb_policy: bool = False, attn_backend: str =
     return PPOModels(base, ScalarHead(base.config.n_embd), reward_head)
 
 
-def tiny_trainer(tmp_path, models=None, **overrides) -> PPOTrainer:
+def tiny_full_models(seed: int = 0) -> PPOModels:
+    """Full-parameter roles: trained policy and critic, frozen reference (a copy of the policy) and a separate
+    frozen reward model, all `tiny` (deterministic)."""
+    torch.manual_seed(seed)
+    policy = GPT.from_preset("tiny", attn_backend="sdpa", kernel_backend="torch")
+    reference = GPT.from_preset("tiny", attn_backend="sdpa", kernel_backend="torch")
+    reference.load_state_dict(policy.state_dict())
+    critic = GPT.from_preset("tiny", attn_backend="sdpa", kernel_backend="torch")
+    reward_model = GPT.from_preset("tiny", attn_backend="sdpa", kernel_backend="torch")
+    reward_head = ScalarHead(policy.config.n_embd)
+    with torch.no_grad():
+        reward_head.proj.weight.mul_(30.0)  # scores of order 1 instead of 0.01
+    return PPOModels(policy, ScalarHead(policy.config.n_embd), reward_head, critic=critic, reference=reference,
+                     reward_model=reward_model)
+
+
+def tiny_trainer(tmp_path, models=None, strategy=None, **overrides) -> PPOTrainer:
     config = dict(iterations=3, rollout_batch_size=6, mini_batch_size=4, ppo_epochs=2, max_new_tokens=9,
                   device="cpu", output_dir=str(tmp_path), progress=False, lr=3e-3)
     config = PPOConfig(**{**config, **overrides})
     tok = ByteTokenizer()
     prompts = prompt_batches(synthetic_prompts(30, 0), tok, config.rollout_batch_size, 48, config.seed)
     held_out = [tok.encode(p) for p in synthetic_prompts(8, 99)]
-    return PPOTrainer(config, models if models is not None else tiny_models(), tok, prompts, held_out)
+    return PPOTrainer(config, models if models is not None else tiny_models(), tok, prompts, held_out,
+                      strategy=strategy(config) if strategy is not None else None)
 
 
 def stage_config(out_dir, stage: str, steps: int, model: str | None = None) -> TrainConfig:
