@@ -112,6 +112,17 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
+    def prune_unkept(self, directory) -> None:
+        """Remove the `step-*` entries of `directory` (e.g. a strategy's own per-step state) whose
+        checkpoint is no longer kept."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            return
+        kept = {p.name for p in self.checkpoints()}
+        for old in directory.glob("step-*"):
+            if old.name not in kept:
+                shutil.rmtree(old, ignore_errors=True)
+
     def load_latest(self, stage: str, trainable: dict) -> tuple[Path, dict[str, object], dict] | None:
         """(path, objects, trainer_state) of the newest complete checkpoint, or None when there is none.
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -189,11 +188,7 @@ class Trainer:
         if self.strategy.is_main:
             path = self.checkpoints.save(self.step, {"weights": weights, "optim": optim, "rng": capture_rng_state()},
                                          {"data": self.batches.state_dict(), "stage": self.stage})
-            kept = {p.name for p in self.checkpoints.checkpoints()}
-            strategy_root = self.run_dir / "strategy"
-            for old in strategy_root.glob("step-*") if strategy_root.is_dir() else []:
-                if old.name not in kept:
-                    shutil.rmtree(old, ignore_errors=True)
+            self.checkpoints.prune_unkept(self.run_dir / "strategy")
             self.logger.event(self.step, checkpoint=str(path))
         self.strategy.barrier()  # no rank runs ahead (or resumes) before the checkpoint is complete
         return path

@@ -24,7 +24,6 @@ import gzip
 import hashlib
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -398,11 +397,7 @@ class PPOTrainer:
                 {"weights": weights, "optim": optim, "rng": capture_rng_state(), "generators": generators},
                 {"stage": self.stage, "data": self.prompts.state_dict(), "kl_coef": self.kl_ctl.value},
             )
-            kept = {p.name for p in self.checkpoints.checkpoints()}
-            strategy_root = self.run_dir / "strategy"
-            for old in strategy_root.glob("step-*") if strategy_root.is_dir() else []:
-                if old.name not in kept:
-                    shutil.rmtree(old, ignore_errors=True)
+            self.checkpoints.prune_unkept(self.run_dir / "strategy")
             self.logger.event(self.iteration, checkpoint=str(path))
         self.strategy.barrier()  # no rank runs ahead (or resumes) before the checkpoint is complete
         return path
