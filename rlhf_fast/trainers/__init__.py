@@ -1,4 +1,4 @@
-"""SFT, reward-model, PPO, GRPO and DPO trainers. They take built objects, not strings to load."""
+"""SFT, reward-model, PPO and GRPO trainers (DPO is not built yet). They take built objects, not strings to load."""
 
 from .checkpoint import CheckpointManager
 from .common import Trainer, TrainModule
