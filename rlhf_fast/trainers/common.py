@@ -172,25 +172,12 @@ class Trainer:
         return metrics
 
     # --- checkpoints ----------------------------------------------------------------------------
-    def _strategy_dir(self, step: int) -> Path:
-        """Where a strategy keeps its own (e.g. DeepSpeed's sharded) state of checkpoint `step`."""
-        return self.run_dir / "strategy" / f"step-{step:08d}"
-
     def save(self) -> Path | None:
-        """Collective: every process calls it; the main one writes the checkpoint (weights load without
-        the strategy), after the strategy's own state is complete on every rank."""
-        with self.strategy.gathered(self.trainable.values()):
-            weights = {n: p.detach().cpu().clone() for n, p in self.trainable.items()} if self.strategy.is_main \
-                else None
-        optim = self.strategy.save_checkpoint(self._strategy_dir(self.step))
-        self.strategy.barrier()
-        path = None
-        if self.strategy.is_main:
-            path = self.checkpoints.save(self.step, {"weights": weights, "optim": optim, "rng": capture_rng_state()},
-                                         {"data": self.batches.state_dict(), "stage": self.stage})
-            self.checkpoints.prune_unkept(self.run_dir / "strategy")
+        """Collective: every process calls it (see `save_collective`)."""
+        path = save_collective(self.strategy, self.checkpoints, self.step, self.trainable, {},
+                               {"data": self.batches.state_dict(), "stage": self.stage})
+        if path is not None:
             self.logger.event(self.step, checkpoint=str(path))
-        self.strategy.barrier()  # no rank runs ahead (or resumes) before the checkpoint is complete
         return path
 
     def resume(self) -> bool:
@@ -200,11 +187,7 @@ class Trainer:
             log.info("no checkpoint in %s: starting from step 0", self.checkpoints.dir)
             return False
         path, blobs, state = loaded
-        with torch.no_grad(), self.strategy.gathered(self.trainable.values(), modify=True):
-            for n, p in self.trainable.items():
-                p.copy_(blobs["weights"][n])
-        self.strategy.load_checkpoint(blobs["optim"], self._strategy_dir(int(state["step"])))
-        restore_rng_state(blobs["rng"])
+        restore_collective(self.strategy, self.checkpoints, self.trainable, blobs, int(state["step"]))
         self.batches.load_state_dict(state["data"])
         self.step = int(state["step"])
         log.info("resumed from %s at step %d", path, self.step)
@@ -212,6 +195,40 @@ class Trainer:
 
 
 # --- builders (used by the CLI and tests) ---------------------------------------------------------
+
+
+def strategy_dir(checkpoints: CheckpointManager, step: int) -> Path:
+    """Where a strategy keeps its own (e.g. DeepSpeed's per-engine, sharded) state of checkpoint `step`."""
+    return checkpoints.run_dir / "strategy" / f"step-{step:08d}"
+
+
+def save_collective(strategy: Strategy, checkpoints: CheckpointManager, step: int, trainable: dict,
+                    blobs: dict, trainer_state: dict) -> Path | None:
+    """The checkpoint protocol of every trainer. Collective: every process calls it. The strategy's own
+    state is written on every rank first; then the main process writes the checkpoint (trainable weights
+    that load without the strategy, the strategy's optimizer state, RNG state, plus `blobs`) and prunes
+    strategy state whose checkpoint is gone. Returns the checkpoint path on the main process, else None."""
+    with strategy.gathered(trainable.values()):
+        weights = {n: p.detach().cpu().clone() for n, p in trainable.items()} if strategy.is_main else None
+    optim = strategy.save_checkpoint(strategy_dir(checkpoints, step))
+    strategy.barrier()
+    path = None
+    if strategy.is_main:
+        path = checkpoints.save(step, {"weights": weights, "optim": optim, "rng": capture_rng_state(), **blobs},
+                                trainer_state)
+        checkpoints.prune_unkept(checkpoints.run_dir / "strategy")
+    strategy.barrier()  # no rank runs ahead (or resumes) before the checkpoint is complete
+    return path
+
+
+def restore_collective(strategy: Strategy, checkpoints: CheckpointManager, trainable: dict, blobs: dict,
+                       step: int) -> None:
+    """Undo `save_collective`'s common part: trainable weights, strategy state, RNG state."""
+    with torch.no_grad(), strategy.gathered(trainable.values(), modify=True):
+        for n, p in trainable.items():
+            p.copy_(blobs["weights"][n])
+    strategy.load_checkpoint(blobs["optim"], strategy_dir(checkpoints, step))
+    restore_rng_state(blobs["rng"])
 
 
 def resolve_device(config: TrainConfig) -> torch.device:

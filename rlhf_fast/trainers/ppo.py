@@ -36,8 +36,8 @@ from rlhf_fast.model import GPT, ScalarHead, add_lora, load_adapter
 from rlhf_fast.rl import AdvantageConfig, kl_k1, make_kl_controller, masked_mean, ppo_loss
 from rlhf_fast.rl.kl import KL_ESTIMATORS
 
-from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
-from .common import TOKENIZER_MARKER, TrainModule
+from .checkpoint import CheckpointManager
+from .common import TOKENIZER_MARKER, TrainModule, restore_collective, save_collective
 from .experience import POLICY, REWARD, VALUE, ExperienceMaker, PhaseTimer, PPOModels
 from .metrics import MetricsLogger, log
 from .reward import REWARD_ADAPTER_FILE, REWARD_META_FILE, load_reward_model, weights_fingerprint
@@ -377,29 +377,14 @@ class PPOTrainer:
         return metrics
 
     # --- checkpoints ----------------------------------------------------------------------------
-    def _strategy_dir(self, iteration: int) -> Path:
-        """Where the strategy keeps its own state (DeepSpeed: one checkpoint per engine) of an iteration."""
-        return self.run_dir / "strategy" / f"step-{iteration:08d}"
-
     def save(self) -> Path | None:
-        """Collective: every process calls it; the main one writes the checkpoint after the strategy's own
-        state (every engine's, under DeepSpeed) is complete on every rank."""
-        with self.strategy.gathered(self.trainable.values()):
-            weights = {n: p.detach().cpu().clone() for n, p in self.trainable.items()} \
-                if self.strategy.is_main else None
-        optim = self.strategy.save_checkpoint(self._strategy_dir(self.iteration))
-        self.strategy.barrier()
-        path = None
-        if self.strategy.is_main:
-            generators = {"rollout": self.rollout_gen.get_state(), "shuffle": self.shuffle_gen.get_state()}
-            path = self.checkpoints.save(
-                self.iteration,
-                {"weights": weights, "optim": optim, "rng": capture_rng_state(), "generators": generators},
-                {"stage": self.stage, "data": self.prompts.state_dict(), "kl_coef": self.kl_ctl.value},
-            )
-            self.checkpoints.prune_unkept(self.run_dir / "strategy")
+        """Collective: every process calls it (see `save_collective`)."""
+        generators = {"rollout": self.rollout_gen.get_state(), "shuffle": self.shuffle_gen.get_state()}
+        path = save_collective(self.strategy, self.checkpoints, self.iteration, self.trainable,
+                               {"generators": generators},
+                               {"stage": self.stage, "data": self.prompts.state_dict(), "kl_coef": self.kl_ctl.value})
+        if path is not None:
             self.logger.event(self.iteration, checkpoint=str(path))
-        self.strategy.barrier()  # no rank runs ahead (or resumes) before the checkpoint is complete
         return path
 
     def resume(self) -> bool:
@@ -409,11 +394,7 @@ class PPOTrainer:
             log.info("no checkpoint in %s: PPO starts at iteration 0", self.checkpoints.dir)
             return False
         path, blobs, state = loaded
-        with torch.no_grad(), self.strategy.gathered(self.trainable.values(), modify=True):
-            for n, p in self.trainable.items():
-                p.copy_(blobs["weights"][n])
-        self.strategy.load_checkpoint(blobs["optim"], self._strategy_dir(int(state["step"])))
-        restore_rng_state(blobs["rng"])
+        restore_collective(self.strategy, self.checkpoints, self.trainable, blobs, int(state["step"]))
         self.rollout_gen.set_state(blobs["generators"]["rollout"])
         self.shuffle_gen.set_state(blobs["generators"]["shuffle"])
         self.prompts.load_state_dict(state["data"])
