@@ -115,8 +115,6 @@ class SingleDeviceStrategy(Strategy):
         self.device = torch.device(device)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("precision='fp16' needs a CUDA device (use bf16 or fp32 on CPU)")
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         self.precision = precision

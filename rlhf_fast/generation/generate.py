@@ -53,6 +53,13 @@ def kv_cache_for(model, batch_size: int, max_len: int, dtype: torch.dtype, devic
     return caches[key]
 
 
+def cache_dtype(model, device: torch.device) -> torch.dtype:
+    """The dtype k and v are computed in: autocast's when it is on (fp32 master weights), else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return model.transformer.wte.weight.dtype
+
+
 def release_kv_caches(model) -> None:
     """Free the KV caches kept for `model` (e.g. before a memory-hungry training phase)."""
     _CACHES.pop(model, None)
@@ -148,8 +155,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
-    kv_cache = kv_cache_for(model, B, cache_length(P + N, model.config.n_positions),
-                            model.transformer.wte.weight.dtype, device)
+    kv_cache = kv_cache_for(model, B, cache_length(P + N, model.config.n_positions), cache_dtype(model, device),
+                            device)
     use_compile = device.type == "cuda" if compile is None else compile
     step = compiled_decode_step(device.type) if use_compile else decode_one_token
 

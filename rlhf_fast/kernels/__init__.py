@@ -8,6 +8,12 @@ Every function takes `backend=`:
 
 Inputs are validated here, once, so every backend sees the same checked shapes and dtypes and a bad
 call fails with a message naming the argument. This package imports only torch (triton lazily).
+
+Precision (docs/precision.md): under `torch.autocast` the matmul kernels (`lora_linear`,
+`masked_attention`) take every floating input in the autocast dtype, cast here for both backends, so
+fp32 master weights, bf16 weights and CUDA autocast's fp32 layer_norm outputs all meet in one dtype;
+gradients flow back through the casts to the masters. The RL kernels (`gae`, `ppo_loss`) always
+compute in fp32 whatever their inputs' dtype.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ BACKENDS = ("auto", "torch", "triton")
 # kernel name -> module holding its Triton implementation (a function of the same name, same
 # signature minus `backend`). A kernel whose module is absent has only the torch backend.
 _TRITON_MODULES = {
-    "lora_linear": "rlhf_fast.kernels.lora_linear",
+    "lora_linear": "rlhf_fast.kernels.lora",
     "masked_attention": "rlhf_fast.kernels.attention",
     "gae": "rlhf_fast.kernels.ppo",
     "ppo_loss": "rlhf_fast.kernels.ppo",
@@ -69,12 +75,19 @@ def triton_implemented(name: str) -> bool:
     return module is not None and importlib.util.find_spec(module) is not None and triton_available()
 
 
-def resolve_backend(name: str, backend: str, device: torch.device) -> str:
-    """Turn `backend` ("auto" | "torch" | "triton") into the concrete backend for kernel `name`."""
+# What the Triton kernels cover; "auto" falls back to torch outside it, "triton" raises there.
+MAX_LORA_RANK = 128  # R_PAD = 128 keeps the LoRA seed tiles in registers (kernels/lora.py)
+HEAD_DIM_RANGE = (16, 128)  # attention tiles hold one head (kernels/attention.py)
+
+
+def resolve_backend(name: str, backend: str, device: torch.device, supported: bool = True) -> str:
+    """Turn `backend` ("auto" | "torch" | "triton") into the concrete backend for kernel `name`.
+
+    supported=False: these shapes are outside the Triton kernel's range, so "auto" picks torch."""
     if backend not in BACKENDS:
         raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_implemented(name) else "torch"
+        return "triton" if device.type == "cuda" and supported and triton_implemented(name) else "torch"
     if backend == "triton":
         if not triton_implemented(name):
             raise ValueError(f"{name}: backend='triton' is not available (no Triton implementation "
@@ -96,9 +109,6 @@ def _load_triton(name: str) -> bool:
     """
     if name not in _TRITON_FNS:
         _TRITON_FNS[name] = getattr(importlib.import_module(_TRITON_MODULES[name]), name)
-        # Importing kernels/lora_linear.py binds that submodule as attribute `lora_linear` of this
-        # package, shadowing the public function of the same name: put the public functions back.
-        globals().update(_PUBLIC_FUNCTIONS)
     return True
 
 
@@ -114,14 +124,22 @@ def _check_float(name: str, arg: str, t: torch.Tensor):
         raise TypeError(f"{name}: {arg} must be a floating-point tensor, got {t.dtype}")
 
 
-def _check_same(name: str, ref_arg: str, ref: torch.Tensor, **others):
+def _autocast(device: torch.device, *tensors):
+    """The tensors in the autocast dtype when autocast is on for their device type, else unchanged."""
+    if not torch.is_autocast_enabled(device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device.type)
+    return tuple(t if t is None else t.to(dtype) for t in tensors)
+
+
+def _check_same(name: str, ref_arg: str, ref: torch.Tensor, dtypes: bool = True, **others):
     for arg, t in others.items():
         if t is None:
             continue
         _check_float(name, arg, t)
         if t.device != ref.device:
             raise ValueError(f"{name}: {arg} is on {t.device} but {ref_arg} is on {ref.device}")
-        if t.dtype != ref.dtype:
+        if dtypes and t.dtype != ref.dtype:
             raise TypeError(f"{name}: {arg} has dtype {t.dtype} but {ref_arg} has {ref.dtype}")
 
 
@@ -132,6 +150,8 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale: float, *, backend: str =
     """
     name = "lora_linear"
     _check_float(name, "x", x)
+    _check_same(name, "x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, dtypes=False)
+    x, weight, bias, lora_a, lora_b = _autocast(x.device, x, weight, bias, lora_a, lora_b)
     _check_same(name, "x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
     if weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2:
         raise ValueError(f"{name}: weight, lora_a and lora_b must be 2-D, got {tuple(weight.shape)}, "
@@ -147,7 +167,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale: float, *, backend: str =
     if bias is not None and tuple(bias.shape) != (out_f,):
         raise ValueError(f"{name}: bias must be ({out_f},), got {tuple(bias.shape)}")
     scale = float(scale)
-    if resolve_backend(name, backend, x.device) == "triton":
+    if resolve_backend(name, backend, x.device, supported=r <= MAX_LORA_RANK) == "triton":
         return _triton_fn(name)(x, weight, bias, lora_a, lora_b, scale)
     return reference.lora_linear(x, weight, bias, lora_a, lora_b, scale)
 
@@ -160,6 +180,8 @@ def masked_attention(q, k, v, key_padding_mask=None, causal: bool = True, sm_sca
     """
     name = "masked_attention"
     _check_float(name, "q", q)
+    _check_same(name, "q", q, k=k, v=v, dtypes=False)
+    q, k, v = _autocast(q.device, q, k, v)
     _check_same(name, "q", q, k=k, v=v)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"{name}: q, k, v must be 4-D (B, H, T, D), got {tuple(q.shape)}, "
@@ -175,7 +197,8 @@ def masked_attention(q, k, v, key_padding_mask=None, causal: bool = True, sm_sca
                              f"got {tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != q.device:
             raise ValueError(f"{name}: key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
-    if resolve_backend(name, backend, q.device) == "triton":
+    lo, hi = HEAD_DIM_RANGE
+    if resolve_backend(name, backend, q.device, supported=lo <= D <= hi) == "triton":
         return _triton_fn(name)(q, k, v, key_padding_mask, causal, sm_scale)
     return reference.masked_attention(q, k, v, key_padding_mask, causal, sm_scale)
 
@@ -199,12 +222,18 @@ def _check_bt(name: str, **tensors):
             raise TypeError(f"{name}: {arg} must be floating point, got {t.dtype}")
 
 
+def _fp32(*tensors):
+    """RL maths runs in fp32 whatever the training precision (gradients flow back through the cast)."""
+    return tuple(t if t is None else t.float() for t in tensors)
+
+
 def gae(rewards, values, mask, gamma: float, lam: float, *, backend: str = "auto"):
     """Masked GAE: (advantages, returns), both (B, T) fp32, no gradient. See DESIGN.md."""
     name = "gae"
     _check_bt(name, rewards=rewards, values=values, mask=mask)
     if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
         raise ValueError(f"{name}: gamma and lam must lie in [0, 1], got gamma={gamma}, lam={lam}")
+    rewards, values = _fp32(rewards, values)
     if resolve_backend(name, backend, rewards.device) == "triton":
         return _triton_fn(name)(rewards, values, mask, float(gamma), float(lam))
     return reference.gae(rewards, values, mask, gamma, lam)
@@ -219,13 +248,11 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, ma
               old_values=old_values, returns=returns, mask=mask, ref_logprobs=ref_logprobs)
     if clip_eps < 0 or value_clip_eps < 0:
         raise ValueError(f"{name}: clip_eps and value_clip_eps must be >= 0")
+    *floats, ref_logprobs = _fp32(logprobs, old_logprobs, advantages, values, old_values, returns, ref_logprobs)
     kwargs = dict(clip_eps=float(clip_eps), value_clip_eps=float(value_clip_eps), vf_coef=float(vf_coef),
                   ref_logprobs=ref_logprobs, kl_coef=float(kl_coef))
-    args = (logprobs, old_logprobs, advantages, values, old_values, returns, mask)
+    args = (*floats, mask)
     if resolve_backend(name, backend, logprobs.device) == "triton":
         return _triton_fn(name)(*args, **kwargs)
     return reference.ppo_loss(*args, **kwargs)
 
-
-_PUBLIC_FUNCTIONS = {"lora_linear": lora_linear, "masked_attention": masked_attention, "gae": gae,
-                     "ppo_loss": ppo_loss}

@@ -23,7 +23,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from . import launch
 
 LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -76,14 +78,20 @@ def _key_phases(pid_m, kv_lo, kv_end, dense, Tq, Tk, CAUSAL: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _visible(offs_m, offs_n, kv_hi, Tq, Tk, kpm_ptr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+def _real_keys(offs_n, kv_hi, Tk, kpm_ptr, HAS_MASK: tl.constexpr):
+    """(BLOCK_N,) bool: keys below kv_hi that are real tokens (not padding or unwritten cache slots)."""
+    real = offs_n < kv_hi
+    if HAS_MASK:
+        real = real & (tl.load(kpm_ptr + offs_n, mask=offs_n < Tk, other=0) != 0)
+    return real
+
+
+@triton.jit
+def _visible(offs_m, offs_n, real, Tq, Tk, CAUSAL: tl.constexpr):
     """(BLOCK_M, BLOCK_N) bool: which of these keys each of these queries may see."""
-    vis = (offs_n < kv_hi)[None, :] & (offs_m >= 0)[:, None]
+    vis = real[None, :] & (offs_m >= 0)[:, None]
     if CAUSAL:  # bottom-right aligned: query i sees keys <= i + Tk - Tq
         vis = vis & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
-    if HAS_MASK:
-        kpm = tl.load(kpm_ptr + offs_n, mask=offs_n < Tk, other=0)
-        vis = vis & (kpm != 0)[None, :]
     return vis
 
 
@@ -101,9 +109,11 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_ptr, stride_kt, stride
         kv_mask = (offs_n < Tk)[:, None] & (offs_d < D)[None, :]
         k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        if MASKED:
-            vis = _visible(offs_m, offs_n, kv_hi, Tq, Tk, kpm_ptr, CAUSAL, HAS_MASK)
-            s = tl.where(vis, s, float("-inf"))
+        if MASKED:  # the where() also drops the NaN/inf scores of garbage keys
+            real = _real_keys(offs_n, kv_hi, Tk, kpm_ptr, HAS_MASK)
+            s = tl.where(_visible(offs_m, offs_n, real, Tq, Tk, CAUSAL), s, float("-inf"))
+            # p = 0 for padded keys, but 0 * NaN garbage in their V rows would reach acc: don't load them
+            kv_mask = real[:, None] & (offs_d < D)[None, :]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible so far keeps m = -inf; subtracting 0 instead keeps exp2 at 0
         # rather than exp2(-inf - -inf) = NaN.
@@ -135,8 +145,10 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SCAN_BLOCK: tl.constexpr,
 ):
+    # Scalars as fp32 (torch.compile may pass fp64), batch/head offsets in int64 (they overflow int32).
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -181,14 +193,16 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_ptr, stride_kt
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < Tk)[:, None] & (offs_d < D)[None, :]
+        if MASKED:  # padded keys are not loaded: ds = 0 there, but 0 * NaN garbage in K, V would reach dq
+            real = _real_keys(offs_n, kv_hi, Tk, kpm_ptr, HAS_MASK)
+        else:
+            real = offs_n < Tk
+        kv_mask = real[:, None] & (offs_d < D)[None, :]
         k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            # Masking s before exp2 keeps garbage keys from overflowing; lse = +inf (no key) gives p = 0.
-            vis = _visible(offs_m, offs_n, kv_hi, Tq, Tk, kpm_ptr, CAUSAL, HAS_MASK)
-            s = tl.where(vis, s, float("-inf"))
+        if MASKED:  # masked before exp2; lse = +inf (row with no key) gives p = 0
+            s = tl.where(_visible(offs_m, offs_n, real, Tq, Tk, CAUSAL), s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -197,11 +211,10 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_ptr, stride_kt
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, kpm_ptr, stride_qt, stride_dot,
-                         offs_n, lo, hi, kv_hi, Tq, Tk, D, qk_scale, CAUSAL: tl.constexpr,
-                         HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
-    """dK, dV (dK unscaled) contributions of query rows [lo, hi) to one key block."""
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qt, stride_dot, offs_n, real,
+                         lo, hi, Tq, Tk, D, qk_scale, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """dK, dV (dK unscaled) contributions of query rows [lo, hi) to one key block; real: its real keys."""
     offs_d = tl.arange(0, BLOCK_D)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -212,8 +225,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, kpm_
         delta = tl.load(delta_ptr + offs_m, mask=offs_m < Tq, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         if MASKED:
-            vis = _visible(offs_m, offs_n, kv_hi, Tq, Tk, kpm_ptr, CAUSAL, HAS_MASK)
-            s = tl.where(vis, s, float("-inf"))
+            s = tl.where(_visible(offs_m, offs_n, real, Tq, Tk, CAUSAL), s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -242,8 +254,10 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SCAN_BLOCK: tl.constexpr,
 ):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # as in the forward: fp32 scalars, int64 batch/head offsets
+    sm_scale = tl.cast(sm_scale, tl.float32)
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -298,8 +312,10 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SCAN_BLOCK: tl.constexpr,
 ):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # as in the forward: fp32 scalars, int64 batch/head offsets
+    sm_scale = tl.cast(sm_scale, tl.float32)
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     start_n = pid_n * BLOCK_N
@@ -307,10 +323,13 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n < Tk)[:, None] & (offs_d < D)[None, :]
     kv_lo, kv_end, dense = _key_range(KPM + b * stride_mb, Tk, HAS_MASK, SCAN_BLOCK)
+    kpm_ptr = KPM + b * stride_mb
+    real = _real_keys(offs_n, kv_end, Tk, kpm_ptr, HAS_MASK)
+    # Padded keys get p = 0 and ds = 0, but 0 * NaN garbage in their K, V rows would reach their dk.
     k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+                mask=kv_mask & real[:, None], other=0.0)
     v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+                mask=kv_mask & real[:, None], other=0.0)
 
     # Query rows [q_lo, q_full) need the mask, rows [q_full, q_hi) see every key of this block. Rows
     # before q_lo cannot see it (causal); a block holding no real key has empty loops and stores zeros.
@@ -327,17 +346,16 @@ def _attn_bwd_dkdv_kernel(
 
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
-    kpm_ptr = KPM + b * stride_mb
     lse_ptr = LSE + pid_bh * Tq
     delta_ptr = DELTA + pid_bh * Tq
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, kpm_ptr,
-                                  stride_qt, stride_dot, offs_n, q_lo, q_full, kv_end, Tq, Tk, D, qk_scale,
-                                  CAUSAL, HAS_MASK, BLOCK_M, BLOCK_D, DOT_PRECISION, MASKED=True)
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, kpm_ptr,
-                                  stride_qt, stride_dot, offs_n, q_full, q_hi, kv_end, Tq, Tk, D, qk_scale,
-                                  CAUSAL, HAS_MASK, BLOCK_M, BLOCK_D, DOT_PRECISION, MASKED=False)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qt, stride_dot,
+                                  offs_n, real, q_lo, q_full, Tq, Tk, D, qk_scale, CAUSAL, BLOCK_M, BLOCK_D,
+                                  DOT_PRECISION, MASKED=True)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qt, stride_dot,
+                                  offs_n, real, q_full, q_hi, Tq, Tk, D, qk_scale, CAUSAL, BLOCK_M, BLOCK_D,
+                                  DOT_PRECISION, MASKED=False)
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -363,8 +381,9 @@ def _attn_decode_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SCAN_BLOCK: tl.constexpr,
 ):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # as in the forward: fp32 scalars, int64 batch/head offsets
     split = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = tl.arange(0, BLOCK_M)
@@ -407,7 +426,7 @@ def _attn_decode_combine_kernel(
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i = tl.program_id(0)  # query row
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # int64: batch/head offsets overflow int32 on big tensors
     b = pid_bh // H
     h = pid_bh % H
     offs_s = tl.arange(0, BLOCK_S)
@@ -438,36 +457,45 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _fwd_config(D: int) -> dict:
-    # 128x64 tiles for the GPT-2 head dim 64; D = 128 halves the query tile so q + 2 pipelined
-    # K/V stages fit in ~100 KB of shared memory on consumer cards as well.
+# Launch configs per dtype and target (`arch`), checked with Triton's cross compiler for sm_80/86/89/90
+# (tests/kernels/cross_compile.py): every one fits 99 KB of shared memory (sm_86/89, the smallest), so
+# one table serves every target, and the 16-bit ones do not spill registers. fp32 runs IEEE dots on
+# FMA units, where each thread holds whole D-long rows of both operands: small tiles, many warps and
+# no software pipelining (num_stages=1) keep that in registers; 16-bit uses tensor cores with cp.async
+# pipelining, and 8 warps, because 4 need ~255 registers for these tiles and spill.
+def _fwd_config(D: int, dtype: torch.dtype, arch: int) -> dict:
+    if dtype == torch.float32:
+        if _block_d(D) <= 64:
+            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=16, num_stages=1)
     if _block_d(D) <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)  # q + 2 K/V stages of 128 columns
 
 
-def _bwd_config(D: int) -> dict:
-    # The backward keeps two fp32 accumulators per program (dK and dV, or dQ) plus q, k, v, dO
-    # tiles, so it uses smaller tiles than the forward.
-    if _block_d(D) <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
+def _bwd_config(D: int, dtype: torch.dtype, arch: int) -> dict:
+    # Shared by the dQ and the dK/dV kernel; each keeps two fp32 tiles (dQ and dS, or dK and dV) plus
+    # q, k, v, dO tiles, so the tiles are smaller than the forward's.
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8 if _block_d(D) <= 64 else 16, num_stages=1)
+    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
-def _decode_config(D: int) -> dict:
+def _decode_config(D: int, dtype: torch.dtype, arch: int) -> dict:
     # BLOCK_M = 16 is tl.dot's minimum; decode is bound by reading K/V, so padded query rows are free.
+    if dtype == torch.float32:
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)
     return dict(BLOCK_M=16, BLOCK_N=64 if _block_d(D) <= 64 else 32, num_warps=4, num_stages=3)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: small, so that tests exercise the split + combine path
+def _combine_config(D: int, num_splits: int) -> dict:
+    # Up to 64 splits x 128 fp32 partials: 4 warps keep that at <= 64 registers a thread.
+    return dict(BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
 
 
 def decode_num_splits(batch_heads: int, Tk: int, device: torch.device, block_n: int = 64) -> int:
     """How many programs share one (batch, head)'s key range: enough for ~2 programs per SM."""
-    want = triton.cdiv(2 * _num_sms(device), batch_heads)
+    want = triton.cdiv(2 * launch.num_sms(device), batch_heads)
     return max(1, min(want, triton.cdiv(Tk, block_n), 64))
 
 
@@ -487,6 +515,7 @@ def _check_inputs(q, k, v, key_padding_mask):
             raise TypeError(f"masked_attention(triton): {name} must be fp16, bf16 or fp32, got {t.dtype}")
         if t.stride(-1) != 1:
             raise ValueError(f"masked_attention(triton): {name}'s last dim must be contiguous")
+    launch.require_launchable(q.device, "masked_attention (triton)")
     D = q.shape[-1]
     if not 16 <= D <= 128:
         raise ValueError(f"masked_attention(triton): head dim must be in [16, 128], got {D}")
@@ -507,9 +536,9 @@ def _attention_forward(q, k, v, key_padding_mask, causal: bool, sm_scale: float)
     Tk = k.shape[2]
     o = _out_like(q, Tq)
     lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
-    cfg = _fwd_config(D)
+    cfg = _fwd_config(D, q.dtype, launch.arch(q.device))
     kpm, stride_mb, has_mask = _mask_args(key_padding_mask, q)
-    wrap_triton(_attn_fwd_kernel)[(triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)](
+    launch.wrap(_attn_fwd_kernel)[(triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)](
         q, k, v, kpm, o, lse,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), stride_mb,
         H, Tq, Tk, D, sm_scale * LOG2E,
@@ -526,16 +555,16 @@ def _attention_backward(do, q, k, v, o, lse, key_padding_mask, causal: bool, sm_
     Tk = k.shape[2]
     dq, dk, dv = _out_like(q, Tq), _out_like(q, Tk), _out_like(q, Tk)
     delta = torch.empty_like(lse)
-    cfg = _bwd_config(D)
+    cfg = _bwd_config(D, q.dtype, launch.arch(q.device))
     kpm, stride_mb, has_mask = _mask_args(key_padding_mask, q)
     common = dict(CAUSAL=causal, HAS_MASK=has_mask, BLOCK_D=_block_d(D),
                   DOT_PRECISION=_dot_precision(q.dtype), SCAN_BLOCK=_SCAN_BLOCK, **cfg)
     # dQ first: it also writes delta, which the dK/dV kernel reads for every query row.
-    wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)](
+    launch.wrap(_attn_bwd_dq_kernel)[(triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)](
         q, k, v, o, do, kpm, lse, delta, dq,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *_strides3(do), *_strides3(dq),
         stride_mb, H, Tq, Tk, D, sm_scale * LOG2E, sm_scale, **common)
-    wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(Tk, cfg["BLOCK_N"]), B * H)](
+    launch.wrap(_attn_bwd_dkdv_kernel)[(triton.cdiv(Tk, cfg["BLOCK_N"]), B * H)](
         q, k, v, do, kpm, lse, delta, dk, dv,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
         stride_mb, H, Tq, Tk, D, sm_scale * LOG2E, sm_scale, **common)
@@ -546,7 +575,7 @@ def _attention_decode(q, k, v, key_padding_mask, causal: bool, sm_scale: float, 
     _check_inputs(q, k, v, key_padding_mask)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    cfg = _decode_config(D)
+    cfg = _decode_config(D, q.dtype, launch.arch(q.device))
     if Tq > cfg["BLOCK_M"]:
         raise ValueError(f"masked_attention(triton) decode path takes at most {cfg['BLOCK_M']} query rows")
     if num_splits < 1:
@@ -560,16 +589,16 @@ def _attention_decode(q, k, v, key_padding_mask, causal: bool, sm_scale: float, 
         o_part = torch.empty(B * H, num_splits, Tq, D, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(B * H, num_splits, Tq, dtype=torch.float32, device=q.device)
     kpm, stride_mb, has_mask = _mask_args(key_padding_mask, q)
-    wrap_triton(_attn_decode_split_kernel)[(num_splits, B * H)](
+    launch.wrap(_attn_decode_split_kernel)[(num_splits, B * H)](
         q, k, v, kpm, o_part, lse_part, o,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), stride_mb,
         H, Tq, Tk, D, sm_scale * LOG2E, split_len, num_splits,
         CAUSAL=causal, HAS_MASK=has_mask, DIRECT=direct, BLOCK_D=_block_d(D),
         DOT_PRECISION=_dot_precision(q.dtype), SCAN_BLOCK=_SCAN_BLOCK, **cfg)
     if not direct:
-        wrap_triton(_attn_decode_combine_kernel)[(Tq, B * H)](
-            o_part, lse_part, o, *_strides3(o), H, Tq, D, num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=_block_d(D), num_warps=1)
+        launch.wrap(_attn_decode_combine_kernel)[(Tq, B * H)](
+            o_part, lse_part, o, *_strides3(o), H, Tq, D, num_splits, BLOCK_D=_block_d(D),
+            **_combine_config(D, num_splits))
     return o
 
 
@@ -630,6 +659,7 @@ def masked_attention(q, k, v, key_padding_mask=None, causal: bool = True, sm_sca
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if Tq <= _DECODE_MAX_TQ and Tk > Tq and not needs_grad:
         if num_splits is None:
-            num_splits = decode_num_splits(B * H, Tk, q.device, _decode_config(D)["BLOCK_N"])
+            block_n = _decode_config(D, q.dtype, launch.arch(q.device))["BLOCK_N"]
+            num_splits = decode_num_splits(B * H, Tk, q.device, block_n)
         return _decode_op(q, k, v, key_padding_mask, bool(causal), scale, int(num_splits))
     return _fwd_op(q, k, v, key_padding_mask, bool(causal), scale)[0]

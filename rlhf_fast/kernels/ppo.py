@@ -17,6 +17,9 @@ backward pass recomputes the per-token terms (cheaper than storing three B*T ten
 and stateless) and reads the upstream gradients and the token count from device memory, so neither
 pass synchronises with the host.
 
+Float scalars (gamma, clip_eps, ...) are cast to fp32 inside the kernels: inductor may pass Python floats
+as fp64, which would turn the loop-carried GAE state (and the loss maths) into fp64.
+
 Masks are applied by select (masked loads return 0 and every sum goes through tl.where), never by
 multiplication, so NaN/inf in masked positions cannot reach results or gradients.
 
@@ -28,8 +31,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
+from . import launch
 from .reference import PPOLossOutput
 
 # Layout of the statistics vector produced by the loss kernel (and of its gradient).
@@ -66,6 +70,8 @@ def _gae_fwd_kernel(
     gamma_lam,
     BLOCK_T: tl.constexpr,
 ):
+    gamma = tl.cast(gamma, tl.float32)  # tl.cast, not .to(): under the interpreter these are Python floats
+    gamma_lam = tl.cast(gamma_lam, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_T)
     a_in = tl.full((), 0.0, tl.float32)  # advantage carried in from later tiles (none: no bootstrap)
@@ -100,6 +106,10 @@ def _ppo_token_terms(
 ):
     """Per-token forward terms and their local derivatives, all fp32, mirroring the reference's ops
     (same clamps, same max()) so that ties resolve the way autograd resolves them."""
+    clip_eps = tl.cast(clip_eps, tl.float32)
+    clip_lo = tl.cast(clip_lo, tl.float32)
+    clip_hi = tl.cast(clip_hi, tl.float32)
+    value_clip = tl.cast(value_clip, tl.float32)
     # log-ratio clamped to [-20, 20] before exp(), as in the reference: ratio stays finite. A literal, not a
     # module global, so that inductor's copy of the kernel source needs nothing from this module.
     lr_raw = lp - old_lp
@@ -194,6 +204,8 @@ def _ppo_loss_reduce_kernel(
     NUM_STATS: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
+    vf_coef = tl.cast(vf_coef, tl.float32)
+    kl_coef = tl.cast(kl_coef, tl.float32)
     rows = tl.arange(0, BLOCK_P)
     cols = tl.arange(0, NUM_STATS)
     acc = tl.zeros((BLOCK_P, NUM_STATS), dtype=tl.float32)
@@ -244,6 +256,8 @@ def _ppo_loss_bwd_kernel(
     HAS_REF: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    vf_coef = tl.cast(vf_coef, tl.float32)
+    kl_coef = tl.cast(kl_coef, tl.float32)
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < N
@@ -299,6 +313,7 @@ def _ppo_hparams(clip_eps: float, value_clip_eps: float):
 def _gae_op(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float, block_t: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    launch.require_launchable(rewards.device, "gae")
     B, T = rewards.shape
     adv = torch.empty((B, T), dtype=torch.float32, device=rewards.device)
     ret = torch.empty((B, T), dtype=torch.float32, device=rewards.device)
@@ -307,7 +322,7 @@ def _gae_op(
     if block_t <= 0:
         block_t = min(_GAE_MAX_BLOCK_T, max(16, triton.next_power_of_2(T)))
     m = _mask_arg(mask)
-    wrap_triton(_gae_fwd_kernel)[(B,)](
+    launch.wrap(_gae_fwd_kernel)[(B,)](
         rewards, values, m, adv, ret, T,
         rewards.stride(0), rewards.stride(1), values.stride(0), values.stride(1), m.stride(0), m.stride(1),
         gamma, gamma * lam,
@@ -331,6 +346,7 @@ def _ppo_loss_fwd_op(
     vf_coef: float,
     kl_coef: float,
 ) -> torch.Tensor:
+    launch.require_launchable(logprobs.device, "ppo_loss")
     N = logprobs.numel()
     programs = max(1, triton.cdiv(N, _PPO_BLOCK))
     partial = torch.empty((programs, NUM_STATS), dtype=torch.float32, device=logprobs.device)
@@ -338,13 +354,13 @@ def _ppo_loss_fwd_op(
     has_ref = ref_logprobs is not None
     lp = _flat(logprobs)
     clip_lo, clip_hi, value_clip = _ppo_hparams(clip_eps, value_clip_eps)
-    wrap_triton(_ppo_loss_fwd_kernel)[(programs,)](
+    launch.wrap(_ppo_loss_fwd_kernel)[(programs,)](
         lp, _flat(old_logprobs), _flat(advantages), _flat(values), _flat(old_values), _flat(returns),
         _flat(_mask_arg(mask)), _flat(ref_logprobs) if has_ref else lp, partial,
         N, clip_eps, clip_lo, clip_hi, value_clip,
         HAS_REF=has_ref, NUM_STATS=NUM_STATS, BLOCK=_PPO_BLOCK, num_warps=4,
     )  # fmt: skip
-    wrap_triton(_ppo_loss_reduce_kernel)[(1,)](
+    launch.wrap(_ppo_loss_reduce_kernel)[(1,)](
         partial, stats, programs, vf_coef, kl_coef, NUM_STATS=NUM_STATS, BLOCK_P=_REDUCE_BLOCK, num_warps=4
     )
     return stats
@@ -367,13 +383,14 @@ def _ppo_loss_bwd_op(
     vf_coef: float,
     kl_coef: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    launch.require_launchable(logprobs.device, "ppo_loss")
     N = logprobs.numel()
     dlp = torch.empty(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
     dv = torch.empty(values.shape, dtype=values.dtype, device=values.device)
     has_ref = ref_logprobs is not None
     lp = _flat(logprobs)
     clip_lo, clip_hi, value_clip = _ppo_hparams(clip_eps, value_clip_eps)
-    wrap_triton(_ppo_loss_bwd_kernel)[(max(1, triton.cdiv(N, _PPO_BLOCK)),)](
+    launch.wrap(_ppo_loss_bwd_kernel)[(max(1, triton.cdiv(N, _PPO_BLOCK)),)](
         grad_stats.float().contiguous(), stats,
         lp, _flat(old_logprobs), _flat(advantages), _flat(values), _flat(old_values), _flat(returns),
         _flat(_mask_arg(mask)), _flat(ref_logprobs) if has_ref else lp, dlp, dv,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class ScalarHead(nn.Module):
@@ -24,7 +25,10 @@ class ScalarHead(nn.Module):
         if hidden.dim() != 3 or hidden.shape[-1] != self.proj.in_features:
             raise ValueError(f"ScalarHead expects hidden states (B, T, {self.proj.in_features}), "
                              f"got {tuple(hidden.shape)}")
-        return self.proj(hidden.float()).squeeze(-1)  # (B, T)
+        # Scores are RL maths: fp32 even under autocast and whatever the weights' dtype.
+        with torch.autocast(hidden.device.type, enabled=False):
+            w, b = self.proj.weight.float(), self.proj.bias.float()
+            return F.linear(hidden.float(), w, b).squeeze(-1)  # (B, T)
 
 
 ValueHead = ScalarHead

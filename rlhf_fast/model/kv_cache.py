@@ -32,6 +32,7 @@ class LayerKVCache(nn.Module):
         causal is plain causal). input_pos (1,) long: one decode token at that slot; returns the whole
         cache (B, H, T_max, D), whose unwritten slots the caller masks out.
         """
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # the cache stores in its own dtype (autocast)
         if input_pos is None:
             T = k.shape[2]
             self.k[:, :, :T].copy_(k)

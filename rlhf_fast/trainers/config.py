@@ -101,7 +101,7 @@ class RunSettings:
     seed: int = 0
     device: str | None = None  # None: cuda when available, else cpu (deepspeed: its accelerator decides)
     strategy: str = "single"  # single (one device) | deepspeed (ZeRO, offload, multi-process; see deepspeed)
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: CUDA only)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 autocast (fp16 adds a gradient scaler)
     # torch.compile the loss step. None = auto: on for CUDA; off for CPU, where compiling costs tens of
     # seconds per graph and small models gain little.
     compile: bool | None = None

@@ -170,12 +170,11 @@ def test_no_padding_mask():
 @interpreter
 def test_fully_padded_key_blocks_are_never_read():
     """NaN in key blocks that hold only padding: had any kernel loaded them, 0 * NaN would surface."""
-    from rlhf_fast.kernels import attention
+    from rlhf_fast.kernels import attention, launch
 
     dev, T, D = INTERPRET_DEVICE, 150, 64
-    block = max(
-        cfg(D)["BLOCK_N"] for cfg in (attention._fwd_config, attention._bwd_config, attention._decode_config)
-    )
+    configs = (attention._fwd_config, attention._bwd_config, attention._decode_config)
+    block = max(cfg(D, torch.float32, launch.arch(torch.device(dev)))["BLOCK_N"] for cfg in configs)
     pads = [block + 7, 0, 2 * block + 3]
     kpm = left_padding_mask(T, pads, dev)
     never_read = torch.arange(T)[None, :] < torch.tensor([(p // block) * block for p in pads])[:, None]
@@ -192,6 +191,40 @@ def test_fully_padded_key_blocks_are_never_read():
     with torch.no_grad():  # decode path: same cache, NaN prefix blocks, last query row
         step = attention.masked_attention(q[:, :, -1:], nan_k, nan_v, kpm, num_splits=2)
     assert_close_verbose(step, want[0][:, :, -1:], name="decode")
+
+
+@interpreter
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "non-causal"])
+@pytest.mark.parametrize(
+    "k_garbage, v_garbage", [(float("nan"), float("inf")), (float("inf"), float("nan")), (-float("inf"), -float("inf"))]
+)
+def test_nonfinite_garbage_in_live_key_blocks(k_garbage, v_garbage, causal):
+    """NaN/inf in the padded K/V slots of key blocks that also hold real keys (left padding inside a
+    block, holes, unwritten cache slots after the last real key): such blocks are loaded, so a 0 * NaN
+    in P @ V, dS @ K or P^T @ dO would leak. Reference: the same inputs with the garbage replaced by
+    zeros, where padded keys are never visible, so their dk and dv are exactly 0 (the kernel's too)."""
+    from rlhf_fast.kernels import attention
+
+    dev, B, H, T, D = INTERPRET_DEVICE, 3, 2, 97, 32
+    kpm = left_padding_mask(T, [5, 0, 40], dev)
+    kpm[1, 20:23] = False  # holes
+    kpm[1, 90:] = False  # unwritten slots after the last real key
+    kpm[2, 60] = False
+    q, k, v = make_qkv(B, H, T, D, torch.float32, dev, kpm, seed=5, garbage=0.0)
+    keep = kpm[:, None, :, None]
+    dirty_k, dirty_v = (fill_masked(t.detach(), keep, g).requires_grad_() for t, g in ((k, k_garbage), (v, v_garbage)))
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(2))
+    got = fwd_bwd(lambda *a: kernels.masked_attention(*a, kpm, causal, backend="triton"), q, dirty_k, dirty_v, do)
+    want = fwd_bwd(lambda *a: reference.masked_attention(*a, kpm, causal), q, k, v, do)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert_close_verbose(a, e, name=name)
+    padded = ~keep.expand_as(got[2])
+    assert (got[2][padded] == 0).all() and (got[3][padded] == 0).all(), "padded keys must get zero gradient"
+    with torch.no_grad():  # split-KV decode over the same garbage-filled cache
+        for Tq in (1, 3):
+            step = attention.masked_attention(q[:, :, -Tq:], dirty_k, dirty_v, kpm, causal, num_splits=3)
+            clean = reference.masked_attention(q[:, :, -Tq:], k, v, kpm, causal)
+            assert_close_verbose(step, clean, name=f"decode Tq={Tq}")
 
 
 @interpreter

@@ -5,8 +5,6 @@ non-contiguous inputs with NaN in the gaps, scale 0, bias None, bad input, torch
 GPU tier (`gpu`): GPT-2 shapes in bf16 under the "2x eager-bf16 error" rule, fp32, compile.
 """
 
-import importlib
-
 import pytest
 import torch
 from kernel_testing import (
@@ -21,8 +19,9 @@ from rlhf_fast.kernels import reference
 
 
 def _kernel_module():
-    # importlib, not `import ... as`: the package attribute `lora_linear` is the public function.
-    return importlib.import_module("rlhf_fast.kernels.lora_linear")
+    from rlhf_fast.kernels import lora  # lazily: importing it imports triton
+
+    return lora
 
 
 def _inputs(lead, in_f, out_f, r, dtype, device, *, bias=True, train_base=False, seed=0):
@@ -81,7 +80,8 @@ def _check_against_reference(inputs, scale, dtype):
 
 
 # (leading shape of x, in, out, r, dtype, weight/bias trainable): every N in {1, 7, 130}, in/out in
-# {48, 100, 768} and r in {1, 4, 16, 33} appears; N = 130 runs the split-K adapter reduction.
+# {48, 100, 768} and r in {1, 4, 16, 33, 128} appears; N = 130 runs the split-K adapter reduction;
+# r = 33 and 128 seed the GEMM in several BLOCK_K-rank chunks.
 CASES = [
     ((1, 1), 48, 100, 1, torch.float32, True),
     ((7,), 100, 48, 4, torch.float32, False),
@@ -91,6 +91,7 @@ CASES = [
     ((7,), 48, 100, 33, torch.float16, True),
     ((10, 13), 100, 48, 16, torch.float16, False),
     ((1,), 768, 100, 1, torch.float16, False),
+    ((7,), 48, 100, 128, torch.float32, False),
 ]
 
 
@@ -133,6 +134,56 @@ def test_frozen_inputs_get_no_grad_and_grads_are_deterministic():
     lora_a.grad = lora_b.grad = None
     _triton(x, weight, bias, lora_a, lora_b, 2.0).backward(grad_y)
     assert torch.equal(first[0], lora_a.grad) and torch.equal(first[1], lora_b.grad)  # bitwise
+
+
+@interpreter
+@pytest.mark.parametrize("frozen_x", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_frozen_adapters(frozen_x, compiled):
+    # Adapters frozen (e.g. the reference pass, or training only the base): the backward op returns
+    # empty placeholders for dA/dB (and dx); torch.library rejects outputs that alias each other, in the
+    # real op and in its fake (compile). With frozen_x, only the weight is trainable: all three are empty.
+    x, weight, bias, lora_a, lora_b = _inputs((2, 5), 48, 40, 4, torch.float32, "cpu", train_base=frozen_x)
+    x.requires_grad_(not frozen_x)
+    lora_a.requires_grad_(False)
+    lora_b.requires_grad_(False)
+    fn = torch.compile(_kernel_module().lora_linear, fullgraph=True, dynamic=False) if compiled else _triton
+    y, grads, grad_y = _run(fn, x, weight, bias, lora_a, lora_b, 0.5)
+    y_ref, grads_ref, _ = _reference_fp64(x, weight, bias, lora_a, lora_b, 0.5, grad_y)
+    assert set(grads) == set(grads_ref) == ({"weight", "bias"} if frozen_x else {"x"})
+    assert_close_verbose(y, y_ref.float(), atol=1e-5, rtol=1e-5, name="y")
+    for k in grads:
+        assert_close_verbose(grads[k], grads_ref[k].float(), atol=1e-5, rtol=1e-5, name=f"d{k}")
+
+
+@interpreter
+def test_launch_configs_follow_the_launching_device(monkeypatch):
+    # The autotuner only ever sees the table of the device it launches on (launch.arch at call time).
+    lora = _kernel_module()
+    from rlhf_fast.kernels import launch
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for arch in launch.TARGETS:
+            monkeypatch.setattr(launch, "arch", lambda device, arch=arch: arch)
+            pruned = lora._prune_gemm_configs([], {"p_ptr": torch.empty(0, dtype=dtype)})
+            assert [str(c) for c in pruned] == [str(c) for c in lora.gemm_configs(dtype, arch)]
+            assert 1 <= len(pruned) <= 4
+            for cfg in (*pruned, lora.project_config(dtype, arch), lora.grad_config(dtype, arch)):
+                assert cfg.num_warps in (2, 4, 8) and cfg.num_stages >= 1
+    # targets outside the table share the table of one whose shared memory they have
+    assert lora._table_key(torch.bfloat16, 120) == (16, 89) and lora._table_key(torch.float32, 100) == (32, 90)
+
+
+@interpreter
+def test_kernel_module_does_not_shadow_the_public_function():
+    # The module is `lora`, so importing it (as the triton backend does) cannot replace the package
+    # attribute `lora_linear`, the public function.
+    import rlhf_fast.kernels.lora  # noqa: F401
+
+    x, weight, bias, lora_a, lora_b = _inputs((3,), 48, 40, 4, torch.float32, "cpu")
+    _triton(x, weight, bias, lora_a, lora_b, 0.5)
+    assert kernels.lora_linear.__module__ == "rlhf_fast.kernels" and callable(kernels.lora_linear)
+    assert kernels.lora is _kernel_module() and kernels.lora.lora_linear is not kernels.lora_linear
 
 
 @interpreter
@@ -264,10 +315,12 @@ _COMPILE_FIRST = """
 import sys, torch
 from rlhf_fast import kernels
 assert "triton" not in sys.modules and "torch._dynamo" not in sys.modules, "package import must stay light"
+public = kernels.lora_linear
 x, w, a, b = torch.randn(3, 48), torch.randn(40, 48), torch.randn(4, 48), torch.randn(40, 4)
 fn = lambda x: kernels.lora_linear(x, w, None, a, b, 0.5, backend="triton")
 y = torch.compile(fn, fullgraph=True, backend="eager")(x)
 torch.testing.assert_close(y, kernels.lora_linear(x, w, None, a, b, 0.5, backend="torch"))
+assert "rlhf_fast.kernels.lora" in sys.modules and kernels.lora_linear is public, "the kernel module shadowed it"
 print("ok")
 """
 
@@ -275,8 +328,8 @@ print("ok")
 @interpreter
 def test_first_call_inside_compile_and_light_package_import():
     # A fresh process whose first kernel call is inside torch.compile(fullgraph=True): loading the
-    # Triton module there must not break the graph; importing rlhf_fast.kernels loads neither triton
-    # nor dynamo.
+    # Triton module there must not break the graph (nor replace the public `lora_linear`); importing
+    # rlhf_fast.kernels loads neither triton nor dynamo.
     import os
     import subprocess
     import sys
@@ -287,6 +340,41 @@ def test_first_call_inside_compile_and_light_package_import():
     root = str(Path(rlhf_fast.__file__).resolve().parents[1])  # this checkout, not an installed copy
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root}
     proc = subprocess.run([sys.executable, "-c", _COMPILE_FIRST], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+_FP64_SCALE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rlhf_fast.kernels import lora
+
+fn = lora._lora_linear_fwd_kernel
+sig = {p.name: "constexpr" if p.is_constexpr else "*bf16" if p.name.endswith("_ptr") else "fp64"
+       if p.name == "scale" else "i32" for p in fn.params}
+sig["lo_ptr"] = "*fp32"
+consts = dict(HAS_LORA=True, HAS_BIAS=True, DOT_PRECISION="tf32", R_PAD=32, BLOCK_M=64, BLOCK_N=64, BLOCK_K=16,
+              GROUP_M=8)
+ir = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 86, 32)).asm["ttir"]
+f64 = [line for line in ir.splitlines() if "f64" in line and "tt.func" not in line and "arith.truncf" not in line]
+assert not f64, f64[:3]
+print("ok")
+"""
+
+
+def test_fp64_scale_compiles_to_fp32_maths():
+    # inductor may pass `scale` as fp64: the kernel casts it to fp32 once (no fp64 maths in the seed).
+    # Cross-compiled for sm_86 in a process without TRITON_INTERPRET; no GPU needed.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import rlhf_fast
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(rlhf_fast.__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", _FP64_SCALE], capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 

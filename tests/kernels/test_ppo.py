@@ -317,7 +317,7 @@ def test_ops_registration_opcheck():
     """triton_op schemas (no aliasing/mutation) and the registered autograd formula are well-formed.
 
     Fake-tensor tracing (what torch.compile does) needs real JIT kernels, so it is checked in the GPU tier:
-    under TRITON_INTERPRET, wrap_triton hands back the raw interpreted kernel, which cannot take fakes.
+    under TRITON_INTERPRET, launch.wrap hands back the raw interpreted kernel, which cannot take fakes.
     """
     from rlhf_fast.kernels import ppo  # noqa: F401  (registers the ops)
 
@@ -346,6 +346,48 @@ def test_ops_registration_opcheck():
         (inputs["advantages"], inputs["values"], mask, 0.9, 0.8, 0),
         test_utils=("test_schema",),
     )
+
+
+_FP64_SCALARS = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rlhf_fast.kernels import ppo
+
+def ttir(fn, floats, **constexprs):
+    sig = {p.name: "constexpr" if p.is_constexpr else "*u8" if p.name == "mask_ptr" else "*fp32"
+           if p.name.endswith("_ptr") else "fp64" if p.name in floats else "i32" for p in fn.params}
+    return triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 86, 32)).asm["ttir"]
+
+hp = ("clip_eps", "clip_lo", "clip_hi", "value_clip")
+for fn, floats, consts in [
+    (ppo._gae_fwd_kernel, ("gamma", "gamma_lam"), dict(BLOCK_T=128)),
+    (ppo._ppo_loss_fwd_kernel, hp, dict(HAS_REF=True, NUM_STATS=8, BLOCK=1024)),
+    (ppo._ppo_loss_reduce_kernel, ("vf_coef", "kl_coef"), dict(NUM_STATS=8, BLOCK_P=256)),
+    (ppo._ppo_loss_bwd_kernel, hp + ("vf_coef", "kl_coef"), dict(HAS_REF=True, BLOCK=1024)),
+]:
+    ir = ttir(fn, floats, **consts)
+    f64 = [line for line in ir.splitlines() if "f64" in line and "tt.func" not in line and "arith.truncf" not in line]
+    assert not f64, (fn.__name__, f64[:3])
+print("ok")
+"""
+
+
+def test_fp64_scalar_args_compile_to_fp32_maths():
+    """inductor may pass the float hyper-parameters as fp64: each kernel must cast them to fp32 once (the
+    loop-carried GAE state would otherwise change type, a compile error). Cross-compiled for sm_86 in a
+    process without TRITON_INTERPRET; no GPU needed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import rlhf_fast
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(rlhf_fast.__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", _FP64_SCALARS], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ Forward (two launches):
      besides x itself.
   2. `_lora_linear_fwd_kernel`: a tiled GEMM whose fp32 accumulator is seeded with s * xa B^T for its
      (BLOCK_M, BLOCK_N) tile before the K loop over x W^T, then gets the bias in the epilogue. The
-     (N, out) LoRA product never exists in memory; it costs one extra K=R_PAD MMA per output tile.
+     (N, out) LoRA product never exists in memory; it costs one extra K=R_PAD MMA per output tile
+     (issued BLOCK_K ranks at a time, so rank 128 needs no more registers or shared memory than r = 8).
 Backward:
   dyb = dY B (N, r) with the projection kernel; dX = dY W + s dyb A with the same seeded GEMM (one pass
   over W); dA = s dyb^T x and dB^T = s xa^T dY with `_lora_adapter_grad_kernel`, a split-K reduction
@@ -18,6 +19,10 @@ weights/adapters work as views; x is flattened to (N, in) with reshape (a copy o
 dims cannot be viewed flat). fp32 inputs use IEEE fp32 dots (as torch does by default, no TF32);
 fp16/bf16 use tensor-core dots with fp32 accumulation, cast once at the store.
 
+Launch configs come from per-(dtype, target) tables (`gemm_configs`, `project_config`, `grad_config`),
+chosen for the launching device through `launch.arch`; every entry fits its target's shared memory,
+and the 16-bit ones do not spill registers (checked by cross-compiling, tests/kernels/cross_compile.py).
+
 Registered as the torch.library.triton_ops `rlhf_fast::lora_linear_fwd` / `rlhf_fast::lora_linear_bwd`
 (+ `rlhf_fast::lora_linear_bwd_weight`) with autograd, so torch.compile keeps them in the graph (under
 TRITON_INTERPRET they are opaque custom_ops with fake impls instead, see `_register`).
@@ -25,17 +30,14 @@ TRITON_INTERPRET they are opaque custom_ops with fake impls instead, see `_regis
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-# Read once, when this module is first imported (lazily, by the kernel dispatch): the interpreter
-# runs kernels on CPU tensors with fixed small tiles; autotuning is for real GPUs only.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-MAX_RANK = 128  # R_PAD = 128 keeps the seed tiles (BLOCK_M x R_PAD, R_PAD x BLOCK_N) within registers
+from . import launch
+
+MAX_RANK = 128  # the skinny kernels' (BLOCK_M, R_PAD) / (R_PAD, BLOCK_N) fp32 tiles are sized for R_PAD <= 128
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,6 +77,7 @@ def _lora_linear_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # inductor may pass a Python float as fp64 (not .to(): the interpreter)
     # Grouped tile order: GROUP_M row-tiles share each column band of q while it is hot in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -94,19 +97,22 @@ def _lora_linear_fwd_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LORA:
-        # Seed the accumulator with this tile's low-rank term; padded ranks load as 0.
-        offs_r = tl.arange(0, R_PAD)
-        lo = tl.load(
-            lo_ptr + rows_in[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-            mask=offs_r[None, :] < R,
-            other=0.0,
-        )
-        up = tl.load(
-            up_ptr + offs_r[:, None] * stride_ur + cols_in[None, :] * stride_un,
-            mask=offs_r[:, None] < R,
-            other=0.0,
-        )
-        acc = tl.dot((lo * scale).to(up.dtype), up, acc, input_precision=DOT_PRECISION)
+        # Seed the accumulator with this tile's low-rank term, at most BLOCK_K ranks per dot so that rank
+        # 128 costs no more registers or shared memory than a K step; padded ranks load as 0.
+        R_STEP: tl.constexpr = min(R_PAD, BLOCK_K)
+        for r0 in tl.static_range(0, R_PAD, R_STEP):
+            offs_r = r0 + tl.arange(0, R_STEP)
+            lo = tl.load(
+                lo_ptr + rows_in[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                mask=offs_r[None, :] < R,
+                other=0.0,
+            )
+            up = tl.load(
+                up_ptr + offs_r[:, None] * stride_ur + cols_in[None, :] * stride_un,
+                mask=offs_r[:, None] < R,
+                other=0.0,
+            )
+            acc = tl.dot((lo * scale).to(up.dtype), up, acc, input_precision=DOT_PRECISION)
 
     p_ptrs = p_ptr + rows_in[:, None] * stride_pm + offs_k[None, :] * stride_pk
     q_ptrs = q_ptr + offs_k[:, None] * stride_qk + cols_in[None, :] * stride_qn
@@ -212,39 +218,81 @@ def _lora_adapter_grad_kernel(
     tl.store(part_ptrs, acc, mask=(offs_r[:, None] < R) & (cols[None, :] < N))
 
 
-def _gemm_configs():
-    if _INTERPRET:  # one fixed config: the interpreter gains nothing from tuning
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
-    cfg = lambda bm, bn, bk, w, s: triton.Config(  # noqa: E731
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s
-    )
-    return [
-        cfg(128, 256, 64, 8, 3),
-        cfg(256, 128, 64, 8, 3),
-        cfg(128, 128, 64, 8, 4),
-        cfg(128, 128, 64, 4, 4),
-        cfg(128, 128, 32, 4, 4),
-        cfg(128, 64, 64, 4, 4),
-        cfg(64, 128, 64, 4, 4),
-        cfg(64, 64, 64, 4, 4),
-    ]
+# ----------------------------------------------------------------------------------------------
+# Launch configs, per element size and target (see launch.py). A GEMM config's shared memory is about
+# (BLOCK_M + BLOCK_N) * BLOCK_K * element bytes times num_stages - 1 (sm_80-89) or num_stages (sm_90,
+# wgmma); it must fit the target's opt-in limit (99 KB on sm_86/89), and 16-bit configs must not spill.
+# fp32 runs IEEE dots on CUDA cores: each thread holds its rows of p and columns of q over all of BLOCK_K
+# in registers, so fp32 tiles keep BLOCK_K small.
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), keyed by (element bits, arch)
+_FP32_GEMM = [(128, 128, 8, 8, 3), (64, 128, 8, 8, 3), (64, 64, 16, 4, 3), (32, 64, 8, 4, 3)]
+_GEMM_TABLE = {
+    (16, 80): [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 3), (64, 64, 64, 4, 4)],
+    (16, 86): [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 4)],
+    (16, 89): [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 4)],
+    (16, 90): [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 3), (64, 128, 64, 4, 4)],
+    **{(32, arch): _FP32_GEMM for arch in launch.TARGETS},
+}
+# Skinny kernels: bandwidth-bound (K or N is the rank), so one config each, sized for R_PAD = 128.
+# (BLOCK_M, BLOCK_K, num_warps, num_stages) for the projection, (BLOCK_M, BLOCK_N, ...) for the grads.
+_PROJECT_TABLE = {
+    (16, 80): (64, 64, 4, 3), (16, 86): (64, 64, 4, 2), (16, 89): (64, 64, 4, 2), (16, 90): (64, 64, 4, 3),
+    **{(32, arch): (64, 16, 4, 3) for arch in launch.TARGETS},
+}
+_GRAD_TABLE = {
+    (16, 80): (64, 128, 8, 3), (16, 86): (64, 128, 8, 2), (16, 89): (64, 128, 8, 2), (16, 90): (64, 128, 8, 3),
+    **{(32, arch): (16, 64, 4, 3) for arch in launch.TARGETS},
+}
+# The interpreter runs small fixed tiles (no tuning: it gains nothing from it).
+_INTERPRET_GEMM = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})
+_INTERPRET_PROJECT = triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+_INTERPRET_GRAD = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+
+
+def _table_key(dtype: torch.dtype, arch: int) -> tuple[int, int]:
+    """(element bits, the tabulated target whose limits `arch` shares)."""
+    bits = 32 if dtype == torch.float32 else 16
+    if arch not in launch.TARGETS:  # e.g. sm_120 (99 KB) -> sm_86's table, sm_100 (227 KB) -> sm_90's
+        fits = [t for t in launch.TARGETS if launch.smem_limit(t) <= launch.smem_limit(arch)]
+        arch = max(fits, key=lambda t: (launch.smem_limit(t), t), default=86)
+    return bits, arch
+
+
+def _gemm_config(bm, bn, bk, warps, stages) -> triton.Config:
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
+def gemm_configs(dtype: torch.dtype, arch: int) -> list[triton.Config]:
+    """The autotune candidates of the GEMM kernel for `dtype` operands on sm_`arch`."""
+    return [_gemm_config(*c) for c in _GEMM_TABLE[_table_key(dtype, arch)]]
+
+
+def project_config(dtype: torch.dtype, arch: int) -> triton.Config:
+    bm, bk, w, s = _PROJECT_TABLE[_table_key(dtype, arch)]
+    return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+
+
+def grad_config(dtype: torch.dtype, arch: int) -> triton.Config:
+    bm, bn, w, s = _GRAD_TABLE[_table_key(dtype, arch)]
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    # Only the launching device's table: a config sized for an H100 never runs on a 99 KB card.
+    p = named_args["p_ptr"]
+    return gemm_configs(p.dtype, launch.arch(p.device))
 
 
 # Autotuned per (power-of-two bucket of M, N, K, R_PAD, dtypes); a varying token count does not re-tune.
-_lora_linear_fwd_tuned = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R_PAD"])(
-    _lora_linear_fwd_kernel
-)
-
-# Fixed tiles for the skinny kernels: they are bandwidth-bound (K or N = r is tiny), so tuning buys
-# little. (BLOCK_M, BLOCK_K / BLOCK_N, num_warps, num_stages)
-_PROJECT_CFG = (16, 32, 4, 1) if _INTERPRET else (64, 64, 4, 3)
-_GRAD_CFG = (16, 32, 4, 1) if _INTERPRET else (64, 128, 8, 3)
-
-
-def _wrap(kernel):
-    # The interpreter's kernels are plain Python callables: launch them directly (older torch's
-    # wrap_triton rejects them; the ops are opaque custom_ops there, see _register).
-    return kernel if _INTERPRET else wrap_triton(kernel)
+# `configs` lists every table's configs; the pruning keeps those of the launching device's table.
+_ALL_GEMM = sorted({c for table in _GEMM_TABLE.values() for c in table})
+_lora_linear_fwd_tuned = triton.autotune(
+    configs=[_INTERPRET_GEMM] if launch.INTERPRET else [_gemm_config(*c) for c in _ALL_GEMM],
+    key=["M_BUCKET", "N", "K", "R_PAD"],
+    prune_configs_by={"early_config_prune": _prune_gemm_configs},
+)(_lora_linear_fwd_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,7 +324,7 @@ def _gemm(p, q, out, lo=None, up=None, bias=None, scale: float = 0.0):
     R = up.shape[0] if has_lora else 0
     lo_t, up_t = (lo, up) if has_lora else (p, q)  # unused placeholders when there is no seed
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _wrap(_lora_linear_fwd_tuned)[grid](
+    launch.wrap(_lora_linear_fwd_tuned)[grid](
         p,
         q,
         lo_t,
@@ -314,8 +362,8 @@ def _project(p, q):
     z = torch.empty((M, R), dtype=torch.float32, device=p.device)
     if M == 0:
         return z
-    block_m, block_k, warps, stages = _PROJECT_CFG
-    _wrap(_lora_project_kernel)[(triton.cdiv(M, block_m),)](
+    cfg = _INTERPRET_PROJECT if launch.INTERPRET else project_config(p.dtype, launch.arch(p.device))
+    launch.wrap(_lora_project_kernel)[(triton.cdiv(M, cfg.kwargs["BLOCK_M"]),)](
         p,
         q,
         z,
@@ -330,10 +378,7 @@ def _project(p, q):
         z.stride(1),
         DOT_PRECISION=_dot_precision(p.dtype),
         R_PAD=_rank_pad(R),
-        BLOCK_M=block_m,
-        BLOCK_K=block_k,
-        num_warps=warps,
-        num_stages=stages,
+        **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,  # no num_ctas: wrap_triton refuses it
     )
     return z
 
@@ -342,17 +387,17 @@ def _adapter_grad(lo, p, transposed: bool = False):
     """(R, N) fp32 = lo (M, R)^T @ p (M, N), reduced over M in deterministic split-K; (N, R) if transposed."""
     M, R = lo.shape
     N = p.shape[1]
-    block_m, block_n, warps, stages = _GRAD_CFG
-    n_col = triton.cdiv(N, block_n)
-    # Enough (column, split) programs to fill the GPU; the interpreter uses a few to exercise splits.
-    target = 8 if _INTERPRET else 2 * torch.cuda.get_device_properties(p.device).multi_processor_count
+    cfg = _INTERPRET_GRAD if launch.INTERPRET else grad_config(p.dtype, launch.arch(p.device))
+    block_m = cfg.kwargs["BLOCK_M"]
+    n_col = triton.cdiv(N, cfg.kwargs["BLOCK_N"])
+    target = 2 * launch.num_sms(p.device)  # enough (column, split) programs to fill the GPU
     split = max(1, min(triton.cdiv(M, block_m), triton.cdiv(target, n_col)))
     rows_per_split = triton.cdiv(triton.cdiv(M, split), block_m) * block_m if M else block_m
     split = max(1, triton.cdiv(M, rows_per_split))
     part = torch.zeros((split, N, R) if transposed else (split, R, N), dtype=torch.float32, device=p.device)
     stride_r, stride_n = (part.stride(2), part.stride(1)) if transposed else (part.stride(1), part.stride(2))
     if M > 0 and N > 0:
-        _wrap(_lora_adapter_grad_kernel)[(n_col, split)](
+        launch.wrap(_lora_adapter_grad_kernel)[(n_col, split)](
             lo,
             p,
             part,
@@ -369,10 +414,7 @@ def _adapter_grad(lo, p, transposed: bool = False):
             stride_n,
             DOT_PRECISION=_dot_precision(p.dtype),
             R_PAD=_rank_pad(R),
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            num_warps=warps,
-            num_stages=stages,
+            **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,  # no num_ctas: wrap_triton refuses it
         )
     return part.sum(0)
 
@@ -390,12 +432,8 @@ def _check_inputs(x, weight, bias, lora_a, lora_b):
             raise TypeError(f"{name}: {arg} has dtype {t.dtype} but x has {x.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name}: {arg} is on {t.device} but x is on {x.device}")
-    if x.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(
-            f"{name}: needs CUDA tensors, got {x.device.type} (or set TRITON_INTERPRET=1 "
-            "before importing triton)"
-        )
-    if _INTERPRET and x.dtype == torch.bfloat16:
+    launch.require_launchable(x.device, name)
+    if launch.INTERPRET and x.dtype == torch.bfloat16:
         raise TypeError(f"{name}: the Triton interpreter has no bfloat16; use float32/float16 or a GPU")
     if weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2 or x.dim() < 1:
         raise ValueError(
@@ -427,7 +465,7 @@ def _register(name: str, fake):
     silently drop interpreted kernel launches (they are plain Python calls, invisible to tracing)."""
 
     def register(fn):
-        if not _INTERPRET:
+        if not launch.INTERPRET:
             return triton_op(name, fn, mutates_args=())
         op = torch.library.custom_op(name, fn, mutates_args=())
         op.register_fake(fake)
@@ -446,11 +484,11 @@ def _lora_linear_fwd_fake(x, weight, bias, lora_a, lora_b, scale):
 
 
 def _lora_linear_bwd_fake(grad_y, x, weight, lora_a, lora_b, xa, scale, need_grad_x, need_grad_adapter):
-    empty = x.new_empty(0)
+    # A fresh tensor per output, even for unneeded (empty) ones: outputs of an op may not alias.
     return (
-        x.new_empty(x.shape) if need_grad_x else empty,
-        lora_a.new_empty(lora_a.shape) if need_grad_adapter else empty,
-        lora_b.new_empty(lora_b.shape) if need_grad_adapter else empty,
+        x.new_empty(x.shape if need_grad_x else (0,)),
+        lora_a.new_empty(lora_a.shape if need_grad_adapter else (0,)),
+        lora_b.new_empty(lora_b.shape if need_grad_adapter else (0,)),
     )
 
 
@@ -489,16 +527,15 @@ def lora_linear_bwd(
     need_grad_x: bool,
     need_grad_adapter: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx (..., in), dA (r, in), dB (out, r)); an unneeded gradient comes back as an empty tensor."""
+    """(dx (..., in), dA (r, in), dB (out, r)); an unneeded gradient comes back as a fresh empty tensor
+    (one per output: outputs of an op may not alias each other)."""
     out_f, in_f = weight.shape
     dy = grad_y.reshape(-1, out_f)  # (N, out)
     dyb = _project(dy, lora_b)  # (N, r) fp32 = dY B
-    empty = x.new_empty(0)
-    dx = empty
+    dx = x.new_empty(x.shape if need_grad_x else (0,))
     if need_grad_x:
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         _gemm(dy, weight, dx, lo=dyb, up=lora_a, scale=scale)
-    da = db = empty
+    da, db = x.new_empty(0), x.new_empty(0)
     if need_grad_adapter:
         x2 = x.reshape(-1, in_f)
         da = (_adapter_grad(dyb, x2) * scale).to(x.dtype)  # (r, in)

@@ -1,0 +1,399 @@
+"""Cross-compile every Triton kernel launch of the project for sm_80/86/89/90 on a machine without a GPU.
+
+How: the kernel launchers are run on CPU tensors at GPT-2 shapes while `rlhf_fast.kernels.launch` is
+patched to report the chosen target architecture and to record each launch instead of running it
+(autotuned kernels contribute every config their pruning keeps for that target). Each distinct launch
+(kernel, constexprs, options, argument types/alignment as Triton itself specialises them) is compiled
+with Triton's compiler for that target, and ptxas's own report gives registers, spills and stack;
+Triton's metadata gives shared memory. No GPU, no driver.
+
+The table lives in `cross_compile_record.json` beside this file, keyed by a hash of each kernel's
+source (with everything it calls), its specialisation and the target, so CI compiles only what the
+record does not hold plus a fixed always-compiled subset (bf16 on sm_86, the tightest production
+target). `test_cross_compile.py` fails when a launch is missing from the record, exceeds a target's
+shared memory, or spills in a 16-bit config.
+
+    python tests/kernels/cross_compile.py --write    # refresh the record after changing a kernel
+    python tests/kernels/cross_compile.py --check    # what the test runs (prints the worst cases)
+
+Must run without TRITON_INTERPRET (the interpreter's kernels cannot be compiled for a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+RECORD = Path(__file__).with_name("cross_compile_record.json")
+# SMs of the smallest common card per target, so split-KV decode takes the paths it takes there.
+TARGET_SMS = {80: 108, 86: 48, 89: 46, 90: 132}
+ALWAYS_COMPILE = {"target": 86, "dtype": "bfloat16"}
+
+
+@dataclass
+class Case:
+    kernel: str
+    config: str  # constexprs + num_warps/num_stages, one line
+    dtype: str  # the dtype of the launch's data (the scenario's), e.g. "bfloat16"
+    target: int
+    key: str
+    scenario: str
+
+
+@dataclass
+class Row:
+    kernel: str
+    config: str
+    dtype: str
+    target: int
+    key: str
+    scenario: str
+    registers: int
+    shared: int
+    smem_limit: int
+    spill_stores: int
+    spill_loads: int
+    stack: int
+    error: str = ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Capturing launches
+
+
+class _Recorder:
+    def __init__(self, kernel, sink):
+        self.kernel, self.sink = kernel, sink
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.sink.append((self.kernel, args, kwargs))
+
+        return launch
+
+
+@contextlib.contextmanager
+def capturing(target: int):
+    """Within: launchers think they run on `target` and record their launches into the yielded list."""
+    from rlhf_fast.kernels import launch
+
+    names = ("arch", "num_sms", "wrap", "require_launchable")
+    saved = {n: getattr(launch, n) for n in names}
+    sink: list = []
+    launch.arch = lambda device: target
+    launch.num_sms = lambda device: TARGET_SMS[target]
+    launch.wrap = lambda kernel: _Recorder(kernel, sink)
+    launch.require_launchable = lambda device, name: None
+    try:
+        yield sink
+    finally:
+        for n, v in saved.items():
+            setattr(launch, n, v)
+
+
+# Launch options torch.library.wrap_triton accepts besides the kernel's constexprs (it refuses num_ctas).
+LAUNCH_OPTIONS = {"num_warps", "num_stages"}
+
+
+def _expand(kernel, args, kwargs):
+    """(JITFunction, args, kwargs incl. meta) for a recorded launch; one per config for an autotuner."""
+    from triton.runtime.autotuner import Autotuner
+
+    if not isinstance(kernel, Autotuner):
+        extra = set(kwargs) - {p.name for p in kernel.params} - LAUNCH_OPTIONS
+        if extra:
+            raise ValueError(f"{kernel.__name__}: launch options {sorted(extra)} (torch.compile's wrap_triton "
+                             "takes only num_warps / num_stages; put the rest in a triton.Config)")
+        return [(kernel, args, kwargs)]
+    named = dict(zip(kernel.arg_names, args))
+    configs = kernel.configs
+    if kernel.early_config_prune:
+        configs = kernel.early_config_prune(configs, named, **kwargs)
+    out = []
+    for cfg in configs:
+        meta = dict(kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        out.append((kernel.fn, args, meta))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Scenarios: the launches the model and trainers make, at GPT-2 shapes
+
+
+def _scenarios(dtype_name: str):
+    """(name, fn) pairs; each fn runs launchers on CPU tensors of this dtype (under `capturing`)."""
+    import torch
+
+    from rlhf_fast.kernels import attention, lora, ppo
+
+    dtype = getattr(torch, dtype_name)
+
+    def rand(*shape, grad=False, dt=dtype):  # values never matter: launches are recorded, not run
+        return torch.empty(*shape, dtype=dt).requires_grad_(grad)
+
+    def attn(D, H, causal, masked):
+        def run():
+            B, T = 2, 97
+            q, k, v = (rand(B, H, T, D, grad=True) for _ in range(3))
+            mask = torch.ones(B, T, dtype=torch.bool)
+            mask[0, :13] = False
+            o = attention.masked_attention(q, k, v, mask if masked else None, causal)
+            o.backward(torch.empty_like(o))  # a real upstream gradient (not .sum()'s stride-0 one)
+            with torch.no_grad():  # decode: one query over a 384-slot KV cache, split and direct
+                for b, h in ((1, H), (64, H)):
+                    kc, vc = rand(b, h, 384, D), rand(b, h, 384, D)
+                    cmask = torch.ones(b, 384, dtype=torch.bool)
+                    attention.masked_attention(rand(b, h, 1, D), kc, vc, cmask if masked else None, causal)
+
+        return run
+
+    def lora_linear(C, out, rank, frozen_base=True):
+        def run():
+            x = rand(3, 37, C, grad=True)
+            w = rand(out, C, grad=not frozen_base)
+            bias = rand(out)
+            a, b = rand(rank, C, grad=True), rand(out, rank, grad=True)
+            y = lora.lora_linear(x, w, bias, a, b, 2.0)
+            y.backward(torch.empty_like(y))
+
+        return run
+
+    out = []
+    for D, H in ((64, 12), (128, 8)):
+        out.append((f"attention D={D} causal+mask", attn(D, H, True, True)))
+    out.append(("attention D=64 causal, no mask", attn(64, 12, True, False)))
+    for rank in (1, 8, 64, 128):  # R_PAD 16, 16, 64, 128; rank 1 is its own specialisation
+        out.append((f"lora_linear C=768->2304 r={rank}", lora_linear(768, 2304, rank)))
+    out.append(("lora_linear C=1600->6400 r=16, trainable W", lora_linear(1600, 6400, 16, frozen_base=False)))
+    if dtype == torch.float32:  # the RL maths is fp32 whatever the training precision
+
+        def rl(T):
+            def run():
+                B = 64
+                f = lambda grad=False: rand(B, T, grad=grad, dt=torch.float32)  # noqa: E731
+                mask = torch.ones(B, T, dtype=torch.bool)
+                ppo.gae(f(), f(), mask, 0.99, 0.95)
+                for ref in (None, f()):
+                    res = ppo.ppo_loss(f(True), f(), f(), f(True), f(), f(), mask, clip_eps=0.2,
+                                       value_clip_eps=0.2, vf_coef=0.5, ref_logprobs=ref, kl_coef=0.1)
+                    res.loss.backward()
+
+            return run
+
+        for T in (97, 512, 2048):  # gae's time tile: 128 / 512 / 1024 (+ chunks)
+            out.append((f"gae+ppo_loss B=64 T={T}", rl(T)))
+    return out
+
+
+def enumerate_cases(targets=(80, 86, 89, 90), dtypes=("float32", "float16", "bfloat16")):
+    """[(Case, compile thunk)] for every distinct launch of every scenario, per target and dtype."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    seen = {}
+    for target in targets:
+        gpu = GPUTarget("cuda", target, 32)
+        backend = make_backend(gpu)
+        for dtype in dtypes:
+            for scenario, run in _scenarios(dtype):
+                with capturing(target) as sink:  # autotuner pruning asks launch.arch too: expand inside
+                    run()
+                    launches = [x for rec in sink for x in _expand(*rec)]
+                for fn, args, kwargs in launches:
+                    binder = create_function_from_signature(fn.signature, fn.params, backend)
+                    bound, spec, opts = binder(*args, **kwargs)
+                    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+                    # One compile per distinct config (declared constexprs, warps, stages) of a kernel, dtype
+                    # and target: Triton's extra specialisations (an int arg equal to 1, divisibility by
+                    # 16) change neither tiles nor the shared-memory / register budget in a meaningful way.
+                    consts = " ".join(f"{p.name}={constexprs[(p.num,)]}" for p in fn.params if p.is_constexpr)
+                    config = f"{consts} warps={options.num_warps} stages={options.num_stages}"
+                    if (fn.__name__, config, dtype, target) in seen:
+                        continue
+                    key = hashlib.sha256(repr((fn.cache_key, sorted(signature.items()), sorted(
+                        (k, str(v)) for k, v in constexprs.items()), sorted(attrs.items()), target,
+                        options.num_warps, options.num_stages)).encode()).hexdigest()[:20]
+                    case = Case(fn.__name__, config, dtype, target, key, scenario)
+                    src = ASTSource(fn, signature, constexprs, attrs)
+                    seen[fn.__name__, config, dtype, target] = (case, lambda src=src, gpu=gpu, o=options:
+                                                                 _compile(src, gpu, o))
+    return list(seen.values())
+
+
+_REGS = re.compile(r"Used (\d+) registers")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _compile(src, gpu, options) -> dict:
+    import triton
+    from triton import knobs
+
+    knobs.nvidia.dump_ptxas_log = True
+    with tempfile.TemporaryFile(mode="w+") as log:  # ptxas -v reports on the process's own stdout/stderr
+        sys.stdout.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            kernel = triton.compile(src, target=gpu, options=options.__dict__)
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+        log.seek(0)
+        text = log.read()
+    regs, frame = _REGS.search(text), _FRAME.search(text)
+    if regs is None or frame is None:
+        raise RuntimeError(f"no ptxas report for {src.name} (is the Triton cache on? set TRITON_ALWAYS_COMPILE=1)")
+    regs = int(regs.group(1))
+    stack, stores, loads = (int(x) for x in frame.groups())
+    return dict(registers=regs, shared=int(kernel.metadata.shared), spill_stores=stores, spill_loads=loads,
+                stack=stack)
+
+
+# ----------------------------------------------------------------------------------------------
+# Record
+
+
+def load_record(path: Path = RECORD) -> dict:
+    if not path.exists():
+        return {"rows": []}
+    return json.loads(path.read_text())
+
+
+FIGURES = ("registers", "shared", "spill_stores", "spill_loads", "stack")
+
+
+def _compile_one(case, compile_fn) -> dict:
+    try:
+        return dict(compile_fn(), error="")
+    except Exception as e:  # a compile failure is a row of the table, not a crash of the tool
+        return dict(dict.fromkeys(FIGURES, 0), error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}")
+
+
+def compile_cases(cases, keys: set, jobs: int = 1, log=print) -> dict:
+    """{key: figures + error} for the cases whose key is in `keys`, over `jobs` processes."""
+    todo = [(c, fn) for c, fn in cases if c.key in keys]
+    if jobs <= 1 or len(todo) < 2:
+        out, t0 = {}, time.time()
+        for i, (case, fn) in enumerate(todo):
+            out[case.key] = _compile_one(case, fn)
+            log(f"[{i + 1}/{len(todo)} {time.time() - t0:4.0f}s] {case.kernel} sm_{case.target} {case.dtype} "
+                f"{case.config}: {out[case.key]}")
+        return out
+    with tempfile.TemporaryDirectory() as tmp:  # compile thunks do not pickle: each worker re-enumerates
+        keys_file = Path(tmp, "keys.json")
+        keys_file.write_text(json.dumps(sorted(keys)))
+        procs = [subprocess.Popen([sys.executable, __file__, "--shard", f"{k}/{jobs}", "--keys", str(keys_file),
+                                   "--json", str(Path(tmp, f"{k}.json"))]) for k in range(jobs)]
+        if any(p.wait() for p in procs):
+            raise RuntimeError("a cross-compile worker failed (see its output above)")
+        return {k: v for i in range(jobs) for k, v in json.loads(Path(tmp, f"{i}.json").read_text()).items()}
+
+
+def build_rows(cases, record: dict, compile_all: bool = False, always=ALWAYS_COMPILE, jobs: int = 1) -> list[Row]:
+    """Rows for `cases`: figures from `record` when it holds the key, compiled otherwise (and for `always`)."""
+    from rlhf_fast.kernels.launch import smem_limit
+
+    known = {r["key"]: r for r in record.get("rows", [])}
+    fresh = {c.key for c, _ in cases if compile_all or c.key not in known
+             or all(getattr(c, k) == v for k, v in always.items())}
+    compiled = compile_cases(cases, fresh, jobs)
+    rows = []
+    for case, _ in cases:
+        got = compiled.get(case.key) or {k: known[case.key].get(k, "") for k in (*FIGURES, "error")}
+        rows.append(Row(**asdict(case), **got, smem_limit=smem_limit(case.target)))
+    return rows
+
+
+def problems(rows: list[Row]) -> list[str]:
+    out = []
+    for r in rows:
+        where = f"{r.kernel} sm_{r.target} {r.dtype} [{r.config}] ({r.scenario})"
+        if r.error:
+            out.append(f"{where}: does not compile: {r.error}")
+        elif r.shared > r.smem_limit:
+            out.append(f"{where}: {r.shared} B shared memory > the target's {r.smem_limit} B")
+        elif r.dtype != "float32" and (r.spill_stores or r.spill_loads):
+            out.append(f"{where}: spills {r.spill_stores} B stores / {r.spill_loads} B loads in a 16-bit config")
+    return out
+
+
+def worst_cases(rows: list[Row]) -> list[str]:
+    """Per target: the most shared memory, most registers and most spilling launch."""
+    lines = []
+    for target in sorted({r.target for r in rows}):
+        rs = [r for r in rows if r.target == target]
+        smem = max(rs, key=lambda r: r.shared)
+        regs = max(rs, key=lambda r: r.registers)
+        spill = max(rs, key=lambda r: r.spill_stores)
+        lines.append(f"sm_{target}: {len(rs)} launches; max shared {smem.shared}/{smem.smem_limit} B "
+                     f"({smem.kernel} {smem.dtype} {smem.config}); max registers {regs.registers} ({regs.kernel} "
+                     f"{regs.dtype}); max spill stores {spill.spill_stores} B ({spill.kernel} {spill.dtype} "
+                     f"{spill.config})")
+    return lines
+
+
+def write_record(rows: list[Row], path: Path = RECORD) -> None:
+    import triton
+
+    rows = sorted(rows, key=lambda r: (r.kernel, r.target, r.dtype, r.config))
+    payload = {"triton": triton.__version__, "generated_by": "python tests/kernels/cross_compile.py --write",
+               "columns": list(asdict(rows[0]).keys()) if rows else [],
+               "rows": [asdict(r) for r in rows]}
+    path.write_text(json.dumps(payload, indent=0) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--write", action="store_true", help="compile what the record lacks and rewrite it")
+    p.add_argument("--all", action="store_true", help="compile everything, ignoring the record")
+    p.add_argument("--check", action="store_true", help="fail if the record is stale or a launch is over a limit")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    p.add_argument("--json", help="also write the rows and problems here")
+    p.add_argument("--shard", help=argparse.SUPPRESS)  # worker: "k/n" of --keys, figures to --json
+    p.add_argument("--keys", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("cross_compile: unset TRITON_INTERPRET (interpreted kernels cannot be compiled for a GPU)")
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # every compile must run ptxas to report its figures
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    cases = enumerate_cases()
+    if args.shard:
+        k, n = (int(x) for x in args.shard.split("/"))
+        keys = sorted(set(json.loads(Path(args.keys).read_text())) & {c.key for c, _ in cases})
+        Path(args.json).write_text(json.dumps(compile_cases(cases, set(keys[k::n]))))
+        return 0
+    record = load_record()
+    rows = build_rows(cases, record, compile_all=args.all, jobs=args.jobs)
+    found = problems(rows)
+    stale = [r for r in rows if r.key not in {x["key"] for x in record.get("rows", [])}]
+    print("\n".join(worst_cases(rows)))
+    if args.write:
+        write_record(rows)
+        print(f"wrote {RECORD} ({len(rows)} rows)")
+    elif stale:
+        found.append(f"{len(stale)} launches are not in {RECORD.name} (e.g. {stale[0].kernel} sm_{stale[0].target} "
+                     f"{stale[0].dtype} {stale[0].config}): run `python tests/kernels/cross_compile.py --write`")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": [asdict(r) for r in rows], "problems": found}))
+    for line in found:
+        print("PROBLEM:", line)
+    return 1 if found and (args.check or args.write) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
