@@ -102,18 +102,21 @@ _TRITON_FNS: dict = {}  # kernel name -> its Triton implementation, filled on fi
 
 
 @_constant_under_compile
-def _load_triton(name: str) -> bool:
-    """Import kernel `name`'s Triton module (registering its torch ops) and cache the function.
+def _load_triton() -> bool:
+    """Import every Triton kernel module (registering its torch ops) and cache the functions.
 
-    torch.compile runs this at trace time instead of tracing it (an import would break the graph).
+    torch.compile runs this at trace time instead of tracing it (an import would break the graph). All
+    at once: dynamo snapshots `_TRITON_FNS` at its first lookup in a frame, so a kernel added to it
+    later in the same trace would be missing from that snapshot (a graph break, seen on an H200).
     """
-    if name not in _TRITON_FNS:
-        _TRITON_FNS[name] = getattr(importlib.import_module(_TRITON_MODULES[name]), name)
+    if not _TRITON_FNS:
+        for name, module in _TRITON_MODULES.items():
+            _TRITON_FNS[name] = getattr(importlib.import_module(module), name)
     return True
 
 
 def _triton_fn(name: str):
-    _load_triton(name)
+    _load_triton()
     return _TRITON_FNS[name]
 
 

@@ -84,26 +84,3 @@ def test_rl_kernels_compute_in_fp32(backend):
     torch.testing.assert_close(out.loss, want.loss, atol=1e-5, rtol=1e-5)
     out.loss.backward()
     assert lp.grad.dtype == torch.bfloat16 and values.grad.dtype == torch.float16
-
-
-def test_auto_falls_back_to_torch_outside_the_triton_range(monkeypatch):
-    """backend="auto" on CUDA takes torch for ranks > 128 and head dims outside [16, 128]."""
-    cuda = torch.device("cuda")
-    assert kernels.resolve_backend("lora_linear", "auto", cuda, supported=False) == "torch"
-    monkeypatch.setattr(kernels, "triton_implemented", lambda name: True)
-    assert kernels.resolve_backend("lora_linear", "auto", cuda) == "triton"
-    seen = []
-    monkeypatch.setattr(kernels, "resolve_backend", lambda name, b, d, supported=True: seen.append(supported)
-                        or "torch")
-    kernels.lora_linear(torch.randn(2, 8), torch.randn(4, 8), None, torch.randn(129, 8), torch.randn(4, 129), 1.0)
-    kernels.masked_attention(*(torch.randn(1, 1, 3, 8) for _ in range(3)))
-    kernels.lora_linear(torch.randn(2, 8), torch.randn(4, 8), None, torch.randn(128, 8), torch.randn(4, 128), 1.0)
-    kernels.masked_attention(*(torch.randn(1, 1, 3, 16) for _ in range(3)))
-    assert seen == [False, False, True, True]
-
-
-def test_importing_the_lora_module_keeps_the_public_function():
-    import importlib
-
-    importlib.import_module("rlhf_fast.kernels.lora")
-    assert callable(kernels.lora_linear) and kernels.lora_linear.__module__ == "rlhf_fast.kernels"
