@@ -1,6 +1,6 @@
 """One-call GPU validation: every GPU-only check of this project, in priority order, under a time budget.
 
-    bash benchmarks/gpu_check.sh --budget 420          # on the GPU machine (installs .whl/ first)
+    bash benchmarks/gpu_check.sh --budget 540          # on the GPU machine (installs .whl/ first)
     python benchmarks/gpu_check.py --smoke --out-dir /tmp/gc   # CPU: the same plumbing at tiny sizes
 
 Each section runs in its own subprocess with timeout = min(its cap, budget left), so a crash or hang in
@@ -8,7 +8,7 @@ one never loses the others; a section needing more than the time left is skipped
 `PASS|FAIL|SKIP  name  seconds  numbers`. The output directory ($OUT when set, else --out-dir) gets a
 few files only (the device tool brings back at most 8): gpu_check.log (every subprocess's output),
 summary.json, summary.txt, kernel_benchmarks.json (the kernel suites' records), e2e-gpt2.json and
-memory-lora-xl.json. Caps are sized for --budget 420 and stretch in proportion to a larger budget.
+memory-lora-xl.json. Caps are sized for --budget 480 and stretch in proportion to a larger budget.
 
 Sections: env, pytest_gpu (`-m gpu` tier), kernels (bf16 Triton vs torch at gpt2-xl shapes, flash-attention
 error rule, CUDA-event timings), compile (compiled gpt2 + LoRA under bf16 autocast at several lengths:
@@ -41,7 +41,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIRS = (REPO / "benchmarks" / "results", REPO / ".benchmarks" / "smoke")  # where the suites write
-REFERENCE_BUDGET_S = 420.0  # the caps below add up to this
+REFERENCE_BUDGET_S = 480.0  # the caps below add up to this
 RESERVE_S = 3.0  # kept back for writing the summary
 MARK = "GPU_CHECK_RESULT "  # a worker's last line: MARK + its result as JSON
 
@@ -49,7 +49,7 @@ MARK = "GPU_CHECK_RESULT "  # a worker's last line: MARK + its result as JSON
 @dataclass(frozen=True)
 class Section:
     name: str
-    cap_s: float  # at --budget 420
+    cap_s: float  # at --budget 480
     min_s: float  # skipped when less than this is left
     run: Callable  # (Context, timeout_s) -> result dict
 
@@ -199,8 +199,8 @@ def env_section(smoke: bool) -> dict:
     from rlhf_fast.benchmarking.monitor import environment
 
     env = environment()
-    if env["commit"] == "unknown":  # no git on the GPU machine: the caller may pass the commit along
-        env["commit"] = os.environ.get("GIT_COMMIT", "unknown")
+    # The GPU machine's copy of the tree may carry no (or stale) git metadata: the caller passes the commit.
+    env["commit"] = os.environ.get("GIT_COMMIT") or env["commit"]
     try:
         env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                        capture_output=True, text=True, timeout=10).stdout.strip() or None
@@ -212,7 +212,7 @@ def env_section(smoke: bool) -> dict:
     return result("PASS", env, detail=" ".join(f"{k}={env.get(k)}" for k in keys))
 
 
-@section("pytest_gpu", cap_s=100, min_s=30)
+@section("pytest_gpu", cap_s=110, min_s=30)
 def pytest_section(ctx: Context, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rfE", "-p", "no:cacheprovider"]
     if importlib.util.find_spec("pytest_timeout") is not None:
@@ -347,7 +347,7 @@ def use_compile_backend(smoke: bool) -> None:
         torch.compile = functools.partial(torch.compile, backend="aot_eager")
 
 
-@worker_section("compile", cap_s=45, min_s=25)
+@worker_section("compile", cap_s=75, min_s=25)  # cold inductor compile: > 45 s on an H200
 def compile_section(smoke: bool) -> dict:
     import torch
     import torch.nn.functional as F
@@ -395,7 +395,7 @@ def compile_section(smoke: bool) -> dict:
     return result("PASS", numbers, detail)
 
 
-@worker_section("decode", cap_s=35, min_s=20)
+@worker_section("decode", cap_s=50, min_s=20)
 def decode_section(smoke: bool) -> dict:
     import torch
 
@@ -484,13 +484,13 @@ bench_section("bench_lora", 20, 12, "lora_linear",
               [*LORA_SUITE, "-k", "gpu and n8192-d1600-r16"], [*LORA_SUITE, "-k", "smoke"],
               lambda rows: ratios(rows, ("pass_",), ("speedup_vs_baseline", "x_floor"),
                                   lambda r: r["impl"] == "triton"))
-bench_section("bench_attention", 40, 25, "attention", ["benchmarks/bench_attention.py", "--iters", "5"],
+bench_section("bench_attention", 30, 20, "attention", ["benchmarks/bench_attention.py", "--iters", "5"],
               ["benchmarks/bench_attention.py", "--smoke", "--iters", "1"],
               lambda rows: ratios(rows, ("T", "H", "method"), ("vs_triton",), lambda r: r.get("method") == "sdpa_mask"))
-bench_section("bench_ppo", 25, 15, "ppo", ["benchmarks/bench_ppo.py", "--B", "256", "--T", "512", "--iters", "10",
+bench_section("bench_ppo", 20, 15, "ppo", ["benchmarks/bench_ppo.py", "--B", "256", "--T", "512", "--iters", "10",
                                           "--compile-max-t", "0"], ["benchmarks/bench_ppo.py", "--smoke"],
               lambda rows: ratios(rows, ("bench", "B", "T"), ("x_loop", "x_eager", "x_compiled")))
-bench_section("bench_generation", 30, 20, "generation",
+bench_section("bench_generation", 25, 20, "generation",
               ["benchmarks/bench_generation.py", "--preset", "gpt2", "--batch-size", "64", "--prompt-len", "256",
                "--new-tokens", "64", "--warmup", "1", "--iters", "1"],
               ["benchmarks/bench_generation.py", "--preset", "tiny", "--batch-size", "2", "--prompt-len", "8",
@@ -498,7 +498,7 @@ bench_section("bench_generation", 30, 20, "generation",
               lambda rows: ratios(rows, ("preset", "B"), ("x_hf", "x_nocache", "step_over_floor")))
 
 
-@section("e2e", cap_s=35, min_s=25)
+@section("e2e", cap_s=60, min_s=25)
 def e2e_section(ctx: Context, timeout: float) -> dict:
     sizes = (["--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--prompt-len", "8", "--new-tokens", "4",
               "--mini-batch-size", "2", "--backend", "torch", "--no-hf"] if ctx.smoke else

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the GPU machine runs: every GPU-only check in one call, under a time budget (see gpu_check.py).
-#   bash benchmarks/gpu_check.sh --budget 420           # records go to $OUT (or --out-dir)
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh --budget 540   # to $OUT / --out-dir
 # That machine has no internet and lacks some wheels (datasets, deepspeed, ...): fetch them beforehand,
 # here, with ../shared/scripts/gpu-wheels.sh (writes ./.whl; pass e.g. pytest-benchmark==5.2.3
 # py-cpuinfo==9.0.0 as arguments for the bench_lora section) and carry `.whl` to the device run.

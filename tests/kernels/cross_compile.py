@@ -3,9 +3,9 @@
 How: the kernel launchers are run on CPU tensors at GPT-2 shapes while `rlhf_fast.kernels.launch` is
 patched to report the chosen target architecture and to record each launch instead of running it
 (autotuned kernels contribute every config their pruning keeps for that target). Each distinct launch
-(kernel, constexprs, options, argument types/alignment as Triton itself specialises them) is compiled
-with Triton's compiler for that target, and ptxas's own report gives registers, spills and stack;
-Triton's metadata gives shared memory. No GPU, no driver.
+(kernel, constexprs, options, argument types/alignment as Triton itself specialises them, float scalars
+typed fp64 as torch.compile passes them) is compiled with Triton's compiler for that target; ptxas's own
+report gives registers, spills and stack, Triton's metadata shared memory. No GPU, no driver.
 
 The table lives in `cross_compile_record.json` beside this file, keyed by a hash of each kernel's
 source (with everything it calls), its specialisation and the target, so CI compiles only what the
@@ -214,6 +214,9 @@ def enumerate_cases(targets=(80, 86, 89, 90), dtypes=("float32", "float16", "bfl
                     binder = create_function_from_signature(fn.signature, fn.params, backend)
                     bound, spec, opts = binder(*args, **kwargs)
                     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+                    # Float scalars as fp64: what torch.compile's inductor passes (a Python float may not
+                    # fit fp32 exactly). Kernels cast them to fp32 once; `_compile` rejects fp64 maths.
+                    signature = {k: "fp64" if v == "fp32" else v for k, v in signature.items()}
                     # One compile per distinct config (declared constexprs, warps, stages) of a kernel, dtype
                     # and target: Triton's extra specialisations (an int arg equal to 1, divisibility by
                     # 16) change neither tiles nor the shared-memory / register budget in a meaningful way.
@@ -255,6 +258,10 @@ def _compile(src, gpu, options) -> dict:
             os.close(saved[1])
         log.seek(0)
         text = log.read()
+    fp64 = [ln.strip() for ln in kernel.asm["ttir"].splitlines()
+            if "f64" in ln and "tt.func" not in ln and "arith.truncf" not in ln]
+    if fp64:
+        raise RuntimeError(f"fp64 maths from a float argument (cast it to fp32 once): {fp64[0][:120]}")
     regs, frame = _REGS.search(text), _FRAME.search(text)
     if regs is None or frame is None:
         raise RuntimeError(f"no ptxas report for {src.name} (is the Triton cache on? set TRITON_ALWAYS_COMPILE=1)")
