@@ -73,14 +73,11 @@ def cmd_generate(args) -> int:
     tok = load_tokenizer(args.tokenizer or ("byte" if args.model in PRESETS else args.model))
     encoded = [tok.encode(p) or [tok.eos_token_id] for p in prompts]  # an empty prompt starts from EOS
     input_ids, attention_mask = tok.pad(encoded, side="left")
-    try:
-        out = generate(model, input_ids.to(device), attention_mask.to(device),
-                       max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                       temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                       generator=torch.Generator(device).manual_seed(args.seed))
-    except ValueError as e:
-        raise SystemExit(f"rlhf-fast generate: {e}") from e
+    out = generate(model, input_ids.to(device), attention_mask.to(device),
+                   max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                   temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                   generator=torch.Generator(device).manual_seed(args.seed))
     P = input_ids.shape[1]
     for prompt, row, mask in zip(prompts, out.sequences[:, P:], out.response_mask, strict=True):
         print(f"=== {prompt}")
@@ -318,21 +315,15 @@ def cmd_ppo(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("ppo.") and v is not None}
     config = PPOConfig(**overrides)
-    try:
-        models, tokenizer = load_ppo_models(args.sft_model, args.reward_model, lora=args.lora,
-                                            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                                            attn_backend=args.attn_backend, kernel_backend=args.kernel_backend,
-                                            seed=config.seed)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"rlhf-fast ppo: {e}") from e
+    models, tokenizer = load_ppo_models(args.sft_model, args.reward_model, lora=args.lora,
+                                        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                                        attn_backend=args.attn_backend, kernel_backend=args.kernel_backend,
+                                        seed=config.seed)
     train, held_out = load_prompts(args.data, subset=args.data_subset, eval_size=args.eval_size,
                                    synthetic_size=args.synthetic_size, seed=config.seed)
     prompts = prompt_batches(train, tokenizer, config.rollout_batch_size, args.max_prompt_len, config.seed)
     eval_prompts = [tokenizer.encode(p)[-args.max_prompt_len:] for p in held_out]
-    try:
-        trainer = PPOTrainer(config, models, tokenizer, prompts, eval_prompts, strategy=_ppo_strategy(args, config))
-    except ValueError as e:
-        raise SystemExit(f"rlhf-fast ppo: {e}") from e
+    trainer = PPOTrainer(config, models, tokenizer, prompts, eval_prompts, strategy=_ppo_strategy(args, config))
     trainer.train()
     if trainer.strategy.is_main:
         print(f"exported PPO policy to {trainer.export(trainer.run_dir / 'export')}")
@@ -377,11 +368,8 @@ def cmd_bench(args) -> int:
     for name in ("presets", "backends"):
         if name in overrides:
             overrides[name] = tuple(overrides[name])
-    try:
-        config = BenchConfig.for_device(device, **overrides)
-        record = run_bench(config)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"rlhf-fast bench: {e}") from e
+    config = BenchConfig.for_device(device, **overrides)
+    record = run_bench(config)
     print(format_report(record))
     out_dir = Path(config.out_dir or ("benchmarks/results" if torch.device(device).type == "cuda"
                                       else ".benchmarks/smoke"))
@@ -430,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__)
     # the deepspeed launcher passes --local_rank=N before the subcommand; the rank is read from LOCAL_RANK
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, devices and usable kernel/attention backends")
     p.set_defaults(func=cmd_info)
@@ -499,9 +488,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Bad input (config, data file and line, paths, checkpoints) raises these from the library with a message
+# naming what to fix: the CLI shows that message as one line instead of a traceback (--debug shows it).
+USER_ERRORS = (ValueError, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        message = " ".join(str(e).split("\n")) or type(e).__name__
+        raise SystemExit(f"rlhf-fast {args.command}: {message}") from e
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """`rlhf-fast sft` / `rlhf-fast rm` end to end on tiny runs, config files and flag help."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -56,8 +58,10 @@ def test_bad_data_through_cli(tmp_path):
     good = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}
     data.write_text("\n".join([json.dumps(good)] * 12 + ["{broken"] + [json.dumps(good)] * 12) + "\n")
     args = ["sft", *COMMON, "--data", str(data), "--output-dir", str(tmp_path / "run"), "--no-export"]
-    with pytest.raises(BadExampleError, match=rf"{data}:13: not valid JSON"):
+    with pytest.raises(SystemExit, match=rf"rlhf-fast sft: {data}:13: not valid JSON"):
         main(args)
+    with pytest.raises(BadExampleError, match=rf"{data}:13: not valid JSON"):
+        main(["--debug", *args])
     assert main([*args, "--skip-bad-examples"]) == 0
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["event"]["skipped_bad_examples"] == 1 and first["event"]["train_examples"] == 16
@@ -86,3 +90,14 @@ def test_config_validation_and_files(tmp_path):
     y.write_text("optim:\n  lr: 0.002\nmodel:\n  preset: demo\n")
     cfg = TrainConfig.from_dict(load_config_file(y))
     assert cfg.optim.lr == 0.002 and cfg.model.preset == "demo"
+
+
+def test_console_reports_bad_data_in_one_line(tmp_path):
+    """`rlhf-fast rm` on a malformed file: one line naming file and line, no traceback, nonzero exit."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b"}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "rlhf_fast.cli", "rm", *COMMON, "--data", str(data),
+                           "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"rlhf-fast rm: {data}:1: missing field(s) ['rejected'] (pass --skip-bad-examples to skip such lines)"]

@@ -121,16 +121,16 @@ def test_grpo_cli_with_a_reward_model(tmp_path):
 def test_missing_and_mismatched_checkpoints_are_named(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
-        main(["grpo", *COMMON, "--model", str(missing), "--output-dir", str(tmp_path / "a")])
+        main(["--debug", "grpo", *COMMON, "--model", str(missing), "--output-dir", str(tmp_path / "a")])
     with pytest.raises(FileNotFoundError, match="reward model directory not found"):
-        main(["grpo", *COMMON, "--reward-model", str(missing), "--output-dir", str(tmp_path / "b")])
+        main(["--debug", "grpo", *COMMON, "--reward-model", str(missing), "--output-dir", str(tmp_path / "b")])
     not_rm = tmp_path / "sft_export"
     GPT.from_preset("tiny").save_pretrained(not_rm)
     with pytest.raises(FileNotFoundError, match="no reward_head.pt: not an exported reward model"):
-        main(["grpo", *COMMON, "--reward-model", str(not_rm), "--output-dir", str(tmp_path / "c")])
+        main(["--debug", "grpo", *COMMON, "--reward-model", str(not_rm), "--output-dir", str(tmp_path / "c")])
     other_vocab = fake_rm_export(tmp_path / "rm_400", vocab_size=400)
     with pytest.raises(ValueError, match="vocab_size 400, the policy 320: it was trained with a different"):
-        main(["grpo", *COMMON, "--reward-model", str(other_vocab), "--output-dir", str(tmp_path / "d")])
+        main(["--debug", "grpo", *COMMON, "--reward-model", str(other_vocab), "--output-dir", str(tmp_path / "d")])
     with pytest.raises(ValueError, match="vocab_size 400"):
         RewardModelScorer(GPT.from_preset("tiny", vocab_size=400), RewardHead(32), ByteTokenizer(), 320)
 
