@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,8 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from common import time_fn  # benchmarks/common.py: the suites' timer
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIRS = (REPO / "benchmarks" / "results", REPO / ".benchmarks" / "smoke")  # where the suites write
@@ -161,27 +162,6 @@ def device_and_sync(smoke: bool):
 
     device = torch.device("cpu" if smoke else "cuda")
     return device, (torch.cuda.synchronize if device.type == "cuda" else (lambda: None))
-
-
-def median_ms(fn, device, iters: int) -> float:
-    """Median milliseconds of fn() after one warm-up call (compile, autotune): CUDA events on a GPU."""
-    import torch
-
-    fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
 
 
 def left_padded_mask(B: int, T: int, device, seed: int = 0, pad_frac: float = 0.4):
@@ -317,7 +297,8 @@ def kernels_section(smoke: bool) -> dict:
             steps = {b: outputs_and_grads(functools.partial(kernel, b), leaves) for b in ("triton", "torch")}
             err = lambda a, r: float((a.detach().double() - r.detach().double()).abs().max())  # noqa: E731
             ratio = max(err(a, r) / (2 * err(e, r) + atol) for a, e, r in zip(steps["triton"](), base, ref))
-            ms = {b: median_ms(step, device, 1 if smoke else 20) for b, step in steps.items()}
+            iters = 1 if smoke else 20
+            ms = {b: 1e3 * time_fn(step, device=device, warmup=1, iters=iters) for b, step in steps.items()}
         except Exception as e:
             traceback.print_exc()
             failed.append(name)
@@ -422,7 +403,7 @@ def decode_section(smoke: bool) -> dict:
         outs[compile_] = run()
         sync()
         numbers[f"{'compiled' if compile_ else 'eager'}_first_s"] = time.perf_counter() - t0
-        numbers[f"{'compiled' if compile_ else 'eager'}_tok_s"] = B * N / median_ms(run, device, 2) * 1e3
+        numbers[f"{'compiled' if compile_ else 'eager'}_tok_s"] = B * N / time_fn(run, device=device, warmup=1, iters=2)
         report(result("PASS", numbers))
     eager, comp = outs[False].sequences, outs[True].sequences
     same = (eager == comp).all(dim=1)

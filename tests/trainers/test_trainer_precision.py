@@ -12,7 +12,9 @@ PRECISIONS = ["bf16", "fp16"]
 
 
 def _finite(history, *keys):
-    return all(torch.isfinite(torch.tensor(float(h[k]))) for h in history for k in keys if k in h)
+    """Every iteration logged each of `keys` (PPO's and GRPO's metric names differ: issue 14) as a finite number."""
+    assert history and all(k in h for h in history for k in keys), (keys, sorted(history[-1]))
+    return all(torch.isfinite(torch.tensor(float(h[k]))) for h in history for k in keys)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -33,7 +35,7 @@ def test_ppo_lora(tmp_path, precision):
     trainer = tiny_trainer(tmp_path, iterations=2, precision=precision)
     trainer.train()
     h = trainer.history[-1]
-    assert _finite(trainer.history, "loss", "policy_loss", "value_loss", "kl", "reward")
+    assert _finite(trainer.history, "train/loss", "train/policy_loss", "train/value_loss", "kl", "score")
     # generation ran under autocast too: its log-probs still track the training-time ones
     assert h["gen_logprob_gap_max"] < 0.5, h
 
@@ -49,7 +51,7 @@ def test_ppo_fp16_through_the_triton_kernels(tmp_path):
     trainer = tiny_trainer(tmp_path, models=models, iterations=1, rollout_batch_size=2, mini_batch_size=2,
                            ppo_epochs=1, max_new_tokens=3, precision="fp16", loss_backend="triton")
     trainer.train()
-    assert _finite(trainer.history, "loss", "policy_loss", "value_loss", "kl")
+    assert _finite(trainer.history, "train/loss", "train/policy_loss", "train/value_loss", "kl", "score")
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
