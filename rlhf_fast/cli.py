@@ -136,8 +136,11 @@ def _add_train_args(p: argparse.ArgumentParser, stage: str) -> None:
     for flag, key, typ, text in _TRAIN_FLAGS:
         section, _, name = key.partition(".")
         default = defaults[section][name]
-        p.add_argument(flag, dest=key, type=typ, default=None, metavar=flag[2:].upper().replace("-", "_"),
-                       help=text if default is None else f"{text} (default: {default})")
+        text = text if default is None else f"{text} (default: {default})"
+        if typ is bool:
+            p.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=text)
+            continue
+        p.add_argument(flag, dest=key, type=typ, default=None, metavar=flag[2:].upper().replace("-", "_"), help=text)
     p.add_argument("--lora", dest="lora.enabled", action=argparse.BooleanOptionalAction, default=None,
                    help="train LoRA adapters (--no-lora: full fine-tuning); default: LoRA when starting from "
                         "--model weights, full fine-tuning for a random-init --preset")
@@ -208,24 +211,37 @@ _GRPO_FLAGS = [
     ("--data", "data.data", str, "prompts for --reward-model: synthetic, an HH-RLHF hub name or .jsonl file"),
     ("--max-prompt-len", "data.max_prompt_len", int, "prompt tokens kept (from the end)"),
     ("--group-size", "grpo.group_size", int, "G: completions sampled per prompt"),
-    ("--prompts-per-iteration", "grpo.prompts_per_iteration", int, "prompts per rollout (rows = this * G)"),
+    ("--rollout-batch-size", "grpo.rollout_batch_size", int, "prompts per rollout (rows = this * G)"),
     ("--iterations", "grpo.iterations", int, "rollout + update iterations"),
     ("--epochs", "grpo.epochs", int, "passes over each rollout's minibatches"),
-    ("--clip-eps", "grpo.clip_eps", float, "ratio clipping epsilon"),
-    ("--kl-coef", "grpo.kl_coef", float, "k3 KL penalty to the reference (adapters off; 0: no reference "
-                                         "pass)"),
+    ("--mini-batch-size", "grpo.mini_batch_size", int, "rollout rows per optimizer step (a minibatch)"),
+    ("--micro-batch-size", "grpo.micro_batch_size", int, "rollout rows per forward pass (default: a minibatch)"),
+    ("--estimator", "grpo.estimator", str, "advantages: grpo, dr_grpo (no std division), rloo, reinforce_pp"),
+    ("--loss-aggregation", "grpo.loss_aggregation", str, "token_mean (DAPO), seq_mean (GRPO paper), seq_sum "
+                                                         "(Dr. GRPO's constant normaliser)"),
+    ("--clip-eps", "grpo.clip_eps", float, "ratio clipping epsilon (lower side, and upper by default)"),
+    ("--clip-eps-high", "grpo.clip_eps_high", float, "DAPO clip-higher: upper ratio clip, e.g. 0.28"),
+    ("--kl-loss-coef", "grpo.kl_loss_coef", float, "k3 KL to the reference in the loss (adapters off; 0: no "
+                                                   "reference pass)"),
+    ("--std-eps", "grpo.std_eps", float, "grpo: (score - mean) / (std + STD_EPS)"),
+    ("--dynamic-sampling", "grpo.dynamic_sampling", bool, "DAPO: drop groups whose scores are all equal and "
+                                                          "sample more prompts to refill the batch"),
+    ("--overlong-buffer", "grpo.overlong_buffer", int, "DAPO soft overlong penalty over the last N tokens "
+                                                       "(0: off)"),
+    ("--mask-truncated", "grpo.mask_truncated", bool, "DAPO overlong filtering: no loss on responses cut at "
+                                                      "--max-new-tokens"),
     ("--max-new-tokens", "grpo.max_new_tokens", int, "longest completion"),
     ("--temperature", "grpo.temperature", float, "sampling temperature of the rollouts"),
     ("--eval-prompts", "grpo.eval_prompts", int, "held-out prompts scored at each evaluation"),
     ("--lora-rank", "lora.rank", int, "LoRA rank"),
     ("--lr", "optim.lr", float, "learning rate (AdamW)"),
-    ("--micro-batch-size", "optim.micro_batch_size", int, "rollout rows per forward pass"),
-    ("--grad-accum-steps", "optim.grad_accum_steps", int, "micro-batches per optimizer step (a minibatch)"),
     ("--max-grad-norm", "optim.max_grad_norm", float, "gradient clipping norm"),
     ("--output-dir", "run.output_dir", str, "run directory: config, metrics.jsonl, checkpoints, export"),
     ("--seed", "run.seed", int, "seed for init, prompt order, sampling and the task"),
     ("--device", "run.device", str, "cpu, cuda, cuda:1, ... (default: cuda when available)"),
     ("--precision", "run.precision", str, "fp32, bf16 or fp16 (fp16: CUDA only)"),
+    ("--strategy", "run.strategy", str, "single (one device) or deepspeed (ZeRO 0-2, launched by `deepspeed`)"),
+    ("--zero-stage", "deepspeed.zero_stage", int, "DeepSpeed ZeRO stage 0-2 (with --strategy deepspeed)"),
     ("--eval-every", "run.eval_every", int, "iterations between evaluations (0: only at the end)"),
     ("--save-every", "run.save_every", int, "iterations between checkpoints (0: only at the end)"),
 ]
@@ -241,8 +257,11 @@ def _add_grpo_args(p: argparse.ArgumentParser) -> None:
     for flag, key, typ, text in _GRPO_FLAGS:
         section, _, name = key.partition(".")
         default = defaults[section][name]
-        p.add_argument(flag, dest=key, type=typ, default=None, metavar=flag[2:].upper().replace("-", "_"),
-                       help=text if default is None else f"{text} (default: {default})")
+        text = text if default is None else f"{text} (default: {default})"
+        if typ is bool:
+            p.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=text)
+            continue
+        p.add_argument(flag, dest=key, type=typ, default=None, metavar=flag[2:].upper().replace("-", "_"), help=text)
     p.add_argument("--lora", dest="lora.enabled", action=argparse.BooleanOptionalAction, default=None,
                    help="train a LoRA adapter `policy` (--no-lora: all weights); default: LoRA when starting "
                         "from --model weights, all weights for a random-init --preset")
@@ -274,7 +293,7 @@ def cmd_grpo(args) -> int:
     trainer = build_grpo_trainer(_grpo_config(args))
     before = trainer.evaluate() if trainer.iteration == 0 and not trainer.config.run.resume else None
     trainer.train()
-    after = trainer.last_eval or trainer.evaluate()
+    after = trainer.eval_history[-1] if trainer.eval_history else trainer.evaluate()
     if before is not None:
         print(f"held-out reward: {before['reward']:.3f} -> {after['reward']:.3f} (sampled), "
               f"{before['greedy_reward']:.3f} -> {after['greedy_reward']:.3f} (greedy)")
@@ -333,10 +352,10 @@ def cmd_ppo(args) -> int:
 def _ppo_strategy(args, config):
     """The strategy of `rlhf-fast ppo`: --strategy plus the DeepSpeed flags, as for sft / rm."""
     from rlhf_fast.distributed import DeepSpeedSettings
-    from rlhf_fast.trainers.ppo import build_ppo_strategy
+    from rlhf_fast.trainers.rl_loop import build_rl_strategy
 
     ds = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("deepspeed.") and v is not None}
-    return build_ppo_strategy(config, args.strategy, DeepSpeedSettings(**ds) if ds else None)
+    return build_rl_strategy(config, args.strategy, DeepSpeedSettings(**ds) if ds else None)
 
 
 def cmd_demo(args) -> int:

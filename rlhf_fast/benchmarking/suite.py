@@ -287,7 +287,7 @@ def bench_ppo(cfg, base: GPT, ids, mask, device, backend: str, sampler: GpuSampl
             iterations=cfg.warmup + cfg.iters,
             rollout_batch_size=cfg.batch_size,
             mini_batch_size=cfg.mini_batch_size,
-            ppo_epochs=cfg.ppo_epochs,
+            epochs=cfg.ppo_epochs,
             max_new_tokens=cfg.new_tokens,
             loss_backend=backend,
             precision=cfg.precision,

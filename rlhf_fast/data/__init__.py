@@ -1,4 +1,5 @@
-"""Tokenizers, datasets (HH-RLHF, built-in synthetic task), collators and a resumable batch order."""
+"""Tokenizers, datasets (HH-RLHF, built-in synthetic task), the length/EOS rule, collators and a resumable
+batch order."""
 
 from .arithmetic import (
     ArithmeticProblem,
@@ -20,6 +21,7 @@ from .examples import (
     SFTExample,
 )
 from .hh import BadExampleError, LoadReport, load_hh, parse_hh_record, read_hh_jsonl, split_dialogue
+from .lengths import EncodedPair, encode_pair, fit_response
 from .sources import load_preference_splits
 from .synthetic import synthetic_preferences, synthetic_prompts, synthetic_split
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
@@ -28,6 +30,7 @@ __all__ = [
     "ArithmeticProblem",
     "BadExampleError",
     "ByteTokenizer",
+    "EncodedPair",
     "HFTokenizer",
     "LoadReport",
     "PreferenceCollator",
@@ -44,6 +47,8 @@ __all__ = [
     "arithmetic_reward",
     "arithmetic_split",
     "correctness_reward",
+    "encode_pair",
+    "fit_response",
     "format_reward",
     "load_hh",
     "load_preference_splits",

@@ -4,6 +4,9 @@
 - Preference pairs: prompt + chosen / prompt + rejected, each ending in EOS.
 - Prompts only (for RL): prompt token ids.
 
+What is cut to fit `max_len`, and whether a cut response ends in EOS, is `lengths.encode_pair`'s rule
+(docs/lengths.md): SFT cuts without EOS, preference data forces one. Datasets count what they cut.
+
 Collators pad on the left by default (DESIGN.md: left padding everywhere; positions come from the mask).
 """
 
@@ -12,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .lengths import check_lengths, encode_pair
 
 
 @dataclass(frozen=True)
@@ -30,29 +35,31 @@ class PreferenceExample:
         return SFTExample(self.prompt, self.chosen)
 
 
-def _encode_pair(tokenizer, prompt: str, response: str, max_prompt_len: int, max_len: int):
-    """(prompt_ids, response_ids + [eos]); the prompt keeps its end, the response its start."""
-    p = tokenizer.encode(prompt)[-max_prompt_len:]
-    r = (tokenizer.encode(response) + [tokenizer.eos_token_id])[: max(max_len - len(p), 0)]
-    return p, r
-
-
-def _check_lengths(max_prompt_len: int, max_len: int) -> None:
-    if not 0 < max_prompt_len < max_len:
-        raise ValueError(f"need 0 < max_prompt_len < max_len, got max_prompt_len={max_prompt_len}, "
-                         f"max_len={max_len}")
+def _encode(tokenizer, prompt: str, response: str, max_prompt_len: int, max_len: int, force_eos: bool):
+    return encode_pair(tokenizer.encode(prompt), tokenizer.encode(response), eos_token_id=tokenizer.eos_token_id,
+                       max_prompt_len=max_prompt_len, max_len=max_len, force_eos=force_eos)
 
 
 class SFTDataset(torch.utils.data.Dataset):
-    """Items: {"input_ids": list[int], "loss_mask": list[int]} (1 on response + EOS tokens)."""
+    """Items: {"input_ids": list[int], "loss_mask": list[int]} (1 on response + EOS tokens).
+
+    A response too long for `max_len` keeps the tokens that fit and gets no EOS (`truncated[i]`).
+    """
 
     def __init__(self, examples, tokenizer, max_prompt_len: int = 48, max_len: int = 112):
-        _check_lengths(max_prompt_len, max_len)
-        self.items = []
+        check_lengths(max_prompt_len, max_len)
+        self.items, self.truncated = [], []
         for ex in examples:
             ex = ex.to_sft() if isinstance(ex, PreferenceExample) else ex
-            p, r = _encode_pair(tokenizer, ex.prompt, ex.response, max_prompt_len, max_len)
-            self.items.append({"input_ids": p + r, "loss_mask": [0] * len(p) + [1] * len(r)})
+            e = _encode(tokenizer, ex.prompt, ex.response, max_prompt_len, max_len, force_eos=False)
+            self.items.append({"input_ids": e.prompt_ids + e.response_ids,
+                               "loss_mask": [0] * len(e.prompt_ids) + [1] * len(e.response_ids)})
+            self.truncated.append(e.truncated)
+
+    @property
+    def n_truncated(self) -> int:
+        """Examples whose response was cut (and so has no EOS)."""
+        return sum(self.truncated)
 
     def __len__(self):
         return len(self.items)
@@ -62,15 +69,31 @@ class SFTDataset(torch.utils.data.Dataset):
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Items: {"chosen_ids": list[int], "rejected_ids": list[int]} (prompt + response + EOS each)."""
+    """Items: {"chosen_ids": list[int], "rejected_ids": list[int]} (prompt + response + EOS each).
+
+    A response too long for `max_len` keeps its first tokens and a forced EOS; `truncated[i]` is
+    (chosen cut, rejected cut).
+    """
 
     def __init__(self, examples, tokenizer, max_prompt_len: int = 48, max_len: int = 112):
-        _check_lengths(max_prompt_len, max_len)
-        self.items = []
+        check_lengths(max_prompt_len, max_len)
+        self.items, self.truncated = [], []
         for ex in examples:
-            p, c = _encode_pair(tokenizer, ex.prompt, ex.chosen, max_prompt_len, max_len)
-            _, r = _encode_pair(tokenizer, ex.prompt, ex.rejected, max_prompt_len, max_len)
-            self.items.append({"chosen_ids": p + c, "rejected_ids": p + r})
+            c = _encode(tokenizer, ex.prompt, ex.chosen, max_prompt_len, max_len, force_eos=True)
+            r = _encode(tokenizer, ex.prompt, ex.rejected, max_prompt_len, max_len, force_eos=True)
+            self.items.append({"chosen_ids": c.prompt_ids + c.response_ids,
+                               "rejected_ids": r.prompt_ids + r.response_ids})
+            self.truncated.append((c.truncated, r.truncated))
+
+    @property
+    def n_truncated(self) -> int:
+        """Pairs with at least one response cut."""
+        return sum(c or r for c, r in self.truncated)
+
+    @property
+    def n_one_side_truncated(self) -> int:
+        """Pairs with exactly one response cut: where a length/EOS artefact could tell the sides apart."""
+        return sum(c != r for c, r in self.truncated)
 
     def __len__(self):
         return len(self.items)

@@ -31,7 +31,9 @@ class GenerationOutput:
     sequences: torch.Tensor  # (B, P+N) long: left-padded prompt, then response (pad after EOS)
     attention_mask: torch.Tensor  # (B, P+N) long: 1 = real token (prompt or response)
     response_mask: torch.Tensor  # (B, N) long: 1 = generated token, EOS included
-    logprobs: torch.Tensor | None = None  # (B, N) fp32 log p(token) at temperature 1; 0 where masked
+    # (B, N) fp32 log p(token) under softmax(logits / temperature), the distribution sampled from (before
+    # top-k / top-p, which RL training refuses); 0 where masked
+    logprobs: torch.Tensor | None = None
 
 
 def cache_length(total_len: int, n_positions: int, bucket: int = CACHE_BUCKET) -> int:
@@ -173,7 +175,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
         tokens[:, t] = token
         response_mask[:, t] = ~finished
         if return_logprobs:
-            logprobs[:, t] = token_logprobs(logits, token).masked_fill(finished, 0.0)
+            logprobs[:, t] = token_logprobs(logits, token, temperature).masked_fill(finished, 0.0)
         if eos_token_id is not None:
             finished = finished | (token == eos_token_id)
             if (t + 1) % EOS_CHECK_EVERY == 0 and bool(finished.all()):

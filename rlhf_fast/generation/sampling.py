@@ -57,6 +57,7 @@ def sample_next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torc
     return (logits - race.log()).argmax(dim=-1)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) (B,) fp32 under softmax(logits (B, V)) at temperature 1, as PPO's training sees it."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(token) (B,) fp32 under softmax(logits (B, V) / temperature): the sampled distribution, as
+    RL training recomputes it (`trainers.rollout.action_logprobs` with the same temperature)."""
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

@@ -3,6 +3,8 @@
 
 from .advantages import (
     ADVANTAGE_ESTIMATORS,
+    CRITIC_ESTIMATORS,
+    GROUP_ESTIMATORS,
     AdvantageConfig,
     compute_advantages,
     register_advantage_estimator,
@@ -19,22 +21,28 @@ from .kl import (
     make_kl_controller,
 )
 from .losses import (
+    LOSS_AGGREGATIONS,
     POLICY_LOSSES,
     clipped_policy_loss,
     dual_clip_policy_loss,
     entropy_loss,
+    loss_weights,
     pairwise_ranking_loss,
     policy_loss_fn,
     ppo_loss,
     register_policy_loss,
     value_loss,
+    weighted_policy_loss,
 )
 from .masked import masked_count, masked_mean, masked_sum, masked_var, masked_whiten
-from .rewards import last_token_index, shape_rewards
+from .rewards import groups_with_signal, last_token_index, overlong_penalty, shape_rewards
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "CRITIC_ESTIMATORS",
+    "GROUP_ESTIMATORS",
     "KL_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
     "POLICY_LOSSES",
     "AdaptiveKLController",
     "AdvantageConfig",
@@ -44,17 +52,20 @@ __all__ = [
     "compute_advantages",
     "dual_clip_policy_loss",
     "entropy_loss",
+    "groups_with_signal",
     "kl_estimator",
     "kl_k1",
     "kl_k2",
     "kl_k3",
     "last_token_index",
+    "loss_weights",
     "make_kl_controller",
     "masked_count",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "overlong_penalty",
     "pairwise_ranking_loss",
     "policy_loss_fn",
     "ppo_loss",
@@ -62,4 +73,5 @@ __all__ = [
     "register_policy_loss",
     "shape_rewards",
     "value_loss",
+    "weighted_policy_loss",
 ]

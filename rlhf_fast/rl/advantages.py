@@ -1,11 +1,19 @@
-"""Advantage estimators behind a registry: `gae` (critic), `grpo` (group-normalised), `rloo`.
+"""Advantage estimators behind a registry.
 
 Every estimator has the same signature, `(rewards, mask, values, config) -> (advantages, returns)`,
 all (B, T) fp32 and 0 where mask == 0, so a trainer picks one by name from `AdvantageConfig` instead
-of branching on it. rewards (B, T) are per-token (shaped) rewards; the critic-free estimators use
-each sequence's total reward as its score (and return it, broadcast, as `returns`). For `grpo` and
-`rloo` the batch holds `group_size` samples per prompt, stored contiguously (rows g*k ... g*k + k - 1
-share a prompt).
+of branching on it. rewards (B, T) are per-token (shaped) rewards: the per-token KL penalty plus the
+sequence score on the last response token (`rewards.shape_rewards`).
+
+  gae           critic: Schulman et al. 2016, masked reverse scan (`kernels.gae`)
+  grpo          (score - group mean) / (group std + eps)            Shao et al. 2024 (DeepSeekMath)
+  dr_grpo       score - group mean, no std division                  Liu et al. 2025 (Dr. GRPO)
+  rloo          score - mean score of the other k - 1 samples        Ahmadian et al. 2024
+  reinforce_pp  G_t = sum_{s >= t} gamma^(s - t) r_s, whitened over the batch's tokens  Hu 2025
+
+The group estimators score a sequence by its total reward and return that score, broadcast, as
+`returns`; their batch holds `group_size` samples per prompt stored contiguously (rows g*k ... g*k+k-1
+share a prompt). Discounting in `gae` and `reinforce_pp` steps over mask != 0 positions only.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ from .masked import masked_sum, masked_whiten
 
 AdvantageEstimator = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+CRITIC_ESTIMATORS = ("gae",)  # need critic values (B, T)
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")  # baseline from the prompt's other samples: group_size >= 2
 
 
 def register_advantage_estimator(name: str):
@@ -38,9 +48,9 @@ class AdvantageConfig:
     estimator: str = "gae"
     gamma: float = 1.0  # no discounting: episodes are one short response
     lam: float = 0.95
-    group_size: int = 1  # samples per prompt (grpo, rloo)
+    group_size: int = 1  # samples per prompt (grpo, dr_grpo, rloo)
     whiten: bool = False  # whiten the final advantages over the batch's tokens (common with gae)
-    std_eps: float = 1e-6  # grpo: guards groups whose scores are all equal
+    std_eps: float = 1e-4  # grpo, reinforce_pp: std floor; 1e-6 turns score noise into O(1) advantages
     backend: str = "auto"  # kernels backend for gae
 
     def __post_init__(self):
@@ -53,8 +63,14 @@ class AdvantageConfig:
             raise ValueError(f"gamma and lam must lie in [0, 1], got {self.gamma}, {self.lam}")
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
-        if self.estimator == "rloo" and self.group_size < 2:
-            raise ValueError("rloo needs group_size >= 2 (the baseline is the other samples of the prompt)")
+        if self.estimator in GROUP_ESTIMATORS and self.group_size < 2:
+            raise ValueError(
+                f"{self.estimator} needs group_size >= 2 (group_size must be >= 2: the baseline is the other "
+                f"samples of the prompt), "
+                f"got {self.group_size}"
+            )
+        if self.std_eps <= 0:
+            raise ValueError(f"std_eps must be > 0, got {self.std_eps}")
 
 
 def compute_advantages(config: AdvantageConfig, rewards, mask, values=None):
@@ -76,6 +92,10 @@ def gae_advantages(rewards, mask, values, config: AdvantageConfig):
     return kernels.gae(rewards, values, mask, config.gamma, config.lam, backend=config.backend)
 
 
+def _bool(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
 def _grouped_scores(rewards, mask, group_size: int) -> torch.Tensor:
     B = rewards.shape[0]
     if B % group_size:
@@ -85,7 +105,7 @@ def _grouped_scores(rewards, mask, group_size: int) -> torch.Tensor:
 
 def _broadcast(advantage, score, mask) -> tuple[torch.Tensor, torch.Tensor]:
     """(G, k) per-sequence advantage and score -> (B, T) advantages and returns (the sequence score)."""
-    m = mask if mask.dtype == torch.bool else mask != 0
+    m = _bool(mask)
     zero = torch.zeros((), device=m.device)
     return torch.where(m, advantage.reshape(-1, 1), zero), torch.where(m, score.reshape(-1, 1), zero)
 
@@ -94,8 +114,16 @@ def _broadcast(advantage, score, mask) -> tuple[torch.Tensor, torch.Tensor]:
 def grpo_advantages(rewards, mask, values, config: AdvantageConfig):
     """Shao et al. 2024 (DeepSeekMath), outcome supervision: (score - group mean) / (group std + eps)."""
     scores = _grouped_scores(rewards, mask, config.group_size)
-    std = scores.std(dim=1, keepdim=True) if config.group_size > 1 else torch.zeros_like(scores)
+    std = scores.std(dim=1, keepdim=True)  # Bessel-corrected, as in the paper's reference code
     return _broadcast((scores - scores.mean(dim=1, keepdim=True)) / (std + config.std_eps), scores, mask)
+
+
+@register_advantage_estimator("dr_grpo")
+def dr_grpo_advantages(rewards, mask, values, config: AdvantageConfig):
+    """Liu et al. 2025 (Understanding R1-Zero-like training): score - group mean. Dividing by the group
+    std up-weights prompts that are nearly always (or never) solved; Dr. GRPO drops it."""
+    scores = _grouped_scores(rewards, mask, config.group_size)
+    return _broadcast(scores - scores.mean(dim=1, keepdim=True), scores, mask)
 
 
 @register_advantage_estimator("rloo")
@@ -105,3 +133,20 @@ def rloo_advantages(rewards, mask, values, config: AdvantageConfig):
     k = config.group_size
     baseline = (scores.sum(dim=1, keepdim=True) - scores) / (k - 1)
     return _broadcast(scores - baseline, scores, mask)
+
+
+@register_advantage_estimator("reinforce_pp")
+def reinforce_pp_advantages(rewards, mask, values, config: AdvantageConfig):
+    """REINFORCE++ (Hu 2025): per-token discounted returns G_t, whitened over all of the batch's tokens.
+
+    The baseline is the global mean and the scale the global std (floored: rsqrt(var + std_eps^2)), so
+    no critic and no groups are needed; the per-token KL penalty in `rewards` makes G_t token-level.
+    """
+    m = _bool(mask)
+    r = torch.where(m, rewards.float(), torch.zeros((), device=rewards.device))  # (B, T)
+    returns = torch.zeros_like(r)
+    running = torch.zeros_like(r[:, 0])  # (B,)
+    for t in reversed(range(r.shape[1])):  # masked positions carry the running return unchanged
+        running = torch.where(m[:, t], r[:, t] + config.gamma * running, running)
+        returns[:, t] = torch.where(m[:, t], running, 0.0)
+    return masked_whiten(returns, m, eps=config.std_eps**2), returns

@@ -3,6 +3,13 @@
 `metrics` holds detached scalar tensors (no host sync here; the trainer decides when to log).
 Policy-loss variants sit in a registry (`POLICY_LOSSES`) so a trainer picks one by name.
 `ppo_loss` is the fused path: policy + value (+ k3 KL) in one call of `kernels.ppo_loss`.
+
+`weighted_policy_loss` takes per-token weights from `loss_weights`, computed once over a whole
+minibatch, so loss = sum_t w_t * loss_t and summing it over micro-batch slices gives exactly the
+minibatch loss (and gradients), whatever the slices' token counts. The aggregations:
+  token_mean  w = 1 / N               N tokens in the minibatch (DAPO, Yu et al. 2025)
+  seq_mean    w = 1 / (B * len_b)     mean of per-sequence token means (GRPO, Shao et al. 2024)
+  seq_sum     w = 1 / (B * max_new)   constant normaliser, no length bias (Dr. GRPO, Liu et al. 2025)
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from rlhf_fast import kernels
 
 from .masked import masked_mean
 
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum")
 LOG_RATIO_CLAMP = 20.0  # as in kernels.reference: exp() of the log-ratio stays finite
 PolicyLoss = Callable[..., tuple[torch.Tensor, dict]]
 POLICY_LOSSES: dict[str, PolicyLoss] = {}
@@ -77,6 +85,79 @@ def dual_clip_policy_loss(
     pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps))
     pg = torch.where(adv < 0, torch.minimum(pg, -dual_clip * adv), pg)
     return masked_mean(pg, m), _ratio_metrics(ratio, log_ratio, m, clip_eps)
+
+
+def loss_weights(mask: torch.Tensor, aggregation: str, *, max_new_tokens: int | None = None) -> torch.Tensor:
+    """(B, T) fp32 per-token weights over a whole minibatch, 0 where mask == 0 (see the module docstring).
+
+    seq_mean counts only rows with at least one token in B; seq_sum divides by all B rows.
+    """
+    if aggregation not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {aggregation!r}; choose one of {list(LOSS_AGGREGATIONS)}")
+    if mask.dim() != 2:
+        raise ValueError(f"loss_weights: mask must be (B, T), got {tuple(mask.shape)}")
+    m = mask if mask.dtype == torch.bool else mask != 0
+    zero = torch.zeros((), dtype=torch.float32, device=m.device)
+    lengths = m.sum(dim=1, keepdim=True).float()  # (B, 1)
+    if aggregation == "token_mean":
+        w = 1.0 / lengths.sum().clamp(min=1.0)
+    elif aggregation == "seq_mean":
+        rows = (lengths > 0).sum().clamp(min=1).float()
+        w = 1.0 / (rows * lengths.clamp(min=1.0))
+    else:
+        if max_new_tokens is None or max_new_tokens < 1:
+            raise ValueError(f"seq_sum aggregation needs max_new_tokens >= 1, got {max_new_tokens}")
+        w = torch.full((), 1.0 / (m.shape[0] * max_new_tokens), device=m.device)
+    return torch.where(m, w, zero)
+
+
+def weighted_policy_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    weights,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    ref_logprobs=None,
+    kl_coef: float = 0.0,
+):
+    """PPO clipped surrogate with asymmetric clipping, plus kl_coef * k3 KL to the reference.
+
+    pg_t = max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high)) (DAPO clip-higher: e.g. 0.2 / 0.28);
+    loss = sum_t w_t pg_t + kl_coef * sum_t w_t k3_t, weights from `loss_weights`. All inputs (B, T).
+    """
+    clip_high = clip_low if clip_high is None else clip_high
+    if not (0.0 < clip_low < 1.0 and clip_high > 0.0 and kl_coef >= 0.0):
+        raise ValueError(
+            f"weighted_policy_loss needs 0 < clip_low < 1, clip_high > 0, kl_coef >= 0; got "
+            f"{clip_low}, {clip_high}, {kl_coef}"
+        )
+    shapes = [t.shape for t in (logprobs, old_logprobs, advantages, mask, weights)]
+    if ref_logprobs is not None:
+        shapes.append(ref_logprobs.shape)
+    if logprobs.dim() != 2 or any(s != logprobs.shape for s in shapes):
+        raise ValueError(f"weighted_policy_loss: inputs must share a (B, T) shape, got {[tuple(s) for s in shapes]}")
+    m, log_ratio, ratio = _ratio_terms(logprobs, old_logprobs, mask)
+    zero = torch.zeros((), dtype=torch.float32, device=ratio.device)
+    adv = torch.where(m, advantages.float(), zero)
+    w = torch.where(m, weights.float(), zero)
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
+    policy_loss = torch.where(m, w * pg, zero).sum()
+    if ref_logprobs is not None:
+        d = torch.where(m, ref_logprobs.float() - logprobs.float(), zero)
+        kl = torch.where(m, w * (torch.exp(d) - d - 1.0), zero).sum()
+    else:
+        kl = zero
+    with torch.no_grad():
+        metrics = {
+            "policy_loss": policy_loss.detach(),
+            "kl": kl.detach(),
+            "clip_frac": masked_mean(((ratio < 1.0 - clip_low) | (ratio > 1.0 + clip_high)).float(), m),
+            "approx_kl": masked_mean(0.5 * log_ratio**2, m),
+        }
+    return policy_loss + kl_coef * kl, metrics
 
 
 def value_loss(values, old_values, returns, mask, clip_eps: float | None = 0.2):

@@ -1,4 +1,5 @@
-"""Reward shaping for PPO: a per-token KL penalty plus the sequence score on the last response token."""
+"""Reward shaping: a per-token KL penalty plus the sequence score on the last response token, and the
+DAPO (Yu et al. 2025) helpers: the soft overlong punishment and dynamic sampling's group filter."""
 
 from __future__ import annotations
 
@@ -46,3 +47,41 @@ def shape_rewards(
     at_last = torch.arange(m.shape[1], device=m.device).unsqueeze(0) == last.unsqueeze(1)
     rewards = rewards + torch.where(at_last & m, bonus, zero)
     return rewards, kl
+
+
+def overlong_penalty(
+    lengths: torch.Tensor, truncated: torch.Tensor, max_new_tokens: int, buffer: int, factor: float = 1.0
+) -> torch.Tensor:
+    """DAPO soft overlong punishment (eq. 13), (B,) fp32, added to the scores.
+
+    With L_max = max_new_tokens and L_cache = buffer: 0 for L <= L_max - L_cache, a linear ramp
+    (L_max - L_cache - L) / L_cache * factor down to -factor at L_max, and -factor for a truncated row
+    (it hit the limit without EOS). lengths (B,) response lengths, truncated (B,) bool.
+    """
+    if not 0 < buffer < max_new_tokens:
+        raise ValueError(f"overlong_penalty needs 0 < buffer < max_new_tokens, got {buffer}, {max_new_tokens}")
+    if factor < 0:
+        raise ValueError(f"overlong_penalty factor must be >= 0, got {factor}")
+    if lengths.dim() != 1 or truncated.shape != lengths.shape:
+        raise ValueError(
+            f"overlong_penalty: lengths and truncated must both be (B,), got "
+            f"{tuple(lengths.shape)}, {tuple(truncated.shape)}"
+        )
+    L = lengths.float()
+    start = float(max_new_tokens - buffer)
+    ramp = ((start - L) / buffer).clamp(min=-1.0) * factor
+    penalty = torch.where(L > start, ramp, torch.zeros((), device=L.device))
+    cut = truncated if truncated.dtype == torch.bool else truncated != 0
+    return torch.where(cut, torch.full((), -float(factor), device=L.device), penalty)
+
+
+def groups_with_signal(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B // group_size,) bool: True where a group's scores are not all equal. A group with equal scores
+    has zero advantage under grpo/dr_grpo/rloo, so DAPO dynamic sampling keeps only these groups."""
+    if scores.dim() != 1 or group_size < 1 or scores.shape[0] % group_size:
+        raise ValueError(
+            f"groups_with_signal: scores must be (B,) with B a multiple of group_size, got "
+            f"{tuple(scores.shape)} and group_size {group_size}"
+        )
+    grouped = scores.view(-1, group_size)  # (G, k)
+    return (grouped != grouped[:, :1]).any(dim=1)

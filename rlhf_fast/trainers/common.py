@@ -56,6 +56,15 @@ def lr_lambda(optim) -> Callable[[int], float]:
     return f
 
 
+def adamw(params, lr: float, weight_decay: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norms or heads' scalars)."""
+    params = list(params)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
+
+
 class Trainer:
     """Base loop: step, log, evaluate, checkpoint, resume. See the module docstring for the contract."""
 
@@ -71,10 +80,7 @@ class Trainer:
         if not self.trainable:
             raise ValueError("nothing to train: no parameter requires grad")
         o = config.optim
-        decay = [p for n, p in self.trainable.items() if p.dim() >= 2]
-        no_decay = [p for n, p in self.trainable.items() if p.dim() < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=o.betas)
+        optimizer = adamw(self.trainable.values(), o.lr, o.weight_decay, o.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o))
         self.module, self.optimizer, self.scheduler = strategy.prepare(module, optimizer, scheduler)
         self.device = strategy.device

@@ -1,6 +1,7 @@
 """Config dataclasses shared by the SFT and reward-model stages, and JSON/YAML config files.
 
-A run's config is `TrainConfig` = model + lora + data + optim + run (+ deepspeed). Each part validates itself in
+A run's config is `TrainConfig` = model + lora + data + optim + run (+ deepspeed) for SFT/RM; the RL
+algorithms share `RLSettings` (what the one RL loop and experience maker read). Each part validates itself in
 `__post_init__`; configs are frozen and never changed while training. A config file holds the same
 nested structure ({"model": {...}, "optim": {...}, ...}); CLI flags override what it sets.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 from rlhf_fast.distributed import PRECISIONS, DeepSpeedSettings
 
 STAGES = ("sft", "rm")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum")  # as rl.loss_weights defines them
 STRATEGIES = ("single", "deepspeed")
 SCHEDULES = ("cosine", "constant")
 
@@ -211,3 +213,104 @@ def load_config_file(path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file must hold a mapping of sections")
     return data
+
+
+@dataclass(frozen=True)
+class RLSettings:
+    """The knobs of the RL loop shared by PPO, GRPO and the critic-free family (README: RL options).
+
+    A rollout samples `group_size` responses for each of `rollout_batch_size` prompts; `epochs` passes
+    of optimizer steps over `mini_batch_size` rows (forwards of `micro_batch_size` rows) follow.
+    """
+
+    iterations: int = 40  # rollout + update rounds
+    rollout_batch_size: int = 32  # prompts per rollout
+    group_size: int = 1  # sampled responses per prompt (grpo / dr_grpo / rloo need >= 2)
+    mini_batch_size: int = 8  # rows per optimizer step
+    micro_batch_size: int | None = None  # rows per forward pass (None: mini_batch_size)
+    epochs: int = 2  # passes over each rollout
+    max_new_tokens: int = 48
+    temperature: float = 1.0  # rollout sampling; every log-prob is that of logits / temperature
+    top_k: int = 0  # must stay 0 and top_p 1: log-probs of a filtered distribution would bias the update
+    top_p: float = 1.0
+    estimator: str = "gae"  # rl.ADVANTAGE_ESTIMATORS: gae (critic), grpo, dr_grpo, rloo, reinforce_pp
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True  # gae: whiten over the batch's tokens
+    std_eps: float = 1e-4  # grpo: (score - mean) / (std + std_eps)
+    clip_eps: float = 0.2  # ratio clip, lower side (and upper unless clip_eps_high)
+    clip_eps_high: float | None = None  # DAPO clip-higher (e.g. 0.28); None: clip_eps
+    loss_aggregation: str = "token_mean"  # token_mean (DAPO) | seq_mean (GRPO paper) | seq_sum (Dr. GRPO)
+    value_clip_eps: float = 0.2
+    vf_coef: float = 0.5  # critic loss weight (gae only)
+    init_kl_coef: float = 0.05  # per-token KL penalty in the reward (PPO, REINFORCE++)
+    kl_target: float | None = None  # None: fixed KL coefficient; else adaptive (Ziegler et al. 2019)
+    kl_horizon: int = 10000
+    kl_estimator: str = "k1"  # the reward penalty's estimator
+    kl_loss_coef: float = 0.0  # k3 KL to the reference as a loss term (GRPO; DeepSeekMath used 0.04)
+    dynamic_sampling: bool = False  # DAPO: drop groups whose scores are all equal, sample more prompts
+    max_sampling_rounds: int = 4  # dynamic sampling: rollouts tried per iteration to fill the batch
+    overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N of max_new_tokens (0: off)
+    overlong_penalty: float = 1.0  # its largest penalty (a truncated response)
+    mask_truncated: bool = False  # DAPO overlong filtering: responses cut at max_new_tokens get no loss
+
+    def __post_init__(self):
+        from rlhf_fast.rl import AdvantageConfig
+        from rlhf_fast.rl.kl import KL_ESTIMATORS
+
+        for name in ("iterations", "rollout_batch_size", "group_size", "mini_batch_size", "epochs",
+                     "max_new_tokens", "kl_horizon", "max_sampling_rounds"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= self.mini_batch_size:
+            raise ValueError(f"micro_batch_size must lie in [1, mini_batch_size={self.mini_batch_size}], "
+                             f"got {self.micro_batch_size}")
+        if self.mini_batch_size > self.rows:
+            raise ValueError(f"mini_batch_size ({self.mini_batch_size}) exceeds the rollout's {self.rows} rows "
+                             "(rollout_batch_size * group_size)")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k != 0 or self.top_p != 1.0:
+            raise ValueError("top_k / top_p are not allowed for RL rollouts: the update would train on log-probs "
+                             "of a different distribution than the one sampled (use temperature; top-k/top-p "
+                             "belong to `rlhf-fast generate`)")
+        if self.clip_eps <= 0 or (self.clip_eps_high is not None and self.clip_eps_high <= 0):
+            raise ValueError("clip_eps and clip_eps_high must be > 0")
+        if min(self.value_clip_eps, self.vf_coef, self.init_kl_coef, self.kl_loss_coef, self.overlong_penalty) < 0:
+            raise ValueError("value_clip_eps, vf_coef, init_kl_coef, kl_loss_coef and overlong_penalty must be >= 0")
+        if self.kl_target is not None and self.kl_target <= 0:
+            raise ValueError(f"kl_target must be > 0 or None, got {self.kl_target}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+        if self.loss_aggregation not in LOSS_AGGREGATIONS:
+            raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {self.loss_aggregation!r}")
+        if not 0 <= self.overlong_buffer < self.max_new_tokens:
+            raise ValueError(f"overlong_buffer must lie in [0, max_new_tokens={self.max_new_tokens}), "
+                             f"got {self.overlong_buffer}")
+        if self.dynamic_sampling and self.group_size < 2:
+            raise ValueError("dynamic_sampling drops groups without score spread: it needs group_size >= 2")
+        self.advantage_config()  # validates estimator / gamma / lam / group_size / std_eps
+
+    @property
+    def rows(self) -> int:
+        return self.rollout_batch_size * self.group_size
+
+    @property
+    def micro_rows(self) -> int:
+        return self.micro_batch_size or self.mini_batch_size
+
+    @property
+    def critic(self) -> bool:
+        """Whether the estimator needs a critic (value model + value head)."""
+        return self.estimator == "gae"
+
+    def advantage_config(self, backend: str = "auto"):
+        from rlhf_fast.rl import AdvantageConfig
+
+        return AdvantageConfig(estimator=self.estimator, gamma=self.gamma, lam=self.lam, group_size=self.group_size,
+                               whiten=self.whiten_advantages and self.estimator == "gae", std_eps=self.std_eps,
+                               backend=backend)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

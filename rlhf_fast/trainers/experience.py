@@ -1,15 +1,19 @@
-"""Experience collection for PPO: rollout -> score -> advantages, as a few whole-batch calls.
+"""Experience collection for every RL algorithm: sample -> score -> log-probs/values -> advantages.
 
-`PPOModels` holds the four roles. LoRA mode (DESIGN.md): one frozen base (the SFT model) carries the
-adapters `policy`, `value` (+ value head) and `reward` (+ reward head); the reference is the same base
-with adapters off. Full-parameter mode: the policy is trained in full, the critic is a separate model,
-the reference a frozen copy of the SFT model. Either way the reward model may instead be a separate
-frozen model (e.g. one trained with a different base), as long as it shares the policy's vocabulary.
+`PPOModels` holds the roles. LoRA mode (DESIGN.md): one frozen base (the SFT model) carries the adapters
+`policy`, `value` (+ value head) and `reward` (+ reward head); the reference is the same base with
+adapters off. Full-parameter mode: the policy is trained in full, a critic is a separate model and the
+reference a frozen copy. The critic is optional (critic-free estimators: GRPO, RLOO, REINFORCE++), and so
+is the reward role (a `Scorer` may score instead: a reward function, or a reward model of its own).
 
-`ExperienceMaker.make` generates with the KV cache under the policy adapter, then runs the policy,
-reference, critic and reward passes over the full prompt + response batch (no loop over tokens),
-shapes per-token rewards with the KL penalty and runs GAE through `kernels.gae`. It times each phase
+`ExperienceMaker.sample` repeats each prompt `group_size` times, generates with the KV cache under the
+policy adapter and scores the responses (`Rollout`); `ExperienceMaker.experience` runs the policy,
+reference and critic passes over the full prompt + response batch (no loop over tokens), shapes per-token
+rewards with the KL penalty and computes advantages with the configured estimator. It times each phase
 and reports how far the generation-time log-probs are from the training-time ones.
+
+The length/EOS rule (docs/lengths.md): a response cut at max_new_tokens is `truncated`; it is scored
+with an EOS appended (`Rollout.scoring_inputs`), as the reward model saw every response in training.
 """
 
 from __future__ import annotations
@@ -18,14 +22,19 @@ import contextlib
 import resource
 import sys
 import time
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from rlhf_fast.generation import generate
-from rlhf_fast.model import GPT, ScalarHead, disable_adapters, reward_scores
+from rlhf_fast.model import GPT, ScalarHead, disable_adapters
 from rlhf_fast.model.lora import adapter_names, adapter_parameters, lora_modules
 from rlhf_fast.rl import AdvantageConfig, Experience, compute_advantages, masked_mean, shape_rewards
+from rlhf_fast.rl.rewards import groups_with_signal, overlong_penalty
+
+from .rollout import action_logprobs, action_values
 
 POLICY, VALUE, REWARD = "policy", "value", "reward"  # adapter names of the LoRA roles
 
@@ -46,39 +55,35 @@ def use_adapter(model: nn.Module, name: str | None):
             m.active_adapter = prev
 
 
-def _vocab(model: GPT) -> int:
-    return model.config.vocab_size
-
-
 class PPOModels(nn.Module):
-    """Policy, reference, critic and reward model of a PPO run (see the module docstring).
+    """Policy, reference, critic and reward model of an RL run (see the module docstring).
 
-    policy: GPT. With a `policy` LoRA adapter it is the shared frozen base (LoRA mode); else it is
-    trained in full and `critic` and `reference` must be given. critic / reference / reward_model:
-    separate GPTs, or None for "the base with adapter value / adapters off / adapter reward".
+    policy: GPT. With a `policy` LoRA adapter it is the shared frozen base (LoRA mode); else it is trained
+    in full. value_head None: no critic; reward_head None: no reward role (a Scorer scores). critic /
+    reference / reward_model: separate GPTs, or None for "the base with adapter value / adapters off /
+    adapter reward" (LoRA mode; full mode needs a separate critic, and a reference to compute a KL).
     """
 
-    def __init__(self, policy: GPT, value_head: ScalarHead, reward_head: ScalarHead, *,
-                 critic: GPT | None = None, reference: GPT | None = None, reward_model: GPT | None = None):
+    def __init__(self, policy: GPT, value_head: ScalarHead | None = None, reward_head: ScalarHead | None = None,
+                 *, critic: GPT | None = None, reference: GPT | None = None, reward_model: GPT | None = None):
         super().__init__()
         adapters = adapter_names(policy)
         self.lora = POLICY in adapters
-        if not self.lora and (critic is None or reference is None):
+        if not self.lora and value_head is not None and critic is None:
             raise ValueError("full-parameter PPO (no 'policy' LoRA adapter) needs a separate critic and "
                              "reference model")
-        needed = [(critic, VALUE), (reward_model, REWARD)] if self.lora else [(reward_model, REWARD)]
-        for model, adapter in needed:
-            if model is None and adapter not in adapters:
+        needed = [(critic, VALUE, value_head)] if self.lora else []
+        for model, adapter, head in needed + [(reward_model, REWARD, reward_head)]:
+            if head is not None and model is None and adapter not in adapters:
                 raise ValueError(f"no separate {adapter} model and no {adapter!r} adapter on the policy "
                                  f"(its adapters: {adapters or 'none'})")
         for role, model in (("critic", critic), ("reference", reference), ("reward model", reward_model)):
-            if model is not None and _vocab(model) != _vocab(policy):
-                raise ValueError(f"the {role} has vocab_size {_vocab(model)} but the policy has "
-                                 f"{_vocab(policy)}: they were trained with different tokenizers")
-        value_width = (critic if critic is not None else policy).config.n_embd
-        reward_width = (reward_model if reward_model is not None else policy).config.n_embd
-        for name, head, width in (("value", value_head, value_width), ("reward", reward_head, reward_width)):
-            if head.proj.in_features != width:
+            if model is not None and model.config.vocab_size != policy.config.vocab_size:
+                raise ValueError(f"the {role} has vocab_size {model.config.vocab_size} but the policy has "
+                                 f"{policy.config.vocab_size}: they were trained with different tokenizers")
+        for name, head, model in (("value", value_head, critic), ("reward", reward_head, reward_model)):
+            width = (model if model is not None else policy).config.n_embd
+            if head is not None and head.proj.in_features != width:
                 raise ValueError(f"the {name} head expects width {head.proj.in_features}, its model has {width}")
         self.policy, self.critic, self.reference, self.reward_model = policy, critic, reference, reward_model
         self.value_head, self.reward_head = value_head, reward_head
@@ -87,9 +92,13 @@ class PPOModels(nn.Module):
                 frozen.requires_grad_(False)
         if self.lora:  # only the policy and value adapters (and the value head) learn
             policy.requires_grad_(False)
-            for p in adapter_parameters(policy, POLICY) + (adapter_parameters(policy, VALUE) if critic is None
-                                                           else []):
+            value = value_head is not None and critic is None
+            for p in adapter_parameters(policy, POLICY) + (adapter_parameters(policy, VALUE) if value else []):
                 p.requires_grad_(True)
+
+    @property
+    def has_critic(self) -> bool:
+        return self.value_head is not None
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
@@ -100,36 +109,94 @@ class PPOModels(nn.Module):
         with use_adapter(self.policy, POLICY if self.lora else None) as m:
             yield m
 
-    def policy_logprobs(self, sequences, attention_mask, first_action: int, with_entropy: bool = False):
-        from .rollout import action_logprobs
-
+    def policy_logprobs(self, sequences, attention_mask, first_action: int, with_entropy: bool = False,
+                        temperature: float = 1.0):
         with self.acting() as m:
             return action_logprobs(m, sequences, attention_mask, first_action=first_action,
-                                   with_entropy=with_entropy)
+                                   with_entropy=with_entropy, temperature=temperature)
 
-    def ref_logprobs(self, sequences, attention_mask, first_action: int):
-        from .rollout import action_logprobs
-
+    def ref_logprobs(self, sequences, attention_mask, first_action: int, temperature: float = 1.0):
+        kw = dict(first_action=first_action, temperature=temperature)
         if self.reference is not None:
-            return action_logprobs(self.reference, sequences, attention_mask, first_action=first_action)
+            return action_logprobs(self.reference, sequences, attention_mask, **kw)
+        if not self.lora:
+            raise ValueError("full-parameter training has no reference model: give PPOModels(reference=...)")
         with disable_adapters(self.policy):
-            return action_logprobs(self.policy, sequences, attention_mask, first_action=first_action)
+            return action_logprobs(self.policy, sequences, attention_mask, **kw)
 
     def values(self, sequences, attention_mask, first_action: int):
-        from .rollout import action_values
-
         if self.critic is not None:
-            return action_values(self.critic, self.value_head, sequences, attention_mask,
-                                 first_action=first_action)
+            return action_values(self.critic, self.value_head, sequences, attention_mask, first_action=first_action)
         with use_adapter(self.policy, VALUE) as m:
             return action_values(m, self.value_head, sequences, attention_mask, first_action=first_action)
 
     def scores(self, sequences, attention_mask):
-        """(B,) reward-model score at each row's last real token (the last response token)."""
+        """(B,) reward-model score at each row's last real token."""
+        from rlhf_fast.model import reward_scores
+
         if self.reward_model is not None:
             return reward_scores(self.reward_model, self.reward_head, sequences, attention_mask)
         with use_adapter(self.policy, REWARD) as m:
             return reward_scores(m, self.reward_head, sequences, attention_mask)
+
+
+@dataclass
+class Rollout:
+    """Sampled responses before the training passes. Prompts left-padded (B, P), responses (B, N) with pad
+    after EOS; `truncated` rows reached max_new_tokens without EOS."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor  # (B, P) bool
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor  # (B, N) bool, EOS included
+    logprobs: torch.Tensor  # (B, N) generation-time log-probs of the sampled distribution
+    truncated: torch.Tensor  # (B,) bool
+    prompts: list[str] | None = None  # prompt texts (reward functions read them)
+    scores: torch.Tensor | None = None  # (B,) fp32
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    def scoring_inputs(self, eos_token_id: int | None, pad_token_id: int = 0):
+        """(ids, mask) the reward model scores: a truncated row gets an EOS appended (the length/EOS rule)."""
+        ids, mask = self.sequences, self.attention_mask
+        if eos_token_id is None or not self.truncated.any():
+            return ids, mask
+        extra = torch.where(self.truncated, eos_token_id, pad_token_id).unsqueeze(1)
+        return torch.cat([ids, extra], dim=1), torch.cat([mask, self.truncated.unsqueeze(1)], dim=1)
+
+    def completions(self, tokenizer) -> list[str]:
+        return [tokenizer.decode(row[m].tolist()) for row, m in zip(self.response_ids.cpu(), self.response_mask.cpu())]
+
+    def select(self, rows: torch.Tensor) -> Rollout:
+        idx = rows.tolist()
+        tensors = {k: getattr(self, k)[rows] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask",
+                                                        "logprobs", "truncated")}
+        return replace(self, **tensors, prompts=None if self.prompts is None else [self.prompts[i] for i in idx],
+                       scores=None if self.scores is None else self.scores[rows])
+
+    @staticmethod
+    def cat(parts: list[Rollout], pad_token_id: int) -> Rollout:
+        """One rollout of several (prompts re-padded on the left, responses on the right)."""
+        if len(parts) == 1:
+            return parts[0]
+        P = max(r.prompt_ids.shape[1] for r in parts)
+        N = max(r.response_ids.shape[1] for r in parts)
+
+        def cat(name, width, left, value):
+            return torch.cat([F.pad(getattr(r, name), (width - getattr(r, name).shape[1], 0) if left else
+                                    (0, width - getattr(r, name).shape[1]), value=value) for r in parts])
+
+        return Rollout(cat("prompt_ids", P, True, pad_token_id), cat("prompt_mask", P, True, False),
+                       cat("response_ids", N, False, pad_token_id), cat("response_mask", N, False, False),
+                       cat("logprobs", N, False, 0.0), torch.cat([r.truncated for r in parts]),
+                       None if parts[0].prompts is None else [p for r in parts for p in r.prompts],
+                       None if parts[0].scores is None else torch.cat([r.scores for r in parts]))
 
 
 class PhaseTimer:
@@ -158,63 +225,127 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class ExperienceMaker:
-    """Turns a batch of left-padded prompts into an `Experience` (see the module docstring)."""
+    """Turns left-padded prompts into a scored `Rollout`, then an `Experience` (see the module docstring).
+
+    scorer: a `reward_functions.Scorer` (rollout -> (B,) scores); None: the models' reward role.
+    reference: compute reference log-probs (for a KL penalty in the reward or the loss, and its metric).
+    """
 
     def __init__(self, models: PPOModels, *, max_new_tokens: int, eos_token_id: int | None,
                  pad_token_id: int | None, advantage: AdvantageConfig, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, kl_estimator: str = "k1", compile: bool | None = None,
-                 frozen_on_device=None):
-        if advantage.estimator != "gae":
-            raise ValueError(f"PPO experience uses the gae estimator, got {advantage.estimator!r}")
-        self.models, self.advantage = models, advantage
+                 kl_estimator: str = "k1", scorer=None, reference: bool = True, overlong_buffer: int = 0,
+                 overlong_penalty: float = 1.0, compile: bool | None = None, frozen_on_device=None):
+        if advantage.estimator == "gae" and not models.has_critic:
+            raise ValueError("the gae estimator needs a critic (PPOModels with a value head); pick a critic-free "
+                             "estimator (grpo, dr_grpo, rloo, reinforce_pp) or add a critic")
+        if advantage.estimator != "gae" and models.has_critic:
+            raise ValueError(f"the models have a critic but the estimator is {advantage.estimator!r}: critic "
+                             "values are used only by the gae estimator")
+        if scorer is None and models.reward_head is None:
+            raise ValueError("nothing scores the responses: give a scorer or PPOModels with a reward head")
+        self.models, self.advantage, self.temperature = models, advantage, temperature
+        self.group_size = advantage.group_size
+        self.eos, self.pad = eos_token_id, pad_token_id if pad_token_id is not None else (eos_token_id or 0)
         self.generation = dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                               top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                               compile=compile)
-        self.kl_estimator = kl_estimator
-        # model -> context in which a separate frozen model (reference, reward) is on the device (the
-        # strategy's on_device: offloading between uses); None for a role played by the shared base
+                               eos_token_id=eos_token_id, pad_token_id=pad_token_id, compile=compile)
+        self.kl_estimator, self.reference = kl_estimator, reference
+        self.overlong = (overlong_buffer, overlong_penalty)
+        # model -> context in which a separate frozen model is on the device (the strategy's on_device:
+        # offloading between uses); nullcontext for None (a role played by the shared base)
         self.frozen_on_device = frozen_on_device or (lambda model: contextlib.nullcontext())
+        if scorer is None:  # the models' reward role: a separate reward model or the `reward` adapter
+            from .reward_functions import ModelScorer
+
+            rm = models.reward_model
+            scorer = ModelScorer(rm if rm is not None else models.policy, models.reward_head, eos_token_id=self.eos,
+                                 pad_token_id=self.pad, adapter=None if rm is not None else REWARD,
+                                 placement=self.frozen_on_device)
+        self.scorer = scorer
 
     @torch.no_grad()
-    def make(self, input_ids, attention_mask, *, kl_coef: float, generator: torch.Generator | None = None):
-        """(Experience, stats) for prompts input_ids / attention_mask (B, P), left-padded."""
+    def sample(self, input_ids, attention_mask, prompts: list[str] | None = None, *,
+               generator: torch.Generator | None = None, timer: PhaseTimer | None = None,
+               group_size: int | None = None, greedy: bool = False, penalise: bool = True) -> Rollout:
+        """Generate `group_size` responses per prompt (rows g*G .. g*G + G - 1 share prompt g; default: the
+        estimator's group size), then score them (+ the overlong penalty when `penalise`)."""
+        timer = timer or PhaseTimer(input_ids.device)
+        G, N = group_size or self.group_size, self.generation["max_new_tokens"]
+        input_ids, attention_mask = input_ids.repeat_interleave(G, 0), attention_mask.repeat_interleave(G, 0)
+        self.models.eval()
+        with timer("generate"), self.models.acting() as policy:
+            out = generate(policy, input_ids, attention_mask, generator=None if greedy else generator,
+                           return_logprobs=True, **{**self.generation, "do_sample": not greedy})
+        P = input_ids.shape[1]
+        response, rmask = out.sequences[:, P:], out.response_mask.bool()
+        lengths = rmask.sum(dim=1)
+        last = response.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        truncated = lengths == N
+        if self.eos is not None:
+            truncated &= last != self.eos
+        rollout = Rollout(input_ids, attention_mask.bool(), response, rmask, out.logprobs, truncated,
+                          None if prompts is None else [p for p in prompts for _ in range(G)])
+        with timer("score"):
+            scores = self.scorer(rollout).to(input_ids.device, torch.float32)
+            if self.overlong[0] and penalise:
+                scores = scores + overlong_penalty(lengths, truncated, N, *self.overlong)
+        rollout.scores = scores
+        return rollout
+
+    def keep_groups_with_signal(self, rollout: Rollout) -> Rollout:
+        """DAPO dynamic sampling: the groups whose scores are not all equal."""
+        keep = groups_with_signal(rollout.scores, self.group_size).repeat_interleave(self.group_size)
+        return rollout.select(keep.nonzero().squeeze(1))
+
+    @torch.no_grad()
+    def experience(self, rollout: Rollout, *, kl_coef: float, mask_truncated: bool = False,
+                   timer: PhaseTimer | None = None) -> tuple[Experience, dict[str, float]]:
+        """(Experience, stats) of a scored rollout: log-probs, reference, values, rewards, advantages."""
+        device = rollout.prompt_ids.device
+        timer = timer or PhaseTimer(device)
+        m, t = self.models, self.temperature
+        m.eval()
+        first = rollout.prompt_ids.shape[1] - 1  # the last prompt column predicts the first response token
+        seq, mask = rollout.sequences, rollout.attention_mask
+        action_mask = F.pad(rollout.response_mask, (first, 0), value=False)  # (B, T)
+        zero = torch.zeros((), device=device)
+        with timer("score"):
+            logprobs = torch.where(action_mask, m.policy_logprobs(seq, mask, first, temperature=t), zero)
+            ref = None
+            if self.reference:
+                with self.frozen_on_device(m.reference):
+                    ref = torch.where(action_mask, m.ref_logprobs(seq, mask, first, temperature=t), zero)
+            values = m.values(seq, mask, first) if m.has_critic else None
+        with timer("advantages"):
+            rewards, kl = shape_rewards(rollout.scores, logprobs, ref if ref is not None else logprobs,
+                                        action_mask, kl_coef, self.kl_estimator)
+            advantages, returns = compute_advantages(self.advantage, rewards, action_mask, values)
+        gap = torch.where(rollout.response_mask, (logprobs[:, first:] - rollout.logprobs).abs(), 0.0)
+        n_tokens = rollout.response_mask.sum(dim=1).float()
+        stats = {"score": rollout.scores.mean(), "score_std": rollout.scores.std() if len(n_tokens) > 1 else zero,
+                 "kl": kl.sum(dim=1).mean(),  # per-sequence KL estimate to the reference
+                 "response_len": n_tokens.mean(), "truncated_frac": rollout.truncated.float().mean(),
+                 "gen_logprob_gap_max": gap.max(), "gen_logprob_gap_mean": gap.sum() / n_tokens.sum().clamp(min=1)}
+        if values is not None:
+            stats["value_mean"] = masked_mean(values, action_mask)
+        if self.group_size > 1:
+            signal = groups_with_signal(rollout.scores, self.group_size)
+            stats["groups_without_signal"] = 1.0 - signal.float().mean()
+        stats = {k: float(v) for k, v in stats.items()}
+        stats.update(timer.times)
+        stats["peak_mem_gb"] = peak_memory_gb(device)
+        if mask_truncated:  # DAPO overlong filtering: truncated responses take no part in the loss
+            action_mask = action_mask & ~rollout.truncated.unsqueeze(1)
+        exp = Experience(sequences=seq, attention_mask=mask, action_mask=action_mask, logprobs=logprobs,
+                         advantages=advantages, returns=returns, ref_logprobs=ref, values=values,
+                         rewards=rewards, scores=rollout.scores)
+        return exp, stats
+
+    def make(self, input_ids, attention_mask, prompts: list[str] | None = None, *, kl_coef: float,
+             generator: torch.Generator | None = None) -> tuple[Experience, dict[str, float]]:
+        """`sample` then `experience`, timed together: (Experience, stats)."""
         device = input_ids.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         timer = PhaseTimer(device)
-        m = self.models
-        m.eval()
-        with timer("generate"), m.acting() as policy:
-            out = generate(policy, input_ids, attention_mask, generator=generator, return_logprobs=True,
-                           **self.generation)
-        P = input_ids.shape[1]
-        first = P - 1  # the last prompt column predicts the first response token
-        seq, mask = out.sequences, out.attention_mask.bool()  # (B, S)
-        action_mask = torch.cat([torch.zeros_like(mask[:, :first]), out.response_mask.bool()], dim=1)  # (B, T)
-        with timer("score"):
-            logprobs = m.policy_logprobs(seq, mask, first)  # (B, T)
-            with self.frozen_on_device(m.reference):
-                ref_logprobs = m.ref_logprobs(seq, mask, first)
-            values = m.values(seq, mask, first)
-            with self.frozen_on_device(m.reward_model):
-                scores = m.scores(seq, mask)  # (B,)
-        with timer("advantages"):
-            rewards, kl = shape_rewards(scores, logprobs, ref_logprobs, action_mask, kl_coef, self.kl_estimator)
-            advantages, returns = compute_advantages(self.advantage, rewards, action_mask, values)
-        gap = torch.where(out.response_mask.bool(), (logprobs[:, first:] - out.logprobs).abs(), 0.0)
-        n_tokens = out.response_mask.sum(dim=1).float()
-        stats = {
-            "score": scores.mean(),
-            "kl": (kl.sum(dim=1)).mean(),  # per-sequence KL estimate to the reference
-            "response_len": n_tokens.mean(),
-            "value_mean": masked_mean(values, action_mask),
-            "gen_logprob_gap_max": gap.max(),
-            "gen_logprob_gap_mean": gap.sum() / n_tokens.sum().clamp(min=1),
-        }
-        stats = {k: float(v) for k, v in stats.items()}
-        stats.update(timer.times)
-        stats["peak_mem_gb"] = peak_memory_gb(device)
-        exp = Experience(sequences=seq, attention_mask=mask, action_mask=action_mask, logprobs=logprobs,
-                         advantages=advantages, returns=returns, ref_logprobs=ref_logprobs, values=values,
-                         rewards=rewards, scores=scores)
-        return exp, stats
+        rollout = self.sample(input_ids, attention_mask, prompts, generator=generator, timer=timer)
+        return self.experience(rollout, kl_coef=kl_coef, timer=timer)

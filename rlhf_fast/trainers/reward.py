@@ -15,6 +15,7 @@ from rlhf_fast.model import GPT, RewardHead, reward_scores, save_adapter
 from .common import Trainer, TrainModule, build_model, build_strategy, export_model, resolve_tokenizer_name
 from .config import TrainConfig
 from .metrics import log
+from .sft import check_max_len
 
 REWARD_HEAD_FILE = "reward_head.pt"
 REWARD_ADAPTER_FILE = "reward_adapter.pt"  # LoRA RMs: the adapter itself, for PPO on the same frozen base
@@ -103,6 +104,7 @@ def build_reward_trainer(config: TrainConfig) -> RewardTrainer:
     if config.stage != "rm":
         raise ValueError(f"build_reward_trainer needs a config with stage='rm', got {config.stage!r}")
     model, tokenizer = build_model(config, adapter="reward")
+    check_max_len(config, model)
     head = RewardHead(model.config.n_embd)
     d = config.data
     train, held_out, report = load_preference_splits(d.data, subset=d.subset, eval_size=d.eval_size,
@@ -115,7 +117,13 @@ def build_reward_trainer(config: TrainConfig) -> RewardTrainer:
     module = TrainModule(model, head)
     trainer = RewardTrainer(config, module, tokenizer, batches, eval_ds, build_strategy(config))
     trainer.logger.event(0, data=d.data, train_pairs=len(train_ds), eval_pairs=len(eval_ds),
-                         skipped_bad_examples=report.skipped)
+                         skipped_bad_examples=report.skipped, truncated_train_pairs=train_ds.n_truncated,
+                         one_side_truncated_train_pairs=train_ds.n_one_side_truncated,
+                         truncated_eval_pairs=eval_ds.n_truncated)
+    if trainer.strategy.is_main:
+        log.info("rm data: %d of %d train pairs (%d with one side only) and %d of %d eval pairs have a "
+                 "response cut to --max-len %d (scored with a forced EOS)", train_ds.n_truncated, len(train_ds),
+                 train_ds.n_one_side_truncated, eval_ds.n_truncated, len(eval_ds), d.max_len)
     if report.skipped:
         log.warning("%s: skipped %d bad example(s)", d.data, report.skipped)
     return trainer

@@ -1,13 +1,16 @@
-"""Rewards for critic-free RL (GRPO): Python reward functions behind a registry, and a reward model.
+"""What scores a rollout: Python reward functions behind a registry, reward models, weighted sums.
 
 A `RewardFunction` is any callable `(prompts: list[str], completions: list[str]) -> list[float] | (B,)
-tensor`, one score per completion (completions are decoded response text, EOS not included). Named
-ones live in `REWARD_FUNCTIONS` so the CLI and configs pick them by name; `RewardModelScorer` wraps a
-trained reward model (+ head) in the same interface, so the trainer never branches on the reward source.
+tensor`, one score per completion (decoded response text, EOS not included). Named ones live in
+`REWARD_FUNCTIONS` so the CLI and configs pick them by name. A `Scorer` is what the experience maker
+calls: `scorer(rollout) -> (B,) fp32 scores`. `FunctionScorer` wraps a reward function, `ModelScorer` a
+reward model (token ids in, no decode/re-encode; a truncated response gets its EOS appended, the
+length/EOS rule of docs/lengths.md), `WeightedScorer` a weighted list of scorers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,18 +48,6 @@ register_reward_function("arithmetic_format")(arithmetic.format_reward)
 register_reward_function("arithmetic_correct")(arithmetic.correctness_reward)
 
 
-def weighted_sum(functions: dict[str, float]) -> RewardFunction:
-    """A reward function = sum of weight * registered function, e.g. {"arithmetic_correct": 1.0, ...}."""
-    parts = [(reward_function(name), float(w)) for name, w in functions.items()]
-    if not parts:
-        raise ValueError("weighted_sum needs at least one reward function")
-
-    def total(prompts: list[str], completions: list[str]) -> torch.Tensor:
-        return sum(w * score_completions(fn, prompts, completions) for fn, w in parts)
-
-    return total
-
-
 def score_completions(
     fn: RewardFunction, prompts: list[str], completions: list[str], device: torch.device | str = "cpu"
 ) -> torch.Tensor:
@@ -76,36 +67,60 @@ def score_completions(
     return scores.to(device)
 
 
-class RewardModelScorer:
-    """A reward model (GPT + reward head, scored at the last token) as a RewardFunction.
+class Scorer:
+    """What the experience maker calls: `scorer(rollout) -> (B,) fp32 scores` (a marker base class)."""
 
-    Each text is scored as prompt + completion + EOS, token for token what the RM stage trained on, with
-    the policy's tokenizer: the RM must share it (checked here), or its scores would be of other tokens.
-    """
+    def __call__(self, rollout) -> torch.Tensor:
+        raise NotImplementedError
 
-    def __init__(self, model: GPT, head: ScalarHead, tokenizer, policy_vocab_size: int, batch_size: int = 32):
-        if model.config.vocab_size != policy_vocab_size:
-            raise ValueError(
-                f"the reward model has vocab_size {model.config.vocab_size}, the policy "
-                f"{policy_vocab_size}: it was trained with a different tokenizer/vocabulary"
-            )
-        self.model, self.head, self.tokenizer = model.eval().requires_grad_(False), head.eval(), tokenizer
-        self.head.requires_grad_(False)
-        self.batch_size = batch_size
-        self.max_len = model.config.n_positions
+
+def as_scorer(reward, tokenizer) -> Scorer:
+    """A Scorer as is; any other callable is a RewardFunction of texts (wrapped in a FunctionScorer)."""
+    return reward if isinstance(reward, Scorer) else FunctionScorer(reward, tokenizer)
+
+
+class FunctionScorer(Scorer):
+    """A RewardFunction of (prompt texts, completion texts) as a Scorer."""
+
+    def __init__(self, fn: RewardFunction, tokenizer):
+        self.fn, self.tokenizer = fn, tokenizer
+
+    def __call__(self, rollout) -> torch.Tensor:
+        if rollout.prompts is None:
+            raise ValueError("a reward function needs the prompt texts: the rollout has none")
+        return score_completions(self.fn, rollout.prompts, rollout.completions(self.tokenizer),
+                                 rollout.prompt_ids.device)
+
+
+class ModelScorer(Scorer):
+    """A reward model (GPT + reward head, scored at the last token), or the shared base with its `reward`
+    adapter, as a Scorer. It must share the policy's tokenizer: the builders check that."""
+
+    def __init__(self, model: GPT, head: ScalarHead, *, eos_token_id: int | None, pad_token_id: int | None = None,
+                 adapter: str | None = None, placement=None):
+        self.model, self.head, self.adapter = model, head, adapter
+        self.eos, self.pad = eos_token_id, pad_token_id if pad_token_id is not None else (eos_token_id or 0)
+        self.placement = placement or (lambda model: contextlib.nullcontext())  # offloading between uses
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
-        tok, device = self.tokenizer, self.model.transformer.wte.weight.device
-        ids = [
-            (tok.encode(p) + tok.encode(c) + [tok.eos_token_id])[-self.max_len :]
-            for p, c in zip(prompts, completions)
-        ]
-        scores = []
-        for i in range(0, len(ids), self.batch_size):
-            input_ids, mask = tok.pad(ids[i : i + self.batch_size], side="left")
-            scores.append(reward_scores(self.model, self.head, input_ids.to(device), mask.to(device)))
-        return torch.cat(scores).float().cpu()
+    def __call__(self, rollout) -> torch.Tensor:
+        from .experience import use_adapter
+
+        ids, mask = rollout.scoring_inputs(self.eos, self.pad)
+        with self.placement(self.model if self.adapter is None else None), use_adapter(self.model, self.adapter) as m:
+            return reward_scores(m, self.head, ids, mask).float()
+
+
+class WeightedScorer(Scorer):
+    """sum_i weight_i * scorer_i (e.g. a reward model plus a format reward)."""
+
+    def __init__(self, parts: Sequence[tuple[Callable, float]]):
+        if not parts:
+            raise ValueError("WeightedScorer needs at least one (scorer, weight)")
+        self.parts = [(scorer, float(w)) for scorer, w in parts]
+
+    def __call__(self, rollout) -> torch.Tensor:
+        return sum(w * scorer(rollout).float() for scorer, w in self.parts)
 
 
 def load_reward_model_scorer(
@@ -114,9 +129,9 @@ def load_reward_model_scorer(
     policy_vocab_size: int,
     device: torch.device | str = "cpu",
     **config_overrides,
-) -> RewardModelScorer:
-    """A RewardModelScorer from an `rlhf-fast rm` export; clear errors for a missing directory or an RM
-    whose tokenizer/vocabulary differs from the policy's."""
+) -> ModelScorer:
+    """A ModelScorer from an `rlhf-fast rm` export; clear errors for a missing directory or an RM whose
+    tokenizer/vocabulary differs from the policy's."""
     from .common import TOKENIZER_MARKER
     from .reward import load_reward_model
 
@@ -140,4 +155,12 @@ def load_reward_model_scorer(
             f"{rm_tokenizer.vocab_size} tokens, the policy a {type(policy_tokenizer).__name__} "
             f"with {policy_tokenizer.vocab_size}: a different tokenizer/vocabulary"
         )
-    return RewardModelScorer(model.to(device), head.to(device), policy_tokenizer, policy_vocab_size)
+    if model.config.vocab_size != policy_vocab_size:
+        raise ValueError(
+            f"the reward model has vocab_size {model.config.vocab_size}, the policy "
+            f"{policy_vocab_size}: it was trained with a different tokenizer/vocabulary"
+        )
+    model.to(device).eval().requires_grad_(False)
+    head.to(device).eval().requires_grad_(False)
+    return ModelScorer(model, head, eos_token_id=policy_tokenizer.eos_token_id,
+                       pad_token_id=policy_tokenizer.pad_token_id)

@@ -1,9 +1,13 @@
-"""Per-action quantities of a batch of prompt + response sequences, shared by the PPO and GRPO trainers.
+"""Per-action quantities of a batch of prompt + response sequences, shared by every RL algorithm.
 
 Positions follow `rlhf_fast.rl.Experience`: S = sequence length, T = S - 1 action positions, and the
 action at position t is token t + 1. Only positions >= `first_action` (the last prompt column, for a
 left-padded batch with prompt length P: first_action = P - 1) are computed; earlier ones are 0, so the
 lm-head's (B, T, V) logits exist only for the response part.
+
+Log-probs are those of the distribution the rollout sampled from: softmax(logits / temperature). Old,
+new and reference log-probs all use the rollout temperature, so the importance ratio and the KL compare
+the behaviour policy with itself (TRL and OpenRLHF do the same).
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ def _response_hidden(model, sequences, attention_mask, first_action: int):
     return model.hidden_states(sequences, attention_mask)[:, first_action:-1]  # (B, T', C)
 
 
-def action_logprobs(model, sequences, attention_mask, *, first_action: int = 0, with_entropy: bool = False):
-    """log p(token t+1 | tokens <= t) for each action position t: (B, T) fp32 (and the entropy (B, T)
-    of the policy at t when asked). Temperature 1: what the generation engine's logprobs report."""
+def action_logprobs(model, sequences, attention_mask, *, first_action: int = 0, with_entropy: bool = False,
+                    temperature: float = 1.0):
+    """log p(token t+1 | tokens <= t) under softmax(logits / temperature) for each action position t:
+    (B, T) fp32 (and the entropy (B, T) of that distribution at t when asked)."""
     h = _response_hidden(model, sequences, attention_mask, first_action)
-    logp = torch.log_softmax(model.lm_head(h).float(), dim=-1)  # (B, T', V)
+    logp = torch.log_softmax(model.lm_head(h).float() / temperature, dim=-1)  # (B, T', V)
     targets = sequences[:, first_action + 1 :]
     lp = F.pad(logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), (first_action, 0))
     if not with_entropy:

@@ -178,7 +178,8 @@ def test_logprobs_equal_full_forward(tiny):
     assert not resp_mask.all()
     logits = tiny(out.sequences, out.attention_mask)  # (B, P+N, V)
     N = out.response_mask.shape[1]
-    ref = torch.log_softmax(logits[:, 7 : 7 + N], dim=-1).gather(-1, out.sequences[:, 8:, None])[..., 0]
+    # log-probs of the distribution sampled from: logits / temperature (top-k is not part of it)
+    ref = torch.log_softmax(logits[:, 7 : 7 + N] / 0.7, dim=-1).gather(-1, out.sequences[:, 8:, None])[..., 0]
     torch.testing.assert_close(out.logprobs[resp_mask], ref[resp_mask], atol=1e-5, rtol=1e-5)
     assert (out.logprobs[~resp_mask] == 0).all()
     assert free.logprobs is not None and generate(tiny, ids, mask, max_new_tokens=3).logprobs is None

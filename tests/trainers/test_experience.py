@@ -79,9 +79,15 @@ def test_experience_fields_follow_the_roles():
     P = ids.shape[1]
     assert exp.action_mask.shape == (B, S - 1) and not exp.action_mask[:, : P - 1].any()
     assert exp.action_mask[:, P - 1].all()  # every row takes at least one action
+    # the length/EOS rule: a response cut at max_new_tokens (11) is scored with an EOS appended
+    lengths = exp.action_mask.sum(1)
+    truncated = (lengths == 11) & (exp.sequences[:, -1] != TOK.eos_token_id)
+    assert truncated.any()
     with use_adapter(models.policy, "reward") as m:
-        torch.testing.assert_close(exp.scores, reward_scores(m, models.reward_head, exp.sequences,
-                                                             exp.attention_mask))
+        for b in range(B):
+            ids = exp.sequences[b][exp.attention_mask[b]].tolist() + ([TOK.eos_token_id] if truncated[b] else [])
+            want = reward_scores(m, models.reward_head, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool))
+            torch.testing.assert_close(exp.scores[b: b + 1], want)
     for name in ("advantages", "returns", "rewards"):
         assert (getattr(exp, name)[~exp.action_mask] == 0).all(), name
     for key in ("time/generate", "time/score", "time/advantages", "peak_mem_gb"):
@@ -156,4 +162,4 @@ def test_ppo_models_reject_missing_roles_and_mismatched_vocabularies():
         PPOModels(plain, head, head, reward_model=copy.deepcopy(plain))
     with pytest.raises(ValueError, match="gae estimator"):
         ExperienceMaker(PPOModels(base, head, head, reward_model=plain), max_new_tokens=4, eos_token_id=None,
-                        pad_token_id=None, advantage=AdvantageConfig(estimator="grpo"))
+                        pad_token_id=None, advantage=AdvantageConfig(estimator="grpo", group_size=2))

@@ -9,7 +9,8 @@ from rlhf_fast.cli import _GRPO_FLAGS, build_parser, main
 from rlhf_fast.data import ByteTokenizer
 from rlhf_fast.model import GPT, RewardHead, reward_scores
 from rlhf_fast.trainers.reward import REWARD_HEAD_FILE
-from rlhf_fast.trainers.reward_functions import RewardModelScorer, load_reward_model_scorer
+from rlhf_fast.trainers.experience import Rollout
+from rlhf_fast.trainers.reward_functions import load_reward_model_scorer
 
 COMMON = [
     "--preset",
@@ -20,9 +21,9 @@ COMMON = [
     "cpu",
     "--group-size",
     "4",
-    "--prompts-per-iteration",
+    "--rollout-batch-size",
     "4",
-    "--micro-batch-size",
+    "--mini-batch-size",
     "8",
     "--eval-prompts",
     "8",
@@ -66,21 +67,32 @@ def test_grpo_cli_cold_start_then_resume(tmp_path, capsys):
 
     assert main([*args, "--iterations", "5", "--resume", "--no-export"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train_steps = [r["step"] for r in records if "train/reward" in r]
+    train_steps = [r["step"] for r in records if "train/score" in r]
     assert train_steps == [1, 2, 3, 4, 5]  # continued at 4, nothing repeated
     assert all(
-        "train/logprob_gap_max" in r and "train/time_generate" in r for r in records if "train/reward" in r
+        "train/gen_logprob_gap_max" in r and "train/time/generate" in r for r in records if "train/score" in r
     )
     for k, v in torch.load(out / "cold_start.pt", weights_only=True).items():  # reloaded, not re-trained
         assert torch.equal(v, cold[k])
 
 
 def test_reward_model_scorer_scores_prompt_completion_eos(tmp_path):
+    """Token ids in (no decode/re-encode); a response that ended with EOS and one cut at the length limit
+    are both scored as prompt + completion + EOS (the length/EOS rule)."""
     rm_dir = fake_rm_export(tmp_path / "rm")
     tok = ByteTokenizer()
     scorer = load_reward_model_scorer(rm_dir, tok, 320, attn_backend="sdpa")
     prompts, completions = ["\n\nHuman: Hi\n\nAssistant:", "ab"], [" Dogs wag their tails.", "c"]
-    got = scorer(prompts, completions)
+    prompt_ids, prompt_mask = tok.pad([tok.encode(p) for p in prompts], side="left")
+    N = max(len(c) for c in completions) + 1
+    response = torch.full((2, N), tok.pad_token_id)
+    response_mask = torch.zeros(2, N, dtype=torch.bool)
+    ended = tok.encode(completions[0]) + [tok.eos_token_id]  # ended with EOS within N tokens
+    response[0, : len(ended)], response_mask[0, : len(ended)] = torch.tensor(ended), True
+    response[1, :1], response_mask[1, :1] = torch.tensor(tok.encode(completions[1])), True
+    rollout = Rollout(prompt_ids, prompt_mask.bool(), response, response_mask, torch.zeros(2, N),
+                      truncated=torch.tensor([False, True]), prompts=prompts)
+    got = scorer(rollout)
     for i, (p, c) in enumerate(zip(prompts, completions)):
         ids = torch.tensor([tok.encode(p) + tok.encode(c) + [tok.eos_token_id]])
         want = reward_scores(scorer.model, scorer.head, ids, torch.ones_like(ids))
@@ -102,7 +114,7 @@ def test_grpo_cli_with_a_reward_model(tmp_path):
                 "synthetic",
                 "--iterations",
                 "2",
-                "--kl-coef",
+                "--kl-loss-coef",
                 "0.05",
                 "--output-dir",
                 str(out),
@@ -114,7 +126,7 @@ def test_grpo_cli_with_a_reward_model(tmp_path):
     saved = json.loads((out / "config.json").read_text())
     assert saved["task"]["task"] is None and saved["task"]["reward_model"] == str(rm_dir)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rewards = [r["train/reward"] for r in records if "train/reward" in r]
+    rewards = [r["train/score"] for r in records if "train/score" in r]
     assert len(rewards) == 2 and all(r not in (0.0, 0.5, 1.5) for r in rewards)  # RM scores, not the task's
 
 
@@ -131,8 +143,6 @@ def test_missing_and_mismatched_checkpoints_are_named(tmp_path):
     other_vocab = fake_rm_export(tmp_path / "rm_400", vocab_size=400)
     with pytest.raises(ValueError, match="vocab_size 400, the policy 320: it was trained with a different"):
         main(["--debug", "grpo", *COMMON, "--reward-model", str(other_vocab), "--output-dir", str(tmp_path / "d")])
-    with pytest.raises(ValueError, match="vocab_size 400"):
-        RewardModelScorer(GPT.from_preset("tiny", vocab_size=400), RewardHead(32), ByteTokenizer(), 320)
 
 
 def test_reward_model_with_another_tokenizer_is_rejected(tmp_path, monkeypatch):

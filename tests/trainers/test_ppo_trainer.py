@@ -158,7 +158,7 @@ def test_cli_ppo_runs_on_exports(tmp_path, exports, capsys):
                  "--output-dir", str(out), "--no-progress", "--attn-backend", "sdpa"]) == 0
     assert "exported PPO policy" in capsys.readouterr().out
     assert GPT.from_pretrained(str(out / "export")).config.vocab_size == 320
-    assert json.loads((out / "ppo_config.json").read_text())["iterations"] == 1
+    assert json.loads((out / "config.json").read_text())["iterations"] == 1
 
 
 def test_prompt_files_split_and_reject_bad_lines(tmp_path):

@@ -3,10 +3,11 @@ import json
 import pytest
 import torch
 
-from rlhf_fast.data import ByteTokenizer, SFTCollator, SFTDataset, SFTExample
-from rlhf_fast.model import GPT
+from rlhf_fast.cli import main
+from rlhf_fast.data import ByteTokenizer, SFTCollator, SFTDataset, SFTExample, synthetic_preferences
+from rlhf_fast.model import GPT, add_lora
 from rlhf_fast.trainers import build_sft_trainer
-from rlhf_fast.trainers.sft import response_nll
+from rlhf_fast.trainers.sft import cold_start, response_nll
 
 
 def test_prompt_and_padding_tokens_are_exactly_excluded():
@@ -71,3 +72,52 @@ def test_lora_export_is_merged_hf_model(tmp_path, make_config):
         torch.testing.assert_close(merged(ids), trainer.module.model(ids), atol=1e-4, rtol=1e-4)
         with trainer.module.model.disable_adapters():  # and the adapter did change the model
             assert not torch.allclose(merged(ids), trainer.module.model(ids), atol=1e-4)
+
+
+def test_max_len_beyond_the_context_fails_before_step_1(tmp_path, make_config):
+    # tiny has n_positions=128: without this check the first long batch fails, many steps into the run
+    with pytest.raises(ValueError, match=r"^--max-len 129 exceeds the model's n_positions=128 \(tiny\): "
+                                         r"lower --max-len$"):
+        build_sft_trainer(make_config(tmp_path, max_len=129))
+    assert not (tmp_path / "metrics.jsonl").exists()
+    build_sft_trainer(make_config(tmp_path / "ok", max_len=128))  # exactly the context: fine
+
+
+def test_max_len_error_through_cli(tmp_path):
+    args = ["sft", "--preset", "tiny", "--device", "cpu", "--max-len", "2048", "--no-progress",
+            "--output-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    message = "rlhf-fast sft: --max-len 2048 exceeds the model's n_positions=128 (tiny): lower --max-len"
+    assert str(info.value) == message
+    with pytest.raises(ValueError, match="n_positions"):
+        main(["--debug", *args])
+
+
+def test_truncated_responses_are_counted_and_logged(tmp_path, make_config, caplog):
+    with caplog.at_level("INFO"):  # synthetic prompt + response + EOS: 71 to 84+ bytes; 80 cuts some
+        trainer = build_sft_trainer(make_config(tmp_path, max_len=80, synthetic_size=200))
+    train_ds = trainer.batches.dataset
+    assert 0 < train_ds.n_truncated < len(train_ds)
+    assert f"sft data: {train_ds.n_truncated} of {len(train_ds)} train" in caplog.text
+    event = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["event"]
+    assert event["truncated_train_examples"] == train_ds.n_truncated
+
+
+def test_cold_start_trains_the_base_with_adapters_off():
+    torch.manual_seed(0)
+    model = GPT.from_preset("tiny", attn_backend="sdpa")
+    add_lora(model, "policy", rank=4)
+    adapter = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    losses = cold_start(model, ByteTokenizer(), [ex.to_sft() for ex in synthetic_preferences(64, 0)], steps=12,
+                        lr=3e-3, batch_size=8)
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in adapter.items())  # the adapter is untouched ...
+    assert all(not torch.equal(after[n], v) for n, v in base.items() if n.endswith("weight"))  # ... the base not
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable  # base frozen again
+    assert all(m.active_adapter == "policy" for m in model.modules() if hasattr(m, "active_adapter"))
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        cold_start(model, ByteTokenizer(), [], steps=0)

@@ -1,0 +1,443 @@
+"""The one RL loop under PPO, GRPO and the critic-free family (RLOO, REINFORCE++, Dr. GRPO, DAPO options).
+
+Each iteration: rollout (sample `group_size` responses per prompt, score them, drop groups without score
+spread and sample more when `dynamic_sampling`), then the training passes and advantages
+(`ExperienceMaker`), then `epochs` passes over shuffled minibatches. A minibatch is one optimizer step;
+its loss is a weighted sum over its tokens (`rl.loss_weights`: token mean, sequence mean or Dr. GRPO's
+constant), so splitting it into micro-batch forwards changes nothing. The fused `kernels.ppo_loss`
+(policy + clipped value + k3 KL in one pass) serves the token mean with a symmetric clip;
+`rl.weighted_policy_loss` the other options. Rollouts and updates both run without dropout, so the first
+ratio of every iteration is exactly 1.
+
+The loop owns iteration cadence, evaluation, the collective checkpoint protocol (DeepSpeed included), KV
+cache release, peak memory, phase timing and precision (the strategy's autocast); algorithms
+(`ppo.py`, `grpo.py`) bring their config, models and scorer. Checkpoints (trainable weights, optimizer,
+KL coefficient, RNG and generator states, prompt order, iteration) resume exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf_fast.distributed import DeepSpeedSettings, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
+from rlhf_fast.generation import release_kv_caches
+from rlhf_fast.rl import kl_k1, loss_weights, make_kl_controller, masked_mean, ppo_loss, value_loss, weighted_policy_loss
+
+from .checkpoint import CheckpointManager
+from .common import TrainModule, adamw, export_model, restore_collective, save_collective
+from .config import RLSettings
+from .experience import POLICY, ExperienceMaker, PhaseTimer, PPOModels, Rollout
+from .metrics import MetricsLogger, log
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """Run-level settings of the RL loop (each algorithm's config provides them)."""
+
+    output_dir: str
+    seed: int = 0
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    lr_lambda: Callable[[int], float] | None = None  # LR schedule by optimizer step (None: constant)
+    log_every: int = 1
+    eval_every: int = 0  # 0: evaluate only at the end
+    save_every: int = 0  # 0: save only at the end
+    keep_last: int = 2
+    resume: bool = False
+    progress: bool = True
+    loss_backend: str = "auto"  # kernels backend for gae and ppo_loss
+    offload_frozen: bool = False  # separate reference / reward model on the CPU between uses
+    compile: bool | None = None  # generation's compiled decode step (None: on CUDA)
+    eval_samples: int = 1  # sampled responses per held-out prompt (plus one greedy)
+    max_prompt_len: int | None = None  # held-out prompt texts keep their last max_prompt_len tokens
+
+
+def build_rl_strategy(config, strategy: str = "single", deepspeed: DeepSpeedSettings | None = None) -> Strategy:
+    """The strategy an RL trainer runs under: 'single' (config.device) or 'deepspeed' (device from its
+    launcher; one optimizer step per minibatch, so micro-batch = mini_batch_size and no accumulation).
+    `config` is an algorithm config (PPOConfig, GRPOConfig): device, precision, max_grad_norm, rl."""
+    if strategy == "single":
+        if deepspeed is not None:
+            raise ValueError("DeepSpeed settings (--zero-stage, --offload-*, --deepspeed-config) need "
+                             "--strategy deepspeed")
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return SingleDeviceStrategy(device, config.precision, config.max_grad_norm)
+    if strategy != "deepspeed":
+        raise ValueError(f"strategy must be 'single' or 'deepspeed', got {strategy!r}")
+    return DeepSpeedStrategy(deepspeed or DeepSpeedSettings(), config.precision, config.max_grad_norm,
+                             micro_batch_size=config.rl.mini_batch_size, grad_accum_steps=1)
+
+
+def _first_action(action_mask: torch.Tensor) -> int:
+    """The first action column of a batch (all rows share the prompt length P: it is P - 1)."""
+    return int(action_mask.any(dim=0).to(torch.uint8).argmax())
+
+
+class RLTrainer:
+    """The loop over built objects: RL settings, PPOModels, a tokenizer, resumable prompt batches, held-out
+    prompts (texts or token ids), a scorer (None: the models' reward role) and a strategy."""
+
+    stage = "rl"
+
+    def __init__(self, config, rl: RLSettings, loop: LoopSettings, models: PPOModels, tokenizer, prompts,
+                 eval_prompts, scorer, strategy: Strategy):
+        self.config, self.rl, self.loop, self.models, self.tokenizer = config, rl, loop, models, tokenizer
+        self.prompts, self.strategy, self.device = prompts, strategy, strategy.device
+        if rl.critic != models.has_critic:
+            raise ValueError(f"estimator {rl.estimator!r} {'needs' if rl.critic else 'takes no'} critic, but the "
+                             f"models {'have none' if rl.critic else 'have one'}")
+        keep = slice(-loop.max_prompt_len if loop.max_prompt_len else None, None)
+        self.eval_prompts = [tokenizer.encode(p)[keep] if isinstance(p, str) else list(p) for p in eval_prompts or []]
+        self.eval_texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in eval_prompts or []]
+        self._check_lengths()
+        self._check_strategy()
+        self.run_dir = Path(loop.output_dir)
+        self.trainable = models.trainable_parameters()
+        if not self.trainable:
+            raise ValueError(f"{self.stage}: nothing to train (no parameter of the policy/critic requires grad)")
+        self.actor, self.critic = self._prepare_models()
+        self.kl_ctl = make_kl_controller(rl.init_kl_coef, rl.kl_target, rl.kl_horizon)
+        self.maker = ExperienceMaker(
+            models, max_new_tokens=rl.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, advantage=rl.advantage_config(loop.loss_backend),
+            temperature=rl.temperature, kl_estimator=rl.kl_estimator, scorer=scorer,
+            reference=rl.init_kl_coef > 0 or rl.kl_target is not None or rl.kl_loss_coef > 0,
+            overlong_buffer=rl.overlong_buffer, overlong_penalty=rl.overlong_penalty, compile=loop.compile,
+            frozen_on_device=self.frozen_on_device)
+        # the fused kernel computes exactly this case; the weighted free functions every other one
+        self.fused = rl.loss_aggregation == "token_mean" and rl.clip_eps_high in (None, rl.clip_eps)
+        # Own generators: rollouts and minibatch order are reproducible and saved with checkpoints.
+        self.rollout_gen = torch.Generator(self.device).manual_seed(loop.seed)
+        self.shuffle_gen = torch.Generator().manual_seed(loop.seed + 1)
+        self.checkpoints = CheckpointManager(self.run_dir, loop.keep_last)
+        self.logger = MetricsLogger(self.run_dir, enabled=strategy.is_main)
+        self.iteration = 0
+        self.history: list[dict] = []  # per-iteration metrics of this process
+        self.eval_history: list[dict] = []
+
+    # --- set-up -------------------------------------------------------------------------------------
+    def _check_lengths(self) -> None:
+        n_positions = self.models.policy.config.n_positions
+        longest = max([len(it["prompt_ids"]) for it in getattr(self.prompts.dataset, "items", [])]
+                      + [len(p) for p in self.eval_prompts] + [0])
+        if longest + self.rl.max_new_tokens > n_positions:
+            raise ValueError(f"prompts of up to {longest} tokens (--max-prompt-len) + --max-new-tokens "
+                             f"{self.rl.max_new_tokens} exceed the model's n_positions={n_positions}: lower one")
+
+    def _check_strategy(self) -> None:
+        s = self.strategy
+        if isinstance(s, DeepSpeedStrategy):
+            if int(s.ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
+                raise ValueError("RL under DeepSpeed supports ZeRO stages 0-2: rollouts run the actor outside its "
+                                 "engine (KV-cache generation), which ZeRO-3's partitioned weights do not allow")
+            if (s.micro_batch_size, s.grad_accum_steps) != (self.rl.mini_batch_size, 1) or self.rl.micro_rows != \
+                    self.rl.mini_batch_size:
+                raise ValueError(f"the DeepSpeed strategy's batch layout (micro {s.micro_batch_size} x accumulation "
+                                 f"{s.grad_accum_steps}) must be one step per minibatch (micro "
+                                 f"{self.rl.mini_batch_size} x 1, micro_batch_size unset): build it with "
+                                 "build_rl_strategy")
+
+    def _prepare_models(self):
+        """(actor, critic): the prepared training modules (one and the same unless DeepSpeed full-parameter)."""
+        m, loop = self.models, self.loop
+
+        def optimizer(params):
+            return adamw(params, loop.lr, loop.weight_decay, loop.betas)
+
+        def scheduler(opt):
+            return torch.optim.lr_scheduler.LambdaLR(opt, loop.lr_lambda) if loop.lr_lambda else None
+
+        frozen = [f for f in (m.reference, m.reward_model) if f is not None]
+        if not isinstance(self.strategy, DeepSpeedStrategy) or m.lora:
+            # One optimizer over every trainable parameter (LoRA: the adapters share one frozen base).
+            opt = optimizer(list(self.trainable.values()))
+            engine, self.optimizer, self.scheduler = self.strategy.prepare(TrainModule(m), opt, scheduler(opt))
+            self.modules = [engine]
+            critic = engine
+        else:
+            opt = optimizer(list(m.policy.parameters()))
+            engine, actor_opt, self.scheduler = self.strategy.prepare(TrainModule(m.policy), opt, scheduler(opt))
+            self.modules, self.optimizer, critic = [engine], actor_opt, None
+            if m.has_critic:
+                params = list(m.critic.parameters()) + list(m.value_head.parameters())
+                critic, _, _ = self.strategy.prepare(TrainModule(m.critic, m.value_head), optimizer(params))
+                self.modules.append(critic)
+            if m.reward_head is not None:
+                self.strategy.prepare_frozen(m.reward_head)  # a few hundred weights: stays on the device
+            for f in frozen:
+                self.strategy.prepare_frozen(f)
+        for f in frozen:
+            if loop.offload_frozen:
+                f.to("cpu")
+        return engine, critic
+
+    def frozen_on_device(self, model):
+        """Context for a pass of a separate frozen model (reference, reward model; None: nothing to place)."""
+        if model is None:
+            return contextlib.nullcontext()
+        return self.strategy.on_device(model, offload=self.loop.offload_frozen)
+
+    # --- the steps ------------------------------------------------------------------------------------
+    def _next_prompts(self) -> dict:
+        """This rank's prompts (ranks take turns through one batch order, as in the SFT/RM trainers)."""
+        return [next(self.prompts) for _ in range(self.strategy.world_size)][self.strategy.rank]
+
+    @torch.no_grad()
+    def rollout(self):
+        """(Experience, stats) of one iteration's prompts; with dynamic sampling, only groups with signal."""
+        rl, timer = self.rl, PhaseTimer(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        parts, groups, rounds = [], 0, 0
+        with self.strategy.autocast():
+            while True:
+                b = self._next_prompts()
+                ids, mask = b["input_ids"].to(self.device), b["attention_mask"].to(self.device)
+                sampled = self.maker.sample(ids, mask, b.get("prompts"), generator=self.rollout_gen, timer=timer)
+                rounds += 1
+                kept = self.maker.keep_groups_with_signal(sampled) if rl.dynamic_sampling else sampled
+                parts.append(kept)
+                groups += len(kept.truncated) // rl.group_size
+                if not rl.dynamic_sampling or groups >= rl.rollout_batch_size or rounds >= rl.max_sampling_rounds:
+                    break
+            rollout = Rollout.cat([p for p in parts if len(p.truncated)] or [sampled], self.maker.pad)
+            rollout = rollout.select(torch.arange(min(len(rollout.truncated), rl.rows), device=self.device))
+            exp, stats = self.maker.experience(rollout, kl_coef=self.kl_ctl.value, mask_truncated=rl.mask_truncated,
+                                               timer=timer)
+        if rl.dynamic_sampling:
+            stats["sampling_rounds"] = rounds
+        if self.strategy.world_size > 1:  # every rank adapts the KL coefficient to the same global mean
+            stats = {k: self.strategy.all_reduce_mean(v) for k, v in stats.items()}
+        return exp, stats
+
+    def _forward(self, exp, first: int):
+        """(logprobs, entropy, values or None) of the training forward, through the engine(s)."""
+        m, t = self.models, self.rl.temperature
+
+        def actor_fn():
+            return m.policy_logprobs(exp.sequences, exp.attention_mask, first, with_entropy=True, temperature=t)
+
+        def critic_fn():
+            return m.values(exp.sequences, exp.attention_mask, first) if m.has_critic else None
+
+        if self.actor is self.critic or self.critic is None:
+            return self.actor(lambda: (*actor_fn(), critic_fn()))
+        logprobs, entropy = self.actor(actor_fn)
+        return logprobs, entropy, self.critic(critic_fn)
+
+    def loss(self, exp) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one batch of experience (as its own minibatch) and its (detached) metrics."""
+        rl = self.rl
+        weights = loss_weights(exp.action_mask, rl.loss_aggregation, max_new_tokens=rl.max_new_tokens)
+        loss, metrics, _ = self.module_losses(exp, weights, torch.ones((), device=exp.action_mask.device))
+        return loss, metrics
+
+    def module_losses(self, exp, weights, token_share):
+        """(loss, metrics, {module: loss}) of one micro-batch: `weights` are its rows of the minibatch's
+        per-token loss weights, `token_share` its fraction of the minibatch's tokens. loss is the micro-batch's
+        part of the minibatch loss; metrics are token means over the micro-batch. Two engines (actor,
+        critic): the policy part for the actor and the value part for the critic."""
+        rl, first = self.rl, _first_action(exp.action_mask)
+        logprobs, entropy, values = self._forward(exp, first)
+        critic = values is not None
+        if not critic:
+            values = torch.zeros_like(logprobs)
+        vf = rl.vf_coef if critic else 0.0
+        kw = dict(clip_eps=rl.clip_eps, value_clip_eps=rl.value_clip_eps, ref_logprobs=exp.ref_logprobs,
+                  kl_coef=rl.kl_loss_coef, backend=self.loop.loss_backend)
+        old = (exp.values if critic else values, exp.returns, exp.action_mask)
+        if self.fused:
+            loss, metrics = ppo_loss(logprobs, exp.logprobs, exp.advantages, values, *old, vf_coef=vf, **kw)
+            policy_part = value_part = None
+            if self.critic is not None and self.critic is not self.actor:
+                policy_part, _ = ppo_loss(logprobs, exp.logprobs, exp.advantages, values.detach(), *old, vf_coef=vf,
+                                          **kw)
+                value_part, _ = ppo_loss(logprobs.detach(), exp.logprobs, exp.advantages, values, *old, vf_coef=vf,
+                                         **kw)
+            loss, policy_part, value_part = (None if x is None else x * token_share
+                                             for x in (loss, policy_part, value_part))
+        else:
+            policy_part, metrics = weighted_policy_loss(
+                logprobs, exp.logprobs, exp.advantages, exp.action_mask, weights, clip_low=rl.clip_eps,
+                clip_high=rl.clip_eps_high, ref_logprobs=exp.ref_logprobs, kl_coef=rl.kl_loss_coef)
+            metrics["policy_loss"] = metrics["policy_loss"] / weights.sum().clamp(min=1e-12)
+            metrics["kl"] = metrics["kl"] / weights.sum().clamp(min=1e-12)
+            value_part = torch.zeros((), device=logprobs.device)
+            if critic:
+                v, vm = value_loss(values, *old, clip_eps=rl.value_clip_eps)
+                value_part, metrics["value_loss"] = vf * v * token_share, v.detach()
+            loss = policy_part + value_part
+        if self.critic is not None and self.critic is not self.actor:
+            per_module = {self.actor: policy_part, self.critic: value_part}
+        else:
+            per_module = {self.actor: loss}
+        if not critic:
+            metrics.pop("value_loss", None)
+        metrics["entropy"] = masked_mean(entropy.detach(), exp.action_mask)
+        return loss, metrics, per_module
+
+    def update(self, exp) -> dict[str, float]:
+        """`epochs` passes over shuffled minibatches; the mean of each metric over the optimizer steps."""
+        rl, B = self.rl, len(exp)
+        self.models.eval()  # no dropout, as in the rollout: the first ratio is exactly 1
+        sums: dict[str, float] = {}
+        steps = 0
+        for _ in range(rl.epochs):
+            order = torch.randperm(B, generator=self.shuffle_gen).to(self.device)
+            for i in range(0, B, rl.mini_batch_size):
+                mini = exp.select(order[i: i + rl.mini_batch_size])
+                weights = loss_weights(mini.action_mask, rl.loss_aggregation, max_new_tokens=rl.max_new_tokens)
+                n_tokens = mini.action_mask.sum()
+                rank_share = 1.0
+                if self.strategy.world_size > 1:  # this rank's part of the global minibatch
+                    rank_share = n_tokens / self.strategy.all_reduce_sum(n_tokens.float()).clamp(min=1)
+                totals: dict[str, float] = {}
+                for j in range(0, len(mini), rl.micro_rows):
+                    micro = mini.select(slice(j, j + rl.micro_rows))
+                    share = micro.action_mask.sum() / n_tokens.clamp(min=1)
+                    with self.strategy.autocast():
+                        loss, metrics, per_module = self.module_losses(micro, weights[j: j + rl.micro_rows], share)
+                    for module, module_loss in per_module.items():
+                        self.strategy.backward(module_loss * rank_share, model=module)
+                    totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+                    for k, v in metrics.items():
+                        totals[k] = totals.get(k, 0.0) + float(v) * float(share)
+                # the norm over all trainable parameters (each engine clips its own)
+                totals["grad_norm"] = math.sqrt(sum(self.strategy.step(model=module) ** 2 for module in self.modules))
+                for k, v in totals.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                steps += 1
+        means = {k: v / steps for k, v in sums.items()}
+        if self.scheduler is not None:
+            means["lr"] = self.scheduler.get_last_lr()[0]
+        if self.strategy.world_size > 1:
+            means = {k: self.strategy.all_reduce_mean(v) for k, v in means.items()}
+        return means
+
+    def step(self) -> dict[str, float]:
+        """One iteration: rollout -> score -> advantages -> update."""
+        kl_coef = self.kl_ctl.value
+        exp, stats = self.rollout()
+        timer = PhaseTimer(self.device)
+        with timer("train"):
+            train = self.update(exp)
+        self.kl_ctl.update(stats["kl"], n_steps=len(exp) * self.strategy.world_size)
+        return {**stats, **{f"train/{k}": v for k, v in train.items()}, **timer.times, "kl_coef": kl_coef}
+
+    @torch.no_grad()
+    def evaluate(self, batch_size: int | None = None, seed: int = 1234) -> dict[str, float]:
+        """On the held-out prompts: mean score of `eval_samples` sampled responses each (with its std, the
+        summed-k1 KL to the reference and the length) and of the greedy response. A fixed-seed generator of
+        its own: training RNG is untouched. Every rank evaluates all the held-out prompts."""
+        if not self.eval_prompts:
+            return {}
+        self.models.eval()
+        bs, k, m = batch_size or self.rl.rollout_batch_size, self.loop.eval_samples, self.models
+        gen = torch.Generator(self.device).manual_seed(seed)
+        scores, greedy, kls, lengths = [], [], [], []
+        for i in range(0, len(self.eval_prompts), bs):
+            ids, mask = (t.to(self.device) for t in self.tokenizer.pad(self.eval_prompts[i: i + bs], side="left"))
+            texts = self.eval_texts[i: i + bs]
+            with self.strategy.autocast():
+                r = self.maker.sample(ids, mask, texts, generator=gen, group_size=k, penalise=False)
+                greedy.append(self.maker.sample(ids, mask, texts, greedy=True, group_size=1, penalise=False).scores)
+                if self.maker.reference:
+                    first, seq, amask = ids.shape[1] - 1, r.sequences, r.attention_mask
+                    lp = m.policy_logprobs(seq, amask, first, temperature=self.rl.temperature)[:, first:]
+                    with self.frozen_on_device(m.reference):
+                        ref = m.ref_logprobs(seq, amask, first, temperature=self.rl.temperature)[:, first:]
+                    kls.append(torch.where(r.response_mask, kl_k1(lp.float(), ref.float()), 0.0).sum(dim=1))
+            scores.append(r.scores)
+            lengths.append(r.response_mask.sum(dim=1).float())
+        scores = torch.cat(scores)
+        out = {"reward": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+               "greedy_reward": float(torch.cat(greedy).mean()), "response_len": float(torch.cat(lengths).mean())}
+        if kls:
+            out["kl"] = float(torch.cat(kls).mean())
+        return out
+
+    # --- the loop -------------------------------------------------------------------------------------
+    def train(self, until_iteration: int | None = None) -> list[dict]:
+        """Run to rl.iterations (or stop at `until_iteration`, saving a checkpoint there)."""
+        loop, total = self.loop, self.rl.iterations
+        stop = total if until_iteration is None else min(until_iteration, total)
+        if self.strategy.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
+        if loop.resume:
+            self.resume()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=self.iteration, desc=self.stage,
+                   disable=not (loop.progress and self.strategy.is_main), dynamic_ncols=True)
+        while self.iteration < stop:
+            metrics = self.step()
+            self.iteration += 1
+            self.history.append(metrics)
+            bar.update(1)
+            bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.3f}",
+                            gap=f"{metrics['gen_logprob_gap_max']:.1e}")
+            if loop.log_every and self.iteration % loop.log_every == 0:
+                self.logger.log(self.iteration, metrics)
+            if loop.eval_every and self.iteration % loop.eval_every == 0 and self.iteration < total:
+                self.log_eval()
+            if loop.save_every and self.iteration % loop.save_every == 0 and self.iteration < stop:
+                self.save()
+        bar.close()
+        release_kv_caches(self.models.policy)
+        if self.iteration >= total:
+            self.log_eval()
+        self.save()
+        self.logger.close()
+        return self.history
+
+    def log_eval(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        if metrics:
+            self.eval_history.append({"iteration": self.iteration, **metrics})
+            self.logger.log(self.iteration, metrics, prefix="eval")
+            if self.strategy.is_main:
+                log.info("%s iteration %d eval: %s", self.stage, self.iteration,
+                         ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        """Collective: every process calls it (see `save_collective`)."""
+        generators = {"rollout": self.rollout_gen.get_state(), "shuffle": self.shuffle_gen.get_state()}
+        path = save_collective(self.strategy, self.checkpoints, self.iteration, self.trainable,
+                               {"generators": generators},
+                               {"stage": self.stage, "data": self.prompts.state_dict(), "kl_coef": self.kl_ctl.value})
+        if path is not None:
+            self.logger.event(self.iteration, checkpoint=str(path))
+        return path
+
+    def resume(self) -> bool:
+        """Continue from the newest complete checkpoint of the run directory; False when there is none."""
+        loaded = self.checkpoints.load_latest(self.stage, self.trainable)
+        if loaded is None:
+            log.info("no checkpoint in %s: %s starts at iteration 0", self.checkpoints.dir, self.stage)
+            return False
+        path, blobs, state = loaded
+        restore_collective(self.strategy, self.checkpoints, self.trainable, blobs, int(state["step"]))
+        self.rollout_gen.set_state(blobs["generators"]["rollout"])
+        self.shuffle_gen.set_state(blobs["generators"]["shuffle"])
+        self.prompts.load_state_dict(state["data"])
+        self.kl_ctl.value = float(state["kl_coef"])
+        self.iteration = int(state["step"])
+        log.info("resumed %s from %s at iteration %d", self.stage, path, self.iteration)
+        return True
+
+    def export(self, directory) -> Path:
+        """The policy as an HF GPT-2 directory (policy adapter merged in LoRA mode) that `--model` loads."""
+        name = getattr(self.tokenizer, "name", "byte")
+        return export_model(self.models.policy, self.tokenizer, name, directory,
+                            merge_adapter=POLICY if self.models.lora else None)
