@@ -55,7 +55,7 @@ ARITHMETIC = {  # name -> GRPOSettings overrides (rows per rollout: 64)
     "dr_grpo (seq sum)": dict(estimator="dr_grpo", loss_aggregation="seq_sum"),
     "rloo": dict(estimator="rloo"),
     "reinforce_pp": dict(estimator="reinforce_pp"),
-    "dapo": dict(clip_eps_high=0.28, dynamic_sampling=True, overlong_buffer=4),
+    "dapo": dict(clip_eps_high=0.28, dynamic_sampling=True, max_new_tokens=16, overlong_buffer=4),
     "grpo + k3 kl": dict(kl_loss_coef=0.05),
 }
 

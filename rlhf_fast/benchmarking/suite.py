@@ -28,7 +28,7 @@ import torch
 from rlhf_fast import kernels
 from rlhf_fast.generation import generate, release_kv_caches
 from rlhf_fast.model import GPT, PRESETS, ScalarHead, add_lora
-from rlhf_fast.trainers.experience import PPOModels
+from rlhf_fast.trainers.models import PPOModels
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
 
 from .baselines import SeedStyleBaseline, hf_copy, no_cache_generate, separate_copy

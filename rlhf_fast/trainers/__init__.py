@@ -4,8 +4,9 @@ yet). They take built objects, not strings to load."""
 from .checkpoint import CheckpointManager
 from .common import Trainer, TrainModule
 from .config import DataSettings, LoRASettings, ModelSettings, OptimSettings, RLSettings, RunSettings, TrainConfig
-from .experience import ExperienceMaker, PPOModels
+from .experience import ExperienceMaker
 from .grpo import GRPOConfig, GRPOSettings, GRPOTrainer, TaskSettings, build_grpo_trainer
+from .models import PPOModels
 from .ppo import PPOConfig, PPOTrainer, load_ppo_models
 from .reward import RewardTrainer, build_reward_trainer, load_reward_model
 from .reward_functions import (

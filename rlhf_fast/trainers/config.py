@@ -255,7 +255,6 @@ class RLSettings:
     mask_truncated: bool = False  # DAPO overlong filtering: responses cut at max_new_tokens get no loss
 
     def __post_init__(self):
-        from rlhf_fast.rl import AdvantageConfig
         from rlhf_fast.rl.kl import KL_ESTIMATORS
 
         for name in ("iterations", "rollout_batch_size", "group_size", "mini_batch_size", "epochs",

@@ -27,8 +27,8 @@ from rlhf_fast.model.lora import adapter_names
 
 from .common import build_model, lr_lambda
 from .config import DataSettings, LoRASettings, ModelSettings, OptimSettings, RLSettings, RunSettings
-from .experience import POLICY, PPOModels
 from .metrics import log
+from .models import POLICY, PPOModels
 from .reward_functions import REWARD_FUNCTIONS, as_scorer, load_reward_model_scorer, reward_function
 from .rl_loop import LoopSettings, RLTrainer, build_rl_strategy
 from .sft import cold_start

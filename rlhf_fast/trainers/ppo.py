@@ -28,8 +28,8 @@ from rlhf_fast.model import GPT, ScalarHead, add_lora, load_adapter
 
 from .common import TOKENIZER_MARKER
 from .config import RLSettings
-from .experience import POLICY, REWARD, VALUE, PPOModels
 from .metrics import log
+from .models import POLICY, REWARD, VALUE, PPOModels
 from .reward import REWARD_ADAPTER_FILE, REWARD_META_FILE, load_reward_model, weights_fingerprint
 from .rl_loop import LoopSettings, RLTrainer, build_rl_strategy
 

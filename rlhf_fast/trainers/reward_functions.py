@@ -20,6 +20,8 @@ import torch
 from rlhf_fast.data import arithmetic, load_tokenizer
 from rlhf_fast.model import GPT, ScalarHead, reward_scores
 
+from .models import use_adapter
+
 RewardFunction = Callable[[list[str], list[str]], "Sequence[float] | torch.Tensor"]
 REWARD_FUNCTIONS: dict[str, RewardFunction] = {}
 
@@ -104,8 +106,6 @@ class ModelScorer(Scorer):
 
     @torch.no_grad()
     def __call__(self, rollout) -> torch.Tensor:
-        from .experience import use_adapter
-
         ids, mask = rollout.scoring_inputs(self.eos, self.pad)
         with self.placement(self.model if self.adapter is None else None), use_adapter(self.model, self.adapter) as m:
             return reward_scores(m, self.head, ids, mask).float()

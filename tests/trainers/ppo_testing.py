@@ -5,7 +5,7 @@ import torch
 from rlhf_fast.data import ByteTokenizer, synthetic_prompts
 from rlhf_fast.model import GPT, ScalarHead, add_lora
 from rlhf_fast.trainers import DataSettings, LoRASettings, ModelSettings, OptimSettings, RunSettings, TrainConfig
-from rlhf_fast.trainers.experience import PPOModels
+from rlhf_fast.trainers.models import PPOModels
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer, prompt_batches
 
 

@@ -8,7 +8,8 @@ from rlhf_fast.data import ByteTokenizer
 from rlhf_fast.model import GPT, ScalarHead, add_lora, reward_scores
 from rlhf_fast.model.lora import lora_modules
 from rlhf_fast.rl import AdvantageConfig, Experience
-from rlhf_fast.trainers.experience import ExperienceMaker, PPOModels, use_adapter
+from rlhf_fast.trainers.experience import ExperienceMaker
+from rlhf_fast.trainers.models import PPOModels, use_adapter
 from rlhf_fast.trainers.rollout import action_logprobs
 
 TOK = ByteTokenizer()

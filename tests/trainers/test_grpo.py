@@ -28,22 +28,28 @@ def grpo_config(
     lr=1e-3,
     group_size=8,
     prompts=8,
+    options=None,
     **run,
 ) -> GRPOConfig:
     return GRPOConfig(
         model=ModelSettings(preset="tiny", attn_backend="sdpa"),
         lora=LoRASettings(enabled=lora, rank=4),
         grpo=GRPOSettings(
-            group_size=group_size,
-            rollout_batch_size=prompts,
-            iterations=iterations,
-            epochs=epochs,
-            kl_loss_coef=kl_coef,
-            max_new_tokens=10,
-            eval_prompts=32,
-            eval_samples=4,
-            mini_batch_size=micro * accum,
-            micro_batch_size=micro,
+            **{
+                **dict(
+                    group_size=group_size,
+                    rollout_batch_size=prompts,
+                    iterations=iterations,
+                    epochs=epochs,
+                    kl_loss_coef=kl_coef,
+                    max_new_tokens=10,
+                    eval_prompts=32,
+                    eval_samples=4,
+                    mini_batch_size=micro * accum,
+                    micro_batch_size=micro,
+                ),
+                **(options or {}),
+            }
         ),
         optim=OptimSettings(lr=lr, warmup_steps=0, schedule="constant"),
         run=RunSettings(
@@ -89,8 +95,20 @@ def make_trainer(config, *, cold_start_steps=60, reward="arithmetic") -> GRPOTra
     )
 
 
-def test_grpo_raises_the_verifiable_reward(tmp_path):
-    trainer = make_trainer(grpo_config(tmp_path, iterations=50, lr=1e-3))
+VARIANTS = {  # estimator / loss options of the shared loop (benchmarks/rl_algorithms.py has the numbers)
+    "grpo": {},
+    "grpo_seq_mean": dict(loss_aggregation="seq_mean"),
+    "dr_grpo": dict(estimator="dr_grpo", loss_aggregation="seq_sum"),
+    "rloo": dict(estimator="rloo"),
+    "reinforce_pp": dict(estimator="reinforce_pp"),
+    "dapo": dict(clip_eps_high=0.28, dynamic_sampling=True, max_new_tokens=16, overlong_buffer=4),
+    "mask_truncated": dict(mask_truncated=True),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_grpo_raises_the_verifiable_reward(tmp_path, variant):
+    trainer = make_trainer(grpo_config(tmp_path, iterations=50, lr=1e-3, options=VARIANTS[variant]))
     before = trainer.evaluate()
     history = trainer.train()
     after = trainer.evaluate()

@@ -8,8 +8,8 @@ import torch
 from rlhf_fast.cli import _GRPO_FLAGS, build_parser, main
 from rlhf_fast.data import ByteTokenizer
 from rlhf_fast.model import GPT, RewardHead, reward_scores
-from rlhf_fast.trainers.reward import REWARD_HEAD_FILE
 from rlhf_fast.trainers.experience import Rollout
+from rlhf_fast.trainers.reward import REWARD_HEAD_FILE
 from rlhf_fast.trainers.reward_functions import load_reward_model_scorer
 
 COMMON = [

@@ -8,9 +8,10 @@ from ppo_testing import stage_config, tiny_models, tiny_trainer
 from rlhf_fast.cli import main
 from rlhf_fast.data import synthetic_prompts
 from rlhf_fast.model import GPT, ScalarHead
+from rlhf_fast.model.lora import adapter_names
 from rlhf_fast.trainers import build_reward_trainer, build_sft_trainer, load_reward_model
 from rlhf_fast.trainers.common import TOKENIZER_MARKER
-from rlhf_fast.trainers.experience import use_adapter
+from rlhf_fast.trainers.models import use_adapter
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer, load_ppo_models, load_prompts, prompt_batches
 from rlhf_fast.trainers.reward import REWARD_HEAD_FILE
 
@@ -35,7 +36,8 @@ def exports(tmp_path_factory):
 def _ppo_on_exports(tmp_path, exports, **overrides):
     sft_dir, rm_dir, _ = exports
     models, tok = load_ppo_models(sft_dir, rm_dir, lora_rank=4, attn_backend="sdpa",
-                                  lora=overrides.pop("lora", True))
+                                  lora=overrides.pop("lora", True),
+                                  critic=overrides.get("estimator", "gae") == "gae")
     config = dict(iterations=16, rollout_batch_size=32, mini_batch_size=16, max_new_tokens=40, lr=3e-3,
                   init_kl_coef=0.02, device="cpu", output_dir=str(tmp_path), progress=False)
     config = PPOConfig(**{**config, **overrides})
@@ -55,6 +57,20 @@ def test_ppo_raises_the_heldout_reward_above_the_sft_policy(tmp_path, exports):
     assert max(h["gen_logprob_gap_max"] for h in trainer.history) < 1e-4
     assert before["kl"] == pytest.approx(0.0, abs=1e-4) and after["kl"] > 0
     assert (tmp_path / "checkpoints").is_dir() and (tmp_path / "metrics.jsonl").is_file()
+
+
+@pytest.mark.parametrize("options", [dict(estimator="rloo", group_size=4, rollout_batch_size=8),
+                                     dict(estimator="reinforce_pp")], ids=["rloo", "reinforce_pp"])
+def test_critic_free_estimators_raise_the_heldout_reward(tmp_path, exports, options):
+    """RLOO and REINFORCE++ on PPO's models without the critic (no value adapter or head): same task,
+    same budget of 32 rows per rollout (benchmarks/rl_algorithms.py has the numbers)."""
+    trainer = _ppo_on_exports(tmp_path, exports, **options)
+    assert not trainer.models.has_critic and "value" not in adapter_names(trainer.models.policy)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.eval_history[-1]
+    assert after["reward"] > before["reward"] + 1.0, (before, after)
+    assert max(h["gen_logprob_gap_max"] for h in trainer.history) < 1e-4
 
 
 @torch.no_grad()

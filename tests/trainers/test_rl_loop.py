@@ -11,7 +11,8 @@ from rlhf_fast.data import ByteTokenizer
 from rlhf_fast.model import GPT, ScalarHead, add_lora
 from rlhf_fast.rl import AdvantageConfig
 from rlhf_fast.trainers import RLSettings
-from rlhf_fast.trainers.experience import ExperienceMaker, PPOModels
+from rlhf_fast.trainers.experience import ExperienceMaker
+from rlhf_fast.trainers.models import PPOModels
 from rlhf_fast.trainers.rollout import action_logprobs
 
 TOK = ByteTokenizer()
