@@ -1,0 +1,204 @@
+"""HH-RLHF reward-model probe: does the RM learn the preferences, or the length/EOS artefacts of truncation?
+
+    python benchmarks/hh_rm_probe.py --out /tmp/hh_probe.json                      # ~7 min, 1 CPU thread
+    python benchmarks/hh_rm_probe.py --old-eos-rule --out /tmp/hh_probe_old.json   # the old rule, to compare
+
+Trains a reward model (`rlhf-fast rm`'s trainer; random-init `demo` preset, byte tokens, so it runs
+offline on a CPU) on the HH-RLHF harmless-base sample in shared/, the last --eval-size pairs held out, and
+reports its held-out pairwise accuracy next to baselines on the very same held-out pairs:
+
+  shorter reply wins   the response with fewer tokens (before any cut) is chosen; ties count 0.5
+  kept EOS wins        the old rule's artefact: when exactly one side was cut (and so, under the old rule,
+                       lost its EOS) the other side is chosen; every other pair counts 0.5
+
+and, on the held-out pairs with exactly one side cut, how often each method prefers the uncut side (the old
+rule's RM did so in 124/124 such pairs) next to how often the uncut side really is the chosen one. A cut side
+is always the longer one, so "agrees_with_shorter" (on pairs of unequal length) tells a length detector from
+an EOS detector; margin_to_uncut / abs_margin_other say how much more sure the RM is on one-side-cut pairs.
+--old-eos-rule trains the same RM (same init, data order and steps) on pairs encoded with the old rule
+instead (response + EOS cut to the budget: a cut response loses its EOS); the two runs are independent,
+so they can run side by side, one thread each. See docs/lengths.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import environment, print_table  # noqa: E402
+
+from rlhf_fast.data import PreferenceCollator, ResumableBatches, load_preference_splits  # noqa: E402
+from rlhf_fast.model import RewardHead  # noqa: E402
+from rlhf_fast.trainers import (  # noqa: E402
+    DataSettings,
+    LoRASettings,
+    ModelSettings,
+    OptimSettings,
+    RunSettings,
+    TrainConfig,
+    build_reward_trainer,
+)
+from rlhf_fast.trainers.common import TrainModule, build_model, build_strategy  # noqa: E402
+from rlhf_fast.trainers.reward import RewardTrainer  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+
+
+def old_rule_items(examples, tok, max_prompt_len: int, max_len: int) -> list[dict]:
+    """Pairs encoded with the rule docs/lengths.md replaced: response + EOS cut to the budget."""
+    def encode(prompt, response):
+        p = tok.encode(prompt)[-max_prompt_len:]
+        return p + (tok.encode(response) + [tok.eos_token_id])[: max_len - len(p)]
+
+    return [{"chosen_ids": encode(ex.prompt, ex.chosen), "rejected_ids": encode(ex.prompt, ex.rejected)}
+            for ex in examples]
+
+
+@torch.no_grad()
+def margins(trainer: RewardTrainer, items, batch_size: int) -> torch.Tensor:
+    """score(chosen) - score(rejected) per pair, (N,)."""
+    trainer.module.eval()
+    collate, out = PreferenceCollator(trainer.tokenizer), []
+    for i in range(0, len(items), batch_size):
+        b = trainer._to_device(collate([items[j] for j in range(i, min(i + batch_size, len(items)))]))
+        chosen, rejected = trainer.scores(b)
+        out.append((chosen - rejected).float().cpu())
+    return torch.cat(out)
+
+
+def accuracy(prefers_chosen: torch.Tensor, subset: torch.Tensor | None = None) -> float:
+    """Mean of per-pair credit (1 right, 0 wrong, 0.5 tie) over `subset` (bool mask) or all pairs."""
+    credit = prefers_chosen if subset is None else prefers_chosen[subset]
+    return float(credit.mean()) if credit.numel() else float("nan")
+
+
+def credit_of(margin: torch.Tensor) -> torch.Tensor:
+    return (margin > 0).float() + 0.5 * (margin == 0).float()
+
+
+def config(args, out_dir: str) -> TrainConfig:
+    return TrainConfig(
+        stage="rm",
+        model=ModelSettings(preset=args.preset, attn_backend="sdpa"),
+        lora=LoRASettings(enabled=False),
+        data=DataSettings(data=str(args.data), max_prompt_len=args.max_prompt_len, max_len=args.max_len,
+                          eval_size=args.eval_size, skip_bad_examples=True),
+        optim=OptimSettings(lr=args.lr, max_steps=args.steps, warmup_steps=10, micro_batch_size=args.micro_batch_size),
+        run=RunSettings(output_dir=out_dir, device=args.device, seed=args.seed, compile=False, log_every=25,
+                        eval_every=0, save_every=0, progress=False),
+    )
+
+
+def train(trainer: RewardTrainer, label: str) -> float:
+    t0 = time.perf_counter()
+    history = trainer.train()
+    seconds = time.perf_counter() - t0
+    last = history[-25:]
+    loss, acc = (sum(h[k] for h in last) / len(last) for k in ("loss", "accuracy"))
+    print(f"{label}: {len(history)} steps in {seconds:.0f} s; last 25 steps: train loss {loss:.4f}, accuracy {acc:.3f}")
+    return seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="HH-RLHF .jsonl(.gz) file")
+    p.add_argument("--preset", default="demo", help="random-init model preset (byte tokenizer: tiny, demo)")
+    p.add_argument("--max-prompt-len", type=int, default=128, help="prompt tokens kept (from the end)")
+    p.add_argument("--max-len", type=int, default=256, help="prompt + response tokens kept")
+    p.add_argument("--eval-size", type=int, default=303, help="held-out pairs (the file's last ones)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (200 x 16 pairs: 1.6 epochs of 2,000)")
+    p.add_argument("--micro-batch-size", type=int, default=16, help="pairs per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on 2 shared cores)")
+    p.add_argument("--old-eos-rule", action="store_true",
+                   help="train on pairs encoded with the old rule instead (a cut response loses its EOS)")
+    p.add_argument("--out", type=Path, required=True, help="JSON record to write")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = config(args, tmp)
+        trainer = build_reward_trainer(cfg)  # the product path: forced EOS on cut responses
+        train_ds, eval_ds, tok = trainer.batches.dataset, trainer.eval_dataset, trainer.tokenizer
+        train_ex, held_out, report = load_preference_splits(str(args.data), eval_size=args.eval_size,
+                                                            skip_bad_examples=True)
+        assert len(held_out) == len(eval_ds) and len(train_ex) == len(train_ds)
+        print(f"{args.data.name}: {report.kept} pairs ({report.skipped} unparsable skipped), {len(train_ds)} train / "
+              f"{len(eval_ds)} held out; preset {args.preset}, max_prompt_len {args.max_prompt_len}, "
+              f"max_len {args.max_len}")
+        print(f"cut responses: {train_ds.n_truncated} train pairs with a cut side, {train_ds.n_one_side_truncated} "
+              f"with one side only; held out: {eval_ds.n_truncated}, {eval_ds.n_one_side_truncated}")
+        cut = torch.tensor(eval_ds.truncated)  # (N, 2): chosen cut, rejected cut (the same under either rule)
+        rule = "forced EOS"
+        if args.old_eos_rule:
+            rule = "old rule, EOS dropped"
+            model, _ = build_model(cfg, adapter="reward")  # same seed: the same init as the trainer above
+            eval_ds = old_rule_items(held_out, tok, args.max_prompt_len, args.max_len)
+            batches = ResumableBatches(old_rule_items(train_ex, tok, args.max_prompt_len, args.max_len),
+                                       args.micro_batch_size, PreferenceCollator(tok), seed=args.seed)
+            trainer = RewardTrainer(cfg, TrainModule(model, RewardHead(model.config.n_embd)), tok, batches, eval_ds,
+                                    build_strategy(cfg))
+        seconds = train(trainer, f"RM ({rule})")
+        m = margins(trainer, eval_ds, args.micro_batch_size)
+
+    one_side = cut[:, 0] != cut[:, 1]
+    uncut_is_chosen = one_side & ~cut[:, 0]
+    n_chosen = torch.tensor([len(tok.encode(ex.chosen)) for ex in held_out])
+    n_rejected = torch.tensor([len(tok.encode(ex.rejected)) for ex in held_out])
+    shorter = credit_of((n_rejected - n_chosen).float())
+    kept_eos = torch.where(one_side, uncut_is_chosen.float(), torch.full_like(shorter, 0.5))
+
+    distinct = n_chosen != n_rejected
+
+    def row(method, credit, towards_uncut, margin=None):
+        """credit: per pair, 1 if the method picks the chosen side (0.5 tie); towards_uncut: the same for
+        picking the uncut side (read on one-side-cut pairs only); margin: chosen - rejected (RMs only)."""
+        towards_shorter = torch.where(n_chosen < n_rejected, credit, 1 - credit)
+        r = {"method": method, "accuracy": accuracy(credit), "acc_one_side_cut": accuracy(credit, one_side),
+             "prefers_uncut_side": accuracy(towards_uncut, one_side),
+             "agrees_with_shorter": accuracy(towards_shorter, distinct)}
+        if margin is not None:  # how strongly: mean margin towards the uncut side vs |margin| elsewhere
+            r["margin_to_uncut"] = float(torch.where(cut[:, 0], -margin, margin)[one_side].mean())
+            r["abs_margin_other"] = float(margin[~one_side].abs().mean())
+        return r
+
+    rows = [row("chance", torch.full_like(shorter, 0.5), torch.full_like(shorter, 0.5)),
+            row("shorter reply wins", shorter, torch.where(cut[:, 0], 1 - shorter, shorter)),
+            row("kept EOS wins (old rule)", kept_eos, torch.ones_like(shorter)),
+            row(f"RM ({rule})", credit_of(m), credit_of(torch.where(cut[:, 0], -m, m)), m)]
+    print()
+    print(f"held-out pairs: {len(held_out)}; exactly one side cut: {int(one_side.sum())}, of which the uncut side "
+          f"is the chosen one in {int(uncut_is_chosen.sum())} ({accuracy(uncut_is_chosen.float(), one_side):.3f})")
+    print_table(rows, ["method", "accuracy", "acc_one_side_cut", "prefers_uncut_side", "agrees_with_shorter",
+                       "margin_to_uncut", "abs_margin_other"])
+    record = {
+        "benchmark": "hh_rm_probe",
+        "environment": environment(),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "rule": rule,
+        "pairs": {"kept": report.kept, "skipped": report.skipped, "train": len(train_ds), "held_out": len(held_out)},
+        "truncation": {"train_any": train_ds.n_truncated, "train_one_side": train_ds.n_one_side_truncated,
+                       "held_out_any": int(cut.any(1).sum()), "held_out_one_side": int(one_side.sum()),
+                       "held_out_one_side_uncut_chosen": int(uncut_is_chosen.sum())},
+        "train_seconds": seconds,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2))
+    print(f"record: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
