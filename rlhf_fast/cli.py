@@ -319,9 +319,8 @@ def _add_ppo_config_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=f"ppo.{f.name}", action=argparse.BooleanOptionalAction, default=None,
                            help=f"(default: {default})")
             continue
-        typ = {int: int, float: float}.get(type(default), str)
-        if f.name in ("kl_target", "max_grad_norm"):
-            typ = float
+        ann = str(f.type)  # "int", "float | None", ...: the field's own type, also where the default is None
+        typ = int if ann.startswith("int") else float if ann.startswith("float") else str
         p.add_argument(flag, dest=f"ppo.{f.name}", type=typ, default=None, metavar=f.name.upper(),
                        help=f"(default: {default})")
 
@@ -337,7 +336,7 @@ def cmd_ppo(args) -> int:
     models, tokenizer = load_ppo_models(args.sft_model, args.reward_model, lora=args.lora,
                                         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                                         attn_backend=args.attn_backend, kernel_backend=args.kernel_backend,
-                                        seed=config.seed)
+                                        seed=config.seed, critic=config.critic)
     train, held_out = load_prompts(args.data, subset=args.data_subset, eval_size=args.eval_size,
                                    synthetic_size=args.synthetic_size, seed=config.seed)
     prompts = prompt_batches(train, tokenizer, config.rollout_batch_size, args.max_prompt_len, config.seed)

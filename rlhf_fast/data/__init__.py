@@ -21,7 +21,7 @@ from .examples import (
     SFTExample,
 )
 from .hh import BadExampleError, LoadReport, load_hh, parse_hh_record, read_hh_jsonl, split_dialogue
-from .lengths import EncodedPair, encode_pair, fit_response
+from .lengths import EncodedPair, append_eos, encode_pair, fit_response
 from .sources import load_preference_splits
 from .synthetic import synthetic_preferences, synthetic_prompts, synthetic_split
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
@@ -47,6 +47,7 @@ __all__ = [
     "arithmetic_reward",
     "arithmetic_split",
     "correctness_reward",
+    "append_eos",
     "encode_pair",
     "fit_response",
     "format_reward",

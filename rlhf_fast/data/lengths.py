@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class EncodedPair:
@@ -57,3 +59,12 @@ def check_lengths(max_prompt_len: int, max_len: int) -> None:
     if not 0 < max_prompt_len < max_len:
         raise ValueError(f"need 0 < max_prompt_len < max_len, got max_prompt_len={max_prompt_len}, "
                          f"max_len={max_len}")
+
+
+def append_eos(ids: torch.Tensor, mask: torch.Tensor, truncated: torch.Tensor, eos_token_id: int,
+               pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scoring rule on a right-ended batch (B, S) of prompt + response rows: a truncated row (no EOS
+    sampled before max_new_tokens) gets an EOS appended in one extra column, the others a pad there, so
+    every scored row ends in EOS; `fit_response(.., max_new_tokens + 1, .., force_eos=True)` row by row."""
+    extra = torch.where(truncated, eos_token_id, pad_token_id).to(ids.dtype).unsqueeze(1)
+    return torch.cat([ids, extra], dim=1), torch.cat([mask, truncated.to(mask.dtype).unsqueeze(1)], dim=1)

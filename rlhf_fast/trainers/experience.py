@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from rlhf_fast.data import append_eos
 from rlhf_fast.generation import generate
 from rlhf_fast.rl import AdvantageConfig, Experience, compute_advantages, masked_mean, shape_rewards
 from rlhf_fast.rl.rewards import groups_with_signal, overlong_penalty
@@ -56,8 +57,7 @@ class Rollout:
         ids, mask = self.sequences, self.attention_mask
         if eos_token_id is None or not self.truncated.any():
             return ids, mask
-        extra = torch.where(self.truncated, eos_token_id, pad_token_id).unsqueeze(1)
-        return torch.cat([ids, extra], dim=1), torch.cat([mask, self.truncated.unsqueeze(1)], dim=1)
+        return append_eos(ids, mask, self.truncated, eos_token_id, pad_token_id)
 
     def completions(self, tokenizer) -> list[str]:
         return [tokenizer.decode(row[m].tolist()) for row, m in zip(self.response_ids.cpu(), self.response_mask.cpu())]

@@ -77,3 +77,23 @@ def test_datasets_apply_the_rule_and_count_what_they_cut():
     assert sft[0]["input_ids"] == list(b"pabcde") and sft[0]["loss_mask"] == [0, 1, 1, 1, 1, 1]  # no EOS
     assert sft[1]["input_ids"] == list(b"pab") + [eos]
     assert sft.truncated == [True, False] and sft.n_truncated == 1
+
+
+def test_append_eos_is_fit_response_on_a_batch():
+    """Rollout rows (left-padded prompt + response, pad after a sampled EOS): truncated rows get an EOS in
+    one extra column, exactly what fit_response(.., max_new_tokens + 1, force_eos=True) gives row by row."""
+    import torch
+
+    from rlhf_fast.data import append_eos
+
+    EOS, PAD, N = 9, 0, 4
+    prompts = [[5, 6], [7]]
+    responses = [[1, 2, 3, 4], [1, EOS]]  # row 0 hit max_new_tokens without EOS; row 1 stopped itself
+    ids = torch.tensor([[5, 6, 1, 2, 3, 4], [PAD, 7, 1, EOS, PAD, PAD]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    truncated = torch.tensor([True, False])
+    out, out_mask = append_eos(ids, mask, truncated, EOS, PAD)
+    for b in range(2):
+        want, cut = fit_response(responses[b], N + 1, EOS, force_eos=True)
+        assert out[b][out_mask[b]].tolist() == prompts[b] + want and not cut
+    assert out.shape == (2, 7) and out_mask[1, -1].item() is False

@@ -189,3 +189,18 @@ def test_prompt_files_split_and_reject_bad_lines(tmp_path):
         load_prompts(str(bad), eval_size=1)
     train, held_out = load_prompts("synthetic", eval_size=3, synthetic_size=10)
     assert len(train) == 10 and len(held_out) == 3 and all("Human:" in p for p in train)
+
+
+def test_cli_ppo_with_a_critic_free_estimator(tmp_path, exports):
+    sft_dir, rm_dir, _ = exports
+    out = tmp_path / "run"
+    assert main(["ppo", "--sft-model", str(sft_dir), "--reward-model", str(rm_dir), "--estimator", "rloo",
+                 "--group-size", "2", "--rollout-batch-size", "2", "--mini-batch-size", "4", "--micro-batch-size",
+                 "2", "--clip-eps-high", "0.28", "--iterations", "1", "--max-new-tokens", "5", "--eval-size", "4",
+                 "--lora-rank", "2", "--device", "cpu", "--output-dir", str(out), "--no-progress",
+                 "--attn-backend", "sdpa"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["estimator"], saved["micro_batch_size"], saved["clip_eps_high"]) == ("rloo", 2, 0.28)
+    assert not (out / "export" / "value_head.pt").exists()
+    with pytest.raises(SystemExit, match="top_k / top_p are not allowed"):
+        main(["ppo", "--sft-model", str(sft_dir), "--reward-model", str(rm_dir), "--top-k", "5"])
