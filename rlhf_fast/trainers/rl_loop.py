@@ -117,7 +117,8 @@ class RLTrainer(PolicyUpdate):
     # --- set-up -------------------------------------------------------------------------------------
     def _check_lengths(self) -> None:
         n_positions = self.models.policy.config.n_positions
-        longest = max([len(it["prompt_ids"]) for it in getattr(self.prompts.dataset, "items", [])]
+        items = getattr(getattr(self.prompts, "dataset", None), "items", [])  # a PromptDataset's prompts
+        longest = max([len(it["prompt_ids"]) for it in items]
                       + [len(p) for p in self.eval_prompts] + [0])
         if longest + self.rl.max_new_tokens > n_positions:
             raise ValueError(f"prompts of up to {longest} tokens (--max-prompt-len) + --max-new-tokens "

@@ -79,7 +79,7 @@ class PolicyUpdate:
             metrics["kl"] = metrics["kl"] / weights.sum().clamp(min=1e-12)
             value_part = torch.zeros((), device=logprobs.device)
             if critic:
-                v, vm = value_loss(values, *old, clip_eps=rl.value_clip_eps)
+                v, _ = value_loss(values, *old, clip_eps=rl.value_clip_eps)
                 value_part, metrics["value_loss"] = vf * v * token_share, v.detach()
             loss = policy_part + value_part
         if self.critic is not None and self.critic is not self.actor:
@@ -90,6 +90,13 @@ class PolicyUpdate:
             metrics.pop("value_loss", None)
         metrics["entropy"] = masked_mean(entropy.detach(), exp.action_mask)
         return loss, metrics, per_module
+
+    def _loss_units(self, mini) -> torch.Tensor:
+        """What the minibatch loss is a mean over: tokens (token_mean), rows with a token (seq_mean), rows."""
+        aggregation, mask = self.rl.loss_aggregation, mini.action_mask
+        if aggregation == "token_mean":
+            return mask.sum()
+        return mask.any(dim=1).sum() if aggregation == "seq_mean" else torch.tensor(mask.shape[0])
 
     def update(self, exp) -> dict[str, float]:
         """`epochs` passes over shuffled minibatches; the mean of each metric over the optimizer steps."""
@@ -105,7 +112,8 @@ class PolicyUpdate:
                 n_tokens = mini.action_mask.sum()
                 rank_share = 1.0
                 if self.strategy.world_size > 1:  # this rank's part of the global minibatch
-                    rank_share = n_tokens / self.strategy.all_reduce_sum(n_tokens.float()).clamp(min=1)
+                    units = self._loss_units(mini).float()
+                    rank_share = units / self.strategy.all_reduce_sum(units).clamp(min=1)
                 totals: dict[str, float] = {}
                 for j in range(0, len(mini), rl.micro_rows):
                     micro = mini.select(slice(j, j + rl.micro_rows))

@@ -144,3 +144,25 @@ def test_truncated_responses_penalised_or_masked(tmp_path):
     assert stats["truncated_frac"] == pytest.approx(float(r.truncated.float().mean())) and r.truncated.any()
     assert not exp.action_mask[r.truncated].any()  # no loss on the truncated rows
     assert (exp.action_mask[~r.truncated].sum(1) == r.response_mask[~r.truncated].sum(1)).all()
+
+
+@torch.no_grad()
+def test_a_weighted_list_of_scorers_scores_the_rollout():
+    """A reward model plus a reward function of the texts, weighted: the experience maker's scores."""
+    from rlhf_fast.trainers.reward_functions import FunctionScorer, ModelScorer, WeightedScorer
+
+    models = critic_free_models()
+    rm = ModelScorer(models.policy, models.reward_head, eos_token_id=TOK.eos_token_id, adapter="reward")
+
+    def length(prompts, completions):
+        return [float(len(c)) for c in completions]
+
+    scorer = WeightedScorer([(rm, 0.5), (FunctionScorer(length, TOK), -0.1)])
+    maker = ExperienceMaker(models, max_new_tokens=7, eos_token_id=TOK.eos_token_id, pad_token_id=TOK.pad_token_id,
+                            advantage=AdvantageConfig("rloo", group_size=2), scorer=scorer)
+    prompts = ["Hello there", "Hi"]
+    ids, mask = TOK.pad([TOK.encode(p) for p in prompts], side="left")
+    r = maker.sample(ids, mask, prompts, generator=torch.Generator().manual_seed(0))
+    want = 0.5 * rm(r) - 0.1 * torch.tensor([float(len(c)) for c in r.completions(TOK)])
+    torch.testing.assert_close(r.scores, want)
+    assert r.prompts == ["Hello there", "Hello there", "Hi", "Hi"]  # rows of a group share their prompt
