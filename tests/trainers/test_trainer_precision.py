@@ -48,7 +48,7 @@ def test_ppo_fp16_through_the_triton_kernels(tmp_path):
     for m in models.policy.modules():
         if hasattr(m, "kernel_backend"):
             m.kernel_backend = "triton"
-    trainer = tiny_trainer(tmp_path, models=models, iterations=1, rollout_batch_size=2, mini_batch_size=2,
+    trainer = tiny_trainer(tmp_path, models=models, n_eval=1, iterations=1, rollout_batch_size=2, mini_batch_size=2,
                            epochs=1, max_new_tokens=3, precision="fp16", loss_backend="triton")
     trainer.train()
     assert _finite(trainer.history, "train/loss", "train/policy_loss", "train/value_loss", "kl", "score")
