@@ -27,7 +27,7 @@ from rlhf_fast.rl import kl_k1, make_kl_controller
 from .checkpoint import CheckpointManager
 from .common import TrainModule, adamw, export_model, restore_collective, save_collective
 from .config import RLSettings
-from .experience import ExperienceMaker, PhaseTimer, Rollout
+from .experience import ExperienceMaker, PhaseTimer, Rollout, peak_memory_gb
 from .metrics import MetricsLogger, log
 from .models import POLICY, PPOModels
 from .rl_update import PolicyUpdate
@@ -217,6 +217,7 @@ class RLTrainer(PolicyUpdate):
         timer = PhaseTimer(self.device)
         with timer("train"):
             train = self.update(exp)
+        stats["peak_mem_iter_gb"] = peak_memory_gb(self.device)  # rollout + update (peak_mem_gb: the rollout)
         self.kl_ctl.update(stats["kl"], n_steps=len(exp) * self.strategy.world_size)
         return {**stats, **{f"train/{k}": v for k, v in train.items()}, **timer.times, "kl_coef": kl_coef}
 
