@@ -128,12 +128,24 @@ _TRAIN_FLAGS = [
 ]
 
 
+_DPO_FLAGS = [
+    ("--loss", "dpo.loss", str, "preference loss: dpo, ipo, robust, simpo, orpo (README: DPO losses)"),
+    ("--beta", "dpo.beta", float, "DPO/IPO/robust: KL strength; SimPO: reward scale; ORPO: odds-ratio weight"),
+    ("--label-smoothing", "dpo.label_smoothing", float, "dpo: conservative DPO (cDPO); robust: label-noise rate"),
+    ("--gamma", "dpo.gamma", float, "SimPO's target reward margin"),
+    ("--reference-model", "dpo.reference_model", str, "a separate frozen reference (default: the --model "
+                                                      "itself; LoRA: its base with adapters off)"),
+    ("--offload-reference", "dpo.offload_reference", bool, "full-parameter: the frozen reference on the CPU "
+                                                           "between uses"),
+]
+
+
 def _add_train_args(p: argparse.ArgumentParser, stage: str) -> None:
     from rlhf_fast.trainers.config import TrainConfig
 
     defaults = TrainConfig(stage=stage).to_dict()
     p.add_argument("--config", help="JSON (or YAML, with PyYAML) file of config sections; flags override it")
-    for flag, key, typ, text in _TRAIN_FLAGS:
+    for flag, key, typ, text in _TRAIN_FLAGS + (_DPO_FLAGS if stage == "dpo" else []):
         section, _, name = key.partition(".")
         default = defaults[section][name]
         text = text if default is None else f"{text} (default: {default})"
@@ -170,11 +182,12 @@ def _train_config(args, stage: str):
 def _run_stage(args, stage: str) -> int:
     import logging
 
-    from rlhf_fast.trainers import build_reward_trainer, build_sft_trainer
+    from rlhf_fast.trainers import build_dpo_trainer, build_reward_trainer, build_sft_trainer
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = _train_config(args, stage)
-    trainer = (build_sft_trainer if stage == "sft" else build_reward_trainer)(config)
+    builders = {"sft": build_sft_trainer, "rm": build_reward_trainer, "dpo": build_dpo_trainer}
+    trainer = builders[stage](config)
     trainer.train()
     if not args.no_export:
         with trainer.strategy.gathered(trainer.module.parameters()):  # full weights under ZeRO-3
@@ -189,6 +202,10 @@ def cmd_sft(args) -> int:
 
 def cmd_rm(args) -> int:
     return _run_stage(args, "rm")
+
+
+def cmd_dpo(args) -> int:
+    return _run_stage(args, "dpo")
 
 
 # --- grpo: critic-free RL with a verifiable reward or a reward model -------------------------------
@@ -363,14 +380,15 @@ def cmd_demo(args) -> int:
     from rlhf_fast.trainers.demo import DemoConfig, format_summary, run_demo
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    sizes = {k: v for k, v in vars(args).items() if k.startswith(("sft_", "rm_", "ppo_")) and v is not None}
+    sizes = {k: v for k, v in vars(args).items() if k.startswith(("sft_", "rm_", "ppo_", "dpo_")) and v is not None}
     common = dict(output_dir=args.output_dir, device=args.device, seed=args.seed, progress=not args.no_progress,
-                  **sizes)
+                  algo=args.algo, **sizes)
     config = DemoConfig.quick(**common) if args.quick else DemoConfig(**common)
     summary = run_demo(config)
     print(format_summary(summary))
-    print(f"\nrun directory: {config.output_dir} (summary.json, ppo_curves.png, sft/ rm/ ppo/ with "
-          "checkpoints, metrics.jsonl and exports)")
+    extra = "ppo_curves.png, sft/ rm/ ppo/" if config.algo == "ppo" else "sft/ rm/ dpo/"
+    print(f"\nrun directory: {config.output_dir} (summary.json, {extra} with checkpoints, metrics.jsonl and "
+          "exports)")
     return 0
 
 
@@ -460,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rm", help="reward-model training on preference pairs")
     _add_train_args(p, "rm")
     p.set_defaults(func=cmd_rm)
+    p = sub.add_parser("dpo", help="DPO / IPO / robust / SimPO / ORPO on preference pairs, from an SFT export")
+    _add_train_args(p, "dpo")
+    p.set_defaults(func=cmd_dpo)
     p = sub.add_parser("grpo", help="GRPO: G completions per prompt, group-normalised advantages, no critic")
     _add_grpo_args(p)
     p.set_defaults(func=cmd_grpo)
@@ -489,13 +510,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DeepSpeed: parameters on the CPU between uses (ZeRO-3, which PPO refuses)")
     _add_ppo_config_flags(p)
     p.set_defaults(func=cmd_ppo)
-    p = sub.add_parser("demo", help="the main job: SFT -> RM -> PPO on the built-in synthetic task, offline")
+    p = sub.add_parser("demo", help="the main job: SFT -> RM -> PPO (--algo dpo: DPO) on the built-in synthetic "
+                                    "task, offline")
     p.add_argument("--output-dir", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sft-steps", dest="sft_steps", type=int, help="SFT optimizer steps (default: 300)")
     p.add_argument("--rm-steps", dest="rm_steps", type=int, help="reward-model optimizer steps (default: 200)")
     p.add_argument("--ppo-iterations", dest="ppo_iterations", type=int, help="PPO iterations (default: 40)")
+    p.add_argument("--algo", choices=["ppo", "dpo"], default="ppo",
+                   help="the alignment stage after SFT and the RM: ppo (default) or dpo (the RM then only judges)")
+    p.add_argument("--dpo-steps", dest="dpo_steps", type=int, help="DPO optimizer steps (default: 200)")
     p.add_argument("--quick", action="store_true", help="tiny model and step counts: a smoke test in seconds")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)

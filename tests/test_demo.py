@@ -43,3 +43,17 @@ def test_demo_config_rejects_bad_sizes():
     with pytest.raises(ValueError, match="ppo_iterations"):
         DemoConfig(ppo_iterations=0)
     assert DemoConfig.quick(seed=3).seed == 3 and DemoConfig.quick().preset == "tiny"
+
+
+def test_demo_quick_dpo_branch(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--algo", "dpo", "--output-dir", str(out), "--device", "cpu", "--no-progress",
+                 "--dpo-steps", "3"]) == 0
+    printed = capsys.readouterr().out
+    for row in ("mean reward, SFT policy", "mean reward, DPO policy", "KL to reference, DPO policy",
+                "held-out pairs: accuracy / margin", "sft / rm / dpo / total"):
+        assert row in printed, row
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["algo"] == "dpo" and summary["sft_policy_kl"] == pytest.approx(0.0, abs=1e-4)
+    assert summary["dpo_policy_kl"] > 0  # the DPO adapter moved the policy away from the SFT reference
+    assert (out / "dpo" / "export" / "config.json").is_file() and not (out / "ppo").exists()

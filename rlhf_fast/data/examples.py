@@ -69,20 +69,28 @@ class SFTDataset(torch.utils.data.Dataset):
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Items: {"chosen_ids": list[int], "rejected_ids": list[int]} (prompt + response + EOS each).
+    """Items: {"chosen_ids", "rejected_ids": prompt + response + EOS each, "chosen_prompt_len",
+    "rejected_prompt_len"}.
 
     A response too long for `max_len` keeps its first tokens and a forced EOS; `truncated[i]` is
-    (chosen cut, rejected cut).
+    (chosen cut, rejected cut). `drop_identical`: pairs whose two sides encode to the same tokens (no
+    preference to learn; DPO's loss would be a constant) are left out and counted in `n_identical`.
     """
 
-    def __init__(self, examples, tokenizer, max_prompt_len: int = 48, max_len: int = 112):
+    def __init__(self, examples, tokenizer, max_prompt_len: int = 48, max_len: int = 112,
+                 drop_identical: bool = False):
         check_lengths(max_prompt_len, max_len)
-        self.items, self.truncated = [], []
+        self.items, self.truncated, self.n_identical = [], [], 0
         for ex in examples:
             c = _encode(tokenizer, ex.prompt, ex.chosen, max_prompt_len, max_len, force_eos=True)
             r = _encode(tokenizer, ex.prompt, ex.rejected, max_prompt_len, max_len, force_eos=True)
+            if c.response_ids == r.response_ids:
+                self.n_identical += 1
+                if drop_identical:
+                    continue
             self.items.append({"chosen_ids": c.prompt_ids + c.response_ids,
-                               "rejected_ids": r.prompt_ids + r.response_ids})
+                               "rejected_ids": r.prompt_ids + r.response_ids,
+                               "chosen_prompt_len": len(c.prompt_ids), "rejected_prompt_len": len(r.prompt_ids)})
             self.truncated.append((c.truncated, r.truncated))
 
     @property
@@ -146,7 +154,8 @@ class SFTCollator:
 
 
 class PreferenceCollator:
-    """→ input_ids, attention_mask (2B, T): rows 0..B-1 chosen, B..2B-1 rejected (one forward for both)."""
+    """→ input_ids, attention_mask, loss_mask (2B, T): rows 0..B-1 chosen, B..2B-1 rejected (one forward
+    for both); loss_mask marks the response tokens (EOS included)."""
 
     def __init__(self, tokenizer, side: str = "left"):
         if side not in ("left", "right"):
@@ -155,9 +164,11 @@ class PreferenceCollator:
 
     def __call__(self, items):
         seqs = [it["chosen_ids"] for it in items] + [it["rejected_ids"] for it in items]
+        prompts = [it["chosen_prompt_len"] for it in items] + [it["rejected_prompt_len"] for it in items]
         return {
             "input_ids": _pad(seqs, self.pad_id, self.side),
             "attention_mask": _pad([[1] * len(s) for s in seqs], 0, self.side),
+            "loss_mask": _pad([[0] * p + [1] * (len(s) - p) for s, p in zip(seqs, prompts)], 0, self.side),
         }
 
 

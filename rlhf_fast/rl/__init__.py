@@ -35,6 +35,13 @@ from .losses import (
     weighted_policy_loss,
 )
 from .masked import masked_count, masked_mean, masked_sum, masked_var, masked_whiten
+from .preference import (
+    PREFERENCE_LOSSES,
+    REFERENCE_FREE,
+    preference_loss_fn,
+    preference_metrics,
+    register_preference_loss,
+)
 from .rewards import groups_with_signal, last_token_index, overlong_penalty, shape_rewards
 
 __all__ = [
@@ -44,6 +51,8 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "POLICY_LOSSES",
+    "PREFERENCE_LOSSES",
+    "REFERENCE_FREE",
     "AdaptiveKLController",
     "AdvantageConfig",
     "Experience",
@@ -69,8 +78,11 @@ __all__ = [
     "pairwise_ranking_loss",
     "policy_loss_fn",
     "ppo_loss",
+    "preference_loss_fn",
+    "preference_metrics",
     "register_advantage_estimator",
     "register_policy_loss",
+    "register_preference_loss",
     "shape_rewards",
     "value_loss",
     "weighted_policy_loss",

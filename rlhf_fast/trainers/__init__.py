@@ -1,9 +1,19 @@
-"""SFT and reward-model trainers, and PPO / GRPO / the critic-free family over one RL loop (DPO is not built
-yet). They take built objects, not strings to load."""
+"""SFT, reward-model and DPO trainers, and PPO / GRPO / the critic-free family over one RL loop. They take
+built objects, not strings to load."""
 
 from .checkpoint import CheckpointManager
 from .common import Trainer, TrainModule
-from .config import DataSettings, LoRASettings, ModelSettings, OptimSettings, RLSettings, RunSettings, TrainConfig
+from .config import (
+    DataSettings,
+    DPOSettings,
+    LoRASettings,
+    ModelSettings,
+    OptimSettings,
+    RLSettings,
+    RunSettings,
+    TrainConfig,
+)
+from .dpo import DPOTrainer, build_dpo_trainer
 from .experience import ExperienceMaker
 from .grpo import GRPOConfig, GRPOSettings, GRPOTrainer, TaskSettings, build_grpo_trainer
 from .models import PPOModels
@@ -22,6 +32,8 @@ from .sft import SFTTrainer, build_sft_trainer
 
 __all__ = [
     "CheckpointManager",
+    "DPOSettings",
+    "DPOTrainer",
     "DataSettings",
     "ExperienceMaker",
     "FunctionScorer",
@@ -48,6 +60,7 @@ __all__ = [
     "TrainModule",
     "Trainer",
     "WeightedScorer",
+    "build_dpo_trainer",
     "build_grpo_trainer",
     "build_rl_strategy",
     "build_reward_trainer",

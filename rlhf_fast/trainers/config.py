@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rlhf_fast.distributed import PRECISIONS, DeepSpeedSettings
 
-STAGES = ("sft", "rm")
+STAGES = ("sft", "rm", "dpo")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum")  # as rl.loss_weights defines them
 STRATEGIES = ("single", "deepspeed")
 SCHEDULES = ("cosine", "constant")
@@ -126,6 +126,28 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
+class DPOSettings:
+    """The preference loss of the dpo stage (rl.PREFERENCE_LOSSES; README: DPO losses)."""
+
+    loss: str = "dpo"  # dpo | ipo | robust | simpo | orpo
+    beta: float = 0.1  # DPO/IPO/robust: KL strength; SimPO: reward scale; ORPO: the odds-ratio weight λ
+    label_smoothing: float = 0.0  # dpo: conservative DPO (cDPO); robust: the assumed label-noise rate
+    gamma: float = 0.0  # SimPO's target margin γ (in reward units)
+    reference_model: str | None = None  # None: the starting model (LoRA: adapters off; full: a frozen copy)
+    offload_reference: bool = False  # full-parameter: keep the frozen reference on the CPU between uses
+
+    def __post_init__(self):
+        from rlhf_fast.rl import PREFERENCE_LOSSES
+
+        if self.loss not in PREFERENCE_LOSSES:
+            raise ValueError(f"dpo.loss must be one of {sorted(PREFERENCE_LOSSES)}, got {self.loss!r}")
+        if not self.beta > 0:
+            raise ValueError(f"--beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"--label-smoothing must lie in [0, 0.5), got {self.label_smoothing}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     stage: str = "sft"
     model: ModelSettings = field(default_factory=ModelSettings)
@@ -134,6 +156,7 @@ class TrainConfig:
     optim: OptimSettings = field(default_factory=OptimSettings)
     run: RunSettings = field(default_factory=RunSettings)
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)  # used with run.strategy=deepspeed
+    dpo: DPOSettings = field(default_factory=DPOSettings)  # used by the dpo stage
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -171,7 +194,7 @@ class TrainConfig:
 
 
 _SECTIONS = {"model": ModelSettings, "lora": LoRASettings, "data": DataSettings, "optim": OptimSettings,
-             "run": RunSettings, "deepspeed": DeepSpeedSettings}
+             "run": RunSettings, "deepspeed": DeepSpeedSettings, "dpo": DPOSettings}
 
 
 def apply_overrides(d: dict, overrides: dict) -> dict:

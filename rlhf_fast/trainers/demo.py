@@ -1,9 +1,11 @@
-"""The main job: SFT -> reward model -> PPO on the built-in synthetic task, end to end, offline.
+"""The main job: SFT -> reward model -> PPO (or DPO) on the built-in synthetic task, end to end, offline.
 
 1. SFT: the random-init `demo` preset learns the task's preferred responses (full fine-tuning).
 2. RM: a LoRA adapter `reward` + reward head on the SFT export, trained on the preference pairs.
 3. PPO: LoRA adapters `policy` and `value` on the same frozen SFT base, with the RM's adapter loaded
    beside them (one base for all four roles; the reference is "adapters off").
+   `algo="dpo"` instead trains the `policy` adapter with DPO on the pairs (reference: adapters off); the
+   RM then only judges: the DPO adapter is put beside the RM's on the SFT base for the same evaluation.
 Then a summary table (SFT loss, RM accuracy, held-out reward of the SFT vs the PPO policy, KL, time per
 phase), `summary.json`, and `ppo_curves.png` (reward and KL per PPO iteration). Each stage leaves its
 config, metrics.jsonl, checkpoints and export under <output_dir>/{sft,rm,ppo}.
@@ -19,12 +21,21 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rlhf_fast.data import synthetic_prompts
+import torch
 
-from .config import DataSettings, LoRASettings, ModelSettings, OptimSettings, RunSettings, TrainConfig
+from rlhf_fast.data import synthetic_prompts
+from rlhf_fast.model import load_adapter, save_adapter
+from rlhf_fast.rl import AdvantageConfig
+
+from .config import DataSettings, DPOSettings, LoRASettings, ModelSettings, OptimSettings, RunSettings, TrainConfig
+from .dpo import build_dpo_trainer
+from .experience import ExperienceMaker
+from .models import POLICY
 from .ppo import PPOConfig, PPOTrainer, load_ppo_models, prompt_batches
 from .reward import build_reward_trainer
 from .sft import build_sft_trainer
+
+ALGOS = ("ppo", "dpo")
 
 HELD_OUT_SEED_OFFSET = 7919  # held-out prompt draws never reuse the training prompt stream's seed
 
@@ -32,12 +43,15 @@ HELD_OUT_SEED_OFFSET = 7919  # held-out prompt draws never reuse the training pr
 @dataclass(frozen=True)
 class DemoConfig:
     output_dir: str = "runs/demo"
+    algo: str = "ppo"  # ppo | dpo
     device: str | None = None  # None: cuda when available
     seed: int = 0
     preset: str = "demo"
     sft_steps: int = 300  # eval loss ~1.2 -> ~0.3 on the synthetic task
     rm_steps: int = 200
     ppo_iterations: int = 40
+    dpo_steps: int = 200
+    dpo_beta: float = 0.1
     # KL penalty per token: at 0.05 the policy reaches ~13 nats/sequence and games the byte-level RM
     # (polite-word salad); at 0.2 it stays near ~5 nats and still raises the held-out reward clearly.
     kl_coef: float = 0.2
@@ -47,21 +61,23 @@ class DemoConfig:
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("sft_steps", "rm_steps", "ppo_iterations", "rollout_batch_size", "eval_prompts",
+        for name in ("sft_steps", "rm_steps", "ppo_iterations", "dpo_steps", "rollout_batch_size", "eval_prompts",
                      "eval_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"demo: {name} must be >= 1, got {getattr(self, name)}")
+        if self.algo not in ALGOS:
+            raise ValueError(f"demo: algo must be one of {ALGOS}, got {self.algo!r}")
 
     @classmethod
     def quick(cls, **overrides) -> DemoConfig:
         """Tiny sizes: the whole pipeline in seconds (a smoke test, not a result)."""
-        sizes = dict(preset="tiny", sft_steps=8, rm_steps=6, ppo_iterations=3, rollout_batch_size=8,
+        sizes = dict(preset="tiny", sft_steps=8, rm_steps=6, ppo_iterations=3, dpo_steps=6, rollout_batch_size=8,
                      eval_prompts=8, eval_size=16)
         return cls(**{**sizes, **overrides})
 
 
 def _stage_config(cfg: DemoConfig, stage: str, steps: int, **model) -> TrainConfig:
-    lora = LoRASettings(enabled=stage == "rm")  # SFT: full fine-tuning of the random init
+    lora = LoRASettings(enabled=stage != "sft")  # SFT: full fine-tuning of the random init
     return TrainConfig(
         stage=stage,
         model=ModelSettings(**(model or {"preset": cfg.preset})),
@@ -70,6 +86,7 @@ def _stage_config(cfg: DemoConfig, stage: str, steps: int, **model) -> TrainConf
         optim=OptimSettings(max_steps=steps, warmup_steps=min(10, steps)),
         run=RunSettings(output_dir=str(Path(cfg.output_dir) / stage), device=cfg.device, seed=cfg.seed,
                         eval_every=0, save_every=0, progress=cfg.progress),
+        dpo=DPOSettings(beta=cfg.dpo_beta),
     )
 
 
@@ -94,15 +111,23 @@ def run_demo(cfg: DemoConfig) -> dict:
     times["rm"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    models, tokenizer = load_ppo_models(sft_dir, rm_dir, seed=cfg.seed)
+    models, tokenizer = load_ppo_models(sft_dir, rm_dir, seed=cfg.seed, critic=cfg.algo == "ppo")
+    held_out = [tokenizer.encode(p)
+                for p in synthetic_prompts(cfg.eval_prompts, cfg.seed + HELD_OUT_SEED_OFFSET)]
+    summary = {"algo": cfg.algo, "sft_eval_loss": sft_loss, "rm_heldout_accuracy": rm_accuracy,
+               "reward_model_shares_base": models.reward_model is None}
+    if cfg.algo == "dpo":
+        summary.update(_dpo(cfg, root, sft_dir, models, tokenizer, held_out))
+        times["dpo"] = time.perf_counter() - t0
+        summary.update(time_s={**times, "total": sum(times.values())}, config=asdict(cfg))
+        (root / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
     ppo_cfg = PPOConfig(iterations=cfg.ppo_iterations, rollout_batch_size=cfg.rollout_batch_size,
                         mini_batch_size=max(1, cfg.rollout_batch_size // 2), init_kl_coef=cfg.kl_coef,
                         device=cfg.device, seed=cfg.seed,
                         output_dir=str(root / "ppo"), progress=cfg.progress)
     prompts = prompt_batches(synthetic_prompts(64 * cfg.rollout_batch_size, cfg.seed), tokenizer,
                              cfg.rollout_batch_size, 48, cfg.seed)
-    held_out = [tokenizer.encode(p)
-                for p in synthetic_prompts(cfg.eval_prompts, cfg.seed + HELD_OUT_SEED_OFFSET)]
     ppo = PPOTrainer(ppo_cfg, models, tokenizer, prompts, held_out)
     sft_policy = ppo.evaluate()  # before any update the policy adapter is a no-op: the SFT policy
     ppo.train()
@@ -111,22 +136,44 @@ def run_demo(cfg: DemoConfig) -> dict:
     times["ppo"] = time.perf_counter() - t0
 
     phases = ("generate", "score", "advantages", "train")
-    summary = {
-        "sft_eval_loss": sft_loss,
-        "rm_heldout_accuracy": rm_accuracy,
+    summary.update({
         "sft_policy_reward": sft_policy["reward"],
         "ppo_policy_reward": ppo_policy["reward"],
         "sft_policy_kl": sft_policy["kl"],
         "ppo_policy_kl": ppo_policy["kl"],
-        "reward_model_shares_base": models.reward_model is None,
         "time_s": {**times, "total": sum(times.values())},
         "ppo_phase_time_s": {p: sum(h[f"time/{p}"] for h in ppo.history) for p in phases},
         "max_gen_logprob_gap": max(h["gen_logprob_gap_max"] for h in ppo.history),
         "config": asdict(cfg),
-    }
+    })
     plot_curves(ppo.history, root / "ppo_curves.png")
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _dpo(cfg: DemoConfig, root: Path, sft_dir: Path, models, tokenizer, held_out) -> dict:
+    """DPO's `policy` adapter on the SFT export, then judged as PPO's: the same held-out prompts, sampled
+    responses scored by the RM adapter on the same base, KL to the SFT policy (adapters off)."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    maker = ExperienceMaker(models, max_new_tokens=PPOConfig.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, advantage=AdvantageConfig("reinforce_pp"))
+
+    def evaluate() -> dict:
+        return maker.evaluate(tokenizer, held_out, batch_size=cfg.rollout_batch_size)
+
+    models.to(device)
+    sft_policy = evaluate()  # the fresh policy adapter is a no-op: the SFT policy
+    dpo = build_dpo_trainer(_stage_config(cfg, "dpo", cfg.dpo_steps, preset=None, model=str(sft_dir)))
+    dpo.train()
+    pairs = dpo.evaluate()
+    dpo.export(root / "dpo" / "export")
+    save_adapter(dpo.model, POLICY, root / "dpo" / "policy_adapter.pt")
+    load_adapter(models.policy, root / "dpo" / "policy_adapter.pt", POLICY)
+    models.to(device)
+    dpo_policy = evaluate()
+    return {"sft_policy_reward": sft_policy["reward"], "dpo_policy_reward": dpo_policy["reward"],
+            "sft_policy_kl": sft_policy["kl"], "dpo_policy_kl": dpo_policy["kl"],
+            "dpo_heldout_pair_accuracy": pairs["accuracy"], "dpo_heldout_margin": pairs["rewards/margins"]}
 
 
 def plot_curves(history: list[dict], path) -> Path:
@@ -151,20 +198,32 @@ def plot_curves(history: list[dict], path) -> Path:
 
 
 def format_summary(summary: dict) -> str:
-    t, p = summary["time_s"], summary["ppo_phase_time_s"]
+    algo, t = summary.get("algo", "ppo"), summary["time_s"]
+    A = algo.upper()
     rows = [
         ("SFT", "eval loss (held-out)", f"{summary['sft_eval_loss']:.3f}"),
         ("RM", "accuracy (held-out pairs)", f"{summary['rm_heldout_accuracy']:.3f}"),
-        ("PPO", "mean reward, SFT policy", f"{summary['sft_policy_reward']:+.3f}"),
-        ("", "mean reward, PPO policy", f"{summary['ppo_policy_reward']:+.3f}"),
-        ("", "KL to reference, PPO policy", f"{summary['ppo_policy_kl']:.3f} nats/seq"),
-        ("", "max |gen - train log-prob|", f"{summary['max_gen_logprob_gap']:.1e}"),
-        ("", "one frozen base for all roles", "yes" if summary["reward_model_shares_base"] else "no"),
-        ("time", "sft / rm / ppo / total",
-         f"{t['sft']:.0f} / {t['rm']:.0f} / {t['ppo']:.0f} / {t['total']:.0f} s"),
-        ("", "ppo: generate / score / adv / train",
-         f"{p['generate']:.1f} / {p['score']:.1f} / {p['advantages']:.2f} / {p['train']:.1f} s"),
+        (A, "mean reward, SFT policy", f"{summary['sft_policy_reward']:+.3f}"),
+        ("", f"mean reward, {A} policy", f"{summary[f'{algo}_policy_reward']:+.3f}"),
+        ("", f"KL to reference, {A} policy", f"{summary[f'{algo}_policy_kl']:.3f} nats/seq"),
     ]
+    if algo == "ppo":
+        p = summary["ppo_phase_time_s"]
+        rows += [
+            ("", "max |gen - train log-prob|", f"{summary['max_gen_logprob_gap']:.1e}"),
+            ("", "one frozen base for all roles", "yes" if summary["reward_model_shares_base"] else "no"),
+            ("time", "sft / rm / ppo / total",
+             f"{t['sft']:.0f} / {t['rm']:.0f} / {t['ppo']:.0f} / {t['total']:.0f} s"),
+            ("", "ppo: generate / score / adv / train",
+             f"{p['generate']:.1f} / {p['score']:.1f} / {p['advantages']:.2f} / {p['train']:.1f} s"),
+        ]
+    else:
+        rows += [
+            ("", "held-out pairs: accuracy / margin",
+             f"{summary['dpo_heldout_pair_accuracy']:.3f} / {summary['dpo_heldout_margin']:+.3f}"),
+            ("time", "sft / rm / dpo / total",
+             f"{t['sft']:.0f} / {t['rm']:.0f} / {t['dpo']:.0f} / {t['total']:.0f} s"),
+        ]
     lines = ["", "rlhf-fast demo summary (held-out prompts, sampled responses)"]
     lines += [f"  {a:<5} {b:<36} {c}" for a, b, c in rows]
     return "\n".join(lines)

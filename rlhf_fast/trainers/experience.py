@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from rlhf_fast.data import append_eos
 from rlhf_fast.generation import generate
-from rlhf_fast.rl import AdvantageConfig, Experience, compute_advantages, masked_mean, shape_rewards
+from rlhf_fast.rl import AdvantageConfig, Experience, compute_advantages, kl_k1, masked_mean, shape_rewards
 from rlhf_fast.rl.rewards import groups_with_signal, overlong_penalty
 
 from .models import REWARD, PPOModels
@@ -226,6 +226,37 @@ class ExperienceMaker:
                          advantages=advantages, returns=returns, ref_logprobs=ref, values=values,
                          rewards=rewards, scores=rollout.scores)
         return exp, stats
+
+    @torch.no_grad()
+    def evaluate(self, tokenizer, prompt_ids: list[list[int]], texts: list[str] | None = None, *, batch_size: int = 32,
+                 samples: int = 1, seed: int = 1234, autocast=contextlib.nullcontext) -> dict[str, float]:
+        """On held-out prompts: mean score of `samples` sampled responses each (with its std, the summed-k1
+        KL to the reference when there is one, and the length) and of the greedy response. A fixed-seed
+        generator of its own: training RNG is untouched."""
+        m, t = self.models, self.temperature
+        device = next(m.policy.parameters()).device
+        gen = torch.Generator(device).manual_seed(seed)
+        scores, greedy, kls, lengths = [], [], [], []
+        for i in range(0, len(prompt_ids), batch_size):
+            ids, mask = (x.to(device) for x in tokenizer.pad(prompt_ids[i: i + batch_size], side="left"))
+            chunk = None if texts is None else texts[i: i + batch_size]
+            with autocast():
+                r = self.sample(ids, mask, chunk, generator=gen, group_size=samples, penalise=False)
+                greedy.append(self.sample(ids, mask, chunk, greedy=True, group_size=1, penalise=False).scores)
+                if self.reference:
+                    first, seq, amask = ids.shape[1] - 1, r.sequences, r.attention_mask
+                    lp = m.policy_logprobs(seq, amask, first, temperature=t)[:, first:]
+                    with self.frozen_on_device(m.reference):
+                        ref = m.ref_logprobs(seq, amask, first, temperature=t)[:, first:]
+                    kls.append(torch.where(r.response_mask, kl_k1(lp.float(), ref.float()), 0.0).sum(dim=1))
+            scores.append(r.scores)
+            lengths.append(r.response_mask.sum(dim=1).float())
+        scores = torch.cat(scores)
+        out = {"reward": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+               "greedy_reward": float(torch.cat(greedy).mean()), "response_len": float(torch.cat(lengths).mean())}
+        if kls:
+            out["kl"] = float(torch.cat(kls).mean())
+        return out
 
     def make(self, input_ids, attention_mask, prompts: list[str] | None = None, *, kl_coef: float,
              generator: torch.Generator | None = None) -> tuple[Experience, dict[str, float]]:

@@ -22,7 +22,7 @@ import torch
 
 from rlhf_fast.distributed import DeepSpeedSettings, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
 from rlhf_fast.generation import release_kv_caches
-from rlhf_fast.rl import kl_k1, make_kl_controller
+from rlhf_fast.rl import make_kl_controller
 
 from .checkpoint import CheckpointManager
 from .common import TrainModule, adamw, export_model, restore_collective, save_collective
@@ -221,37 +221,14 @@ class RLTrainer(PolicyUpdate):
         self.kl_ctl.update(stats["kl"], n_steps=len(exp) * self.strategy.world_size)
         return {**stats, **{f"train/{k}": v for k, v in train.items()}, **timer.times, "kl_coef": kl_coef}
 
-    @torch.no_grad()
     def evaluate(self, batch_size: int | None = None, seed: int = 1234) -> dict[str, float]:
-        """On the held-out prompts: mean score of `eval_samples` sampled responses each (with its std, the
-        summed-k1 KL to the reference and the length) and of the greedy response. A fixed-seed generator of
-        its own: training RNG is untouched. Every rank evaluates all the held-out prompts."""
+        """`ExperienceMaker.evaluate` on the held-out prompts ({} when there are none); every rank evaluates
+        all of them."""
         if not self.eval_prompts:
             return {}
-        self.models.eval()
-        bs, k, m = batch_size or self.rl.rollout_batch_size, self.loop.eval_samples, self.models
-        gen = torch.Generator(self.device).manual_seed(seed)
-        scores, greedy, kls, lengths = [], [], [], []
-        for i in range(0, len(self.eval_prompts), bs):
-            ids, mask = (t.to(self.device) for t in self.tokenizer.pad(self.eval_prompts[i: i + bs], side="left"))
-            texts = self.eval_texts[i: i + bs]
-            with self.strategy.autocast():
-                r = self.maker.sample(ids, mask, texts, generator=gen, group_size=k, penalise=False)
-                greedy.append(self.maker.sample(ids, mask, texts, greedy=True, group_size=1, penalise=False).scores)
-                if self.maker.reference:
-                    first, seq, amask = ids.shape[1] - 1, r.sequences, r.attention_mask
-                    lp = m.policy_logprobs(seq, amask, first, temperature=self.rl.temperature)[:, first:]
-                    with self.frozen_on_device(m.reference):
-                        ref = m.ref_logprobs(seq, amask, first, temperature=self.rl.temperature)[:, first:]
-                    kls.append(torch.where(r.response_mask, kl_k1(lp.float(), ref.float()), 0.0).sum(dim=1))
-            scores.append(r.scores)
-            lengths.append(r.response_mask.sum(dim=1).float())
-        scores = torch.cat(scores)
-        out = {"reward": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-               "greedy_reward": float(torch.cat(greedy).mean()), "response_len": float(torch.cat(lengths).mean())}
-        if kls:
-            out["kl"] = float(torch.cat(kls).mean())
-        return out
+        return self.maker.evaluate(self.tokenizer, self.eval_prompts, self.eval_texts,
+                                   batch_size=batch_size or self.rl.rollout_batch_size,
+                                   samples=self.loop.eval_samples, seed=seed, autocast=self.strategy.autocast)
 
     # --- the loop -------------------------------------------------------------------------------------
     def train(self, until_iteration: int | None = None) -> list[dict]:

@@ -69,7 +69,7 @@ def test_datasets_apply_the_rule_and_count_what_they_cut():
              PreferenceExample("p", "abcdefghij", "klmnopqrst")]  # both cut
     pref = PreferenceDataset(pairs, tok, max_prompt_len=2, max_len=6)
     assert pref[0]["chosen_ids"] == list(b"pabcd") + [eos] and pref[0]["rejected_ids"] == list(b"pab") + [eos]
-    assert all(ids[-1] == eos for it in pref.items for ids in it.values())  # every scored side ends in EOS
+    assert all(it[k][-1] == eos for it in pref.items for k in ("chosen_ids", "rejected_ids"))  # all end in EOS
     assert pref.truncated == [(True, False), (False, False), (True, True)]
     assert (pref.n_truncated, pref.n_one_side_truncated) == (2, 1)
 

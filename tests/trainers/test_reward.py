@@ -93,7 +93,9 @@ def old_rule_items(pairs, tok) -> list[dict]:
         p = tok.encode(prompt)[-PROMPT_LEN:]
         return p + (tok.encode(response) + [tok.eos_token_id])[: MAX_LEN - len(p)]
 
-    return [{"chosen_ids": encode(ex.prompt, ex.chosen), "rejected_ids": encode(ex.prompt, ex.rejected)}
+    return [{"chosen_ids": encode(ex.prompt, ex.chosen), "rejected_ids": encode(ex.prompt, ex.rejected),
+             "chosen_prompt_len": len(tok.encode(ex.prompt)[-PROMPT_LEN:]),
+             "rejected_prompt_len": len(tok.encode(ex.prompt)[-PROMPT_LEN:])}
             for ex in pairs]
 
 
