@@ -12,7 +12,7 @@ from rlhf_fast.cli import main
 from rlhf_fast.data import PreferenceCollator
 from rlhf_fast.model import GPT
 from rlhf_fast.trainers import DPOSettings, build_dpo_trainer, build_sft_trainer
-from rlhf_fast.trainers.config import LoRASettings, OptimSettings, RunSettings
+from rlhf_fast.trainers.config import LoRASettings, OptimSettings
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,8 @@ def test_bad_input_is_named(tmp_path, sft_dir):
         DPOSettings(loss="kto")
     config = dpo_config(tmp_path, sft_dir)
     with pytest.raises(ValueError, match="dpo starts from an SFT export: give --model"):
-        build_dpo_trainer(dataclasses.replace(config, model=dataclasses.replace(config.model, model=None, preset="tiny")))
+        no_model = dataclasses.replace(config.model, model=None, preset="tiny")
+        build_dpo_trainer(dataclasses.replace(config, model=no_model))
     other = tmp_path / "other_vocab"
     GPT.from_preset("tiny", vocab_size=384).save_pretrained(other)
     with pytest.raises(ValueError, match="--reference-model .* vocab_size 384, the policy .* 320"):
