@@ -59,7 +59,9 @@ def old_rule_items(examples, tok, max_prompt_len: int, max_len: int) -> list[dic
         p = tok.encode(prompt)[-max_prompt_len:]
         return p + (tok.encode(response) + [tok.eos_token_id])[: max_len - len(p)]
 
-    return [{"chosen_ids": encode(ex.prompt, ex.chosen), "rejected_ids": encode(ex.prompt, ex.rejected)}
+    return [{"chosen_ids": encode(ex.prompt, ex.chosen), "rejected_ids": encode(ex.prompt, ex.rejected),
+             "chosen_prompt_len": len(tok.encode(ex.prompt)[-max_prompt_len:]),
+             "rejected_prompt_len": len(tok.encode(ex.prompt)[-max_prompt_len:])}
             for ex in examples]
 
 

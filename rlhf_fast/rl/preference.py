@@ -88,7 +88,7 @@ def _prepare(
         raise ValueError(f"{name}: inputs must all be (B,) with the same B, got {shapes}")
     if (chosen_lengths <= 0).any() or (rejected_lengths <= 0).any():  # host sync: a cheap guard against /0
         raise ValueError(f"{name}: chosen_lengths and rejected_lengths must be > 0 (response token counts)")
-    t = {k: v if k.endswith("lengths") else v for k, v in named.items()}
+    t = {k: v.float() for k, v in named.items()}
     return (
         t["chosen_logps"], t["rejected_logps"], t.get("ref_chosen_logps"), t.get("ref_rejected_logps"),
         t["chosen_lengths"], t["rejected_lengths"], t.get("chosen_nll"),

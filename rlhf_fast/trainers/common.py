@@ -61,8 +61,9 @@ def adamw(params, lr: float, weight_decay: float, betas=(0.9, 0.95)) -> torch.op
     params = list(params)
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # no empty group: DeepSpeed drops them, and an LR scheduler built on the full list then fails to zip
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas))
 
 
 class Trainer:

@@ -145,6 +145,10 @@ class DPOSettings:
             raise ValueError(f"--beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"--label-smoothing must lie in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss not in ("dpo", "robust", "simpo"):
+            raise ValueError(f"--label-smoothing applies to the dpo, robust and simpo losses, not {self.loss!r}")
+        if self.gamma and self.loss != "simpo":
+            raise ValueError(f"--gamma is SimPO's margin: it does not apply to the {self.loss!r} loss")
 
 
 @dataclass(frozen=True)

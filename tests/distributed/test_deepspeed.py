@@ -309,3 +309,45 @@ def test_settings_validation_and_generated_config(tmp_path):
     # and TrainConfig carries it as its own section (config files, CLI overrides)
     tc = TrainConfig.from_dict({"run": {"strategy": "deepspeed"}, "deepspeed": {"zero_stage": 1}})
     assert tc.deepspeed == DeepSpeedSettings(zero_stage=1) and tc.to_dict()["deepspeed"]["zero_stage"] == 1
+
+
+def _dpo_config(tmp_path, sft_dir, **kw):
+    import dataclasses
+
+    config = _config(tmp_path, "sft", **kw)
+    model = dataclasses.replace(config.model, preset=None, model=str(sft_dir))
+    return dataclasses.replace(config, stage="dpo", model=model)
+
+
+@pytest.fixture
+def tiny_export(tmp_path):
+    """An (untrained) `tiny` export with the byte tokenizer: what `rlhf-fast sft` leaves, for DPO to start from."""
+    import json
+
+    torch.manual_seed(0)
+    directory = tmp_path / "sft_export"
+    GPT.from_preset("tiny").save_pretrained(directory)
+    (directory / "rlhf_fast_tokenizer.json").write_text(json.dumps({"tokenizer": "byte"}))
+    return directory
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora, ds", [(True, DeepSpeedSettings(zero_stage=2, offload_optimizer=True)),
+                                      (False, DeepSpeedSettings(zero_stage=3, offload_optimizer=True,
+                                                                offload_params=True))],
+                         ids=["lora-zero2", "full-zero3"])
+def test_dpo_under_deepspeed_matches_single_device(tmp_path, ds_env, tiny_export, lora, ds):
+    from rlhf_fast.trainers import build_dpo_trainer
+
+    kw = dict(lora=lora, micro=3, accum=2, lr=1e-2 if lora else 1e-3)
+    single = build_dpo_trainer(_dpo_config(tmp_path / "single", tiny_export, **kw))
+    h_single = single.train()
+    trainer = build_dpo_trainer(_dpo_config(tmp_path / "ds", tiny_export, strategy="deepspeed", ds=ds, **kw))
+    assert (trainer.reference is None) == lora  # LoRA: the reference is the base with adapters off
+    h_ds = trainer.train()
+    for a, b in zip(h_single, h_ds, strict=True):
+        for key in ("loss", "accuracy", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert h_ds[-1]["rewards/margins"] != 0.0  # the policy moved away from the reference
+    with trainer.strategy.gathered(trainer.trainable.values()):
+        _assert_params_close(_params(single), _params(trainer))
