@@ -7,7 +7,7 @@ and after, every option against the same starting policy in the same run.
               mean), Dr. GRPO, RLOO, REINFORCE++, DAPO (clip-higher + dynamic sampling + soft overlong
               penalty), GRPO + k3 KL; reward = format + correctness (max 1.5)
 
-    python benchmarks/rl_algorithms.py                 # both tasks, ~10 min on 2 CPU cores
+    python benchmarks/rl_algorithms.py                 # both tasks, a few minutes on 2 CPU cores
     python benchmarks/rl_algorithms.py --task arithmetic --iterations 30
 
 Prints a table and writes benchmarks/results/rl_algorithms-<time>.json (--out to choose).

@@ -140,12 +140,11 @@ _DPO_FLAGS = [
 ]
 
 
-def _add_train_args(p: argparse.ArgumentParser, stage: str) -> None:
-    from rlhf_fast.trainers.config import TrainConfig
-
-    defaults = TrainConfig(stage=stage).to_dict()
+def _add_flag_table(p: argparse.ArgumentParser, table, defaults: dict) -> None:
+    """--config, then one flag per (flag, "section.key", type, help) row, its default from `defaults` (a
+    config's nested dict) in the help; bool rows are --x / --no-x."""
     p.add_argument("--config", help="JSON (or YAML, with PyYAML) file of config sections; flags override it")
-    for flag, key, typ, text in _TRAIN_FLAGS + (_DPO_FLAGS if stage == "dpo" else []):
+    for flag, key, typ, text in table:
         section, _, name = key.partition(".")
         default = defaults[section][name]
         text = text if default is None else f"{text} (default: {default})"
@@ -153,6 +152,13 @@ def _add_train_args(p: argparse.ArgumentParser, stage: str) -> None:
             p.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=text)
             continue
         p.add_argument(flag, dest=key, type=typ, default=None, metavar=flag[2:].upper().replace("-", "_"), help=text)
+
+
+def _add_train_args(p: argparse.ArgumentParser, stage: str) -> None:
+    from rlhf_fast.trainers.config import TrainConfig
+
+    defaults = TrainConfig(stage=stage).to_dict()
+    _add_flag_table(p, _TRAIN_FLAGS + (_DPO_FLAGS if stage == "dpo" else []), defaults)
     p.add_argument("--lora", dest="lora.enabled", action=argparse.BooleanOptionalAction, default=None,
                    help="train LoRA adapters (--no-lora: full fine-tuning); default: LoRA when starting from "
                         "--model weights, full fine-tuning for a random-init --preset")
@@ -270,15 +276,7 @@ def _add_grpo_args(p: argparse.ArgumentParser) -> None:
     from rlhf_fast.trainers.grpo import GRPOConfig
 
     defaults = asdict(GRPOConfig())
-    p.add_argument("--config", help="JSON (or YAML, with PyYAML) file of config sections; flags override it")
-    for flag, key, typ, text in _GRPO_FLAGS:
-        section, _, name = key.partition(".")
-        default = defaults[section][name]
-        text = text if default is None else f"{text} (default: {default})"
-        if typ is bool:
-            p.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=text)
-            continue
-        p.add_argument(flag, dest=key, type=typ, default=None, metavar=flag[2:].upper().replace("-", "_"), help=text)
+    _add_flag_table(p, _GRPO_FLAGS, defaults)
     p.add_argument("--lora", dest="lora.enabled", action=argparse.BooleanOptionalAction, default=None,
                    help="train a LoRA adapter `policy` (--no-lora: all weights); default: LoRA when starting "
                         "from --model weights, all weights for a random-init --preset")

@@ -62,15 +62,17 @@ class PolicyUpdate:
                   kl_coef=rl.kl_loss_coef, backend=self.loop.loss_backend)
         old = (exp.values if critic else values, exp.returns, exp.action_mask)
         if self.fused:
-            loss, metrics = ppo_loss(logprobs, exp.logprobs, exp.advantages, values, *old, vf_coef=vf, **kw)
-            policy_part = value_part = None
-            if self.critic is not None and self.critic is not self.actor:
-                policy_part, _ = ppo_loss(logprobs, exp.logprobs, exp.advantages, values.detach(), *old, vf_coef=vf,
-                                          **kw)
+            two_engines = self.critic is not None and self.critic is not self.actor
+            # two engines: the policy side with the values detached (the same loss value) and the value side
+            # with the log-probs detached, whose gradients are those of the one summed loss
+            loss, metrics = ppo_loss(logprobs, exp.logprobs, exp.advantages, values.detach() if two_engines else values,
+                                     *old, vf_coef=vf, **kw)
+            loss = policy_part = loss * token_share
+            value_part = None
+            if two_engines:
                 value_part, _ = ppo_loss(logprobs.detach(), exp.logprobs, exp.advantages, values, *old, vf_coef=vf,
                                          **kw)
-            loss, policy_part, value_part = (None if x is None else x * token_share
-                                             for x in (loss, policy_part, value_part))
+                value_part = value_part * token_share
         else:
             policy_part, metrics = weighted_policy_loss(
                 logprobs, exp.logprobs, exp.advantages, exp.action_mask, weights, clip_low=rl.clip_eps,

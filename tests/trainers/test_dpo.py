@@ -116,7 +116,8 @@ def test_full_parameter_dpo_keeps_a_frozen_offloadable_reference(tmp_path, sft_d
     trainer.train()
     assert all(torch.equal(p, before[n]) for n, p in ref.named_parameters())
     assert any(not torch.equal(p, ref.get_parameter(n)) for n, p in trainer.model.named_parameters())
-    assert trainer.history[-1]["accuracy"] >= 0.0 and trainer.history[0]["rewards/margins"] == pytest.approx(0.0)
+    assert trainer.history[0]["rewards/margins"] == pytest.approx(0.0)  # the copy starts as the policy
+    assert trainer.history[-1]["rewards/margins"] != 0.0
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
