@@ -1,4 +1,5 @@
-"""Public functional API of the kernels: `lora_linear`, `masked_attention`, `gae`, `ppo_loss`.
+"""Public functional API of the kernels: `lora_linear`, `masked_attention`, `gae`, `ppo_loss`,
+`linear_logprobs`.
 
 Every function takes `backend=`:
   "torch"  - the pure-PyTorch reference in `reference.py` (any device);
@@ -10,10 +11,10 @@ Inputs are validated here, once, so every backend sees the same checked shapes a
 call fails with a message naming the argument. This package imports only torch (triton lazily).
 
 Precision (docs/precision.md): under `torch.autocast` the matmul kernels (`lora_linear`,
-`masked_attention`) take every floating input in the autocast dtype, cast here for both backends, so
+`masked_attention`, `linear_logprobs`) take every floating input in the autocast dtype, cast here for both backends, so
 fp32 master weights, bf16 weights and CUDA autocast's fp32 layer_norm outputs all meet in one dtype;
-gradients flow back through the casts to the masters. The RL kernels (`gae`, `ppo_loss`) always
-compute in fp32 whatever their inputs' dtype.
+gradients flow back through the casts to the masters. The RL kernels (`gae`, `ppo_loss`) and the
+log-probs of `linear_logprobs` always compute in fp32 whatever their inputs' dtype.
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ import os
 import torch
 
 from . import reference
-from .reference import PPOLossOutput
+from .reference import LOGPROB_CHUNK_BYTES, LinearLogprobsOutput, PPOLossOutput
 
 __all__ = [
     "BACKENDS",
+    "LOGPROB_CHUNK_BYTES",
+    "LinearLogprobsOutput",
     "PPOLossOutput",
     "gae",
+    "linear_logprobs",
     "lora_linear",
     "masked_attention",
     "ppo_loss",
@@ -48,6 +52,7 @@ _TRITON_MODULES = {
     "masked_attention": "rlhf_fast.kernels.attention",
     "gae": "rlhf_fast.kernels.ppo",
     "ppo_loss": "rlhf_fast.kernels.ppo",
+    "linear_logprobs": "rlhf_fast.kernels.logprobs",
 }
 
 
@@ -259,3 +264,41 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, ma
         return _triton_fn(name)(*args, **kwargs)
     return reference.ppo_loss(*args, **kwargs)
 
+
+
+def linear_logprobs(hidden, weight, targets, *, temperature: float = 1.0, with_entropy: bool = False,
+                    chunk_tokens: int | None = None, backend: str = "auto") -> LinearLogprobsOutput:
+    """log softmax(hidden @ weight.T / temperature)[targets], fp32, without materialising (N, V) logits.
+
+    hidden (..., C); weight (V, C) (the lm-head, nn.Linear layout); targets (...) integer, negative =
+    ignored (0 out, no gradient). Returns `LinearLogprobsOutput(logprobs, entropy, logsumexp)`, each
+    (...) fp32, entropy None unless `with_entropy`; all differentiable, to hidden and (when it requires
+    grad) weight. `chunk_tokens` bounds the tokens whose (chunk, V) scratch exists at once (default:
+    LOGPROB_CHUNK_BYTES of it).
+    """
+    name = "linear_logprobs"
+    _check_float(name, "hidden", hidden)
+    _check_same(name, "hidden", hidden, weight=weight, dtypes=False)
+    hidden, weight = _autocast(hidden.device, hidden, weight)
+    _check_same(name, "hidden", hidden, weight=weight)
+    if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{name}: need hidden (..., C) and weight (V, C), got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.dtype == torch.bool:
+        raise TypeError(f"{name}: targets must be an integer tensor, got "
+                        f"{getattr(targets, 'dtype', type(targets).__name__)}")
+    if targets.shape != hidden.shape[:-1] or targets.device != hidden.device:
+        raise ValueError(f"{name}: targets must be {tuple(hidden.shape[:-1])} on {hidden.device}, got "
+                         f"{tuple(targets.shape)} on {targets.device}")
+    if not (temperature > 0 and temperature != float("inf")):
+        raise ValueError(f"{name}: temperature must be a positive finite number, got {temperature}")
+    if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
+        raise ValueError(f"{name}: chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
+    # A value check is a device->host sync, so only eagerly (compiled graphs skip it, like GPT's ids check).
+    if not torch.compiler.is_compiling() and targets.numel() and int(targets.max()) >= weight.shape[0]:
+        raise ValueError(f"{name}: target id {int(targets.max())} is out of range for a vocabulary of "
+                         f"{weight.shape[0]}")
+    args = (hidden, weight, targets, float(temperature), bool(with_entropy), chunk_tokens)
+    if resolve_backend(name, backend, hidden.device) == "triton":
+        return _triton_fn(name)(*args)
+    return reference.linear_logprobs(*args)

@@ -69,3 +69,21 @@ def require_launchable(device: torch.device, name: str) -> None:
     if device.type != "cuda" and not INTERPRET:
         raise ValueError(f"{name}: needs CUDA tensors, got {device.type} (or set TRITON_INTERPRET=1 "
                          "before importing triton)")
+
+
+def register_op(name: str, fake):
+    """Decorator: a torch.library op named `name`. On GPUs a `triton_op` (torch.compile traces into its
+    kernels); under the interpreter an opaque custom_op with the `fake` impl instead, because compile
+    would trace through the body and silently drop interpreted kernel launches (they are plain Python
+    calls, invisible to tracing)."""
+
+    def register(fn):
+        if not INTERPRET:
+            from torch.library import triton_op
+
+            return triton_op(name, fn, mutates_args=())
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+
+    return register

@@ -25,7 +25,7 @@ and the 16-bit ones do not spill registers (checked by cross-compiling, tests/ke
 
 Registered as the torch.library.triton_ops `rlhf_fast::lora_linear_fwd` / `rlhf_fast::lora_linear_bwd`
 (+ `rlhf_fast::lora_linear_bwd_weight`) with autograd, so torch.compile keeps them in the graph (under
-TRITON_INTERPRET they are opaque custom_ops with fake impls instead, see `_register`).
+TRITON_INTERPRET they are opaque custom_ops with fake impls instead, see `launch.register_op`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
 from . import launch
 
@@ -459,21 +458,6 @@ def _check_inputs(x, weight, bias, lora_a, lora_b):
 # torch.library ops + autograd
 
 
-def _register(name: str, fake):
-    """A torch.library op: a triton_op on GPUs (compile traces into its kernels); under the interpreter
-    an opaque custom_op with a fake impl instead, because compile would trace through the body and
-    silently drop interpreted kernel launches (they are plain Python calls, invisible to tracing)."""
-
-    def register(fn):
-        if not launch.INTERPRET:
-            return triton_op(name, fn, mutates_args=())
-        op = torch.library.custom_op(name, fn, mutates_args=())
-        op.register_fake(fake)
-        return op
-
-    return register
-
-
 def _lora_linear_fwd_fake(x, weight, bias, lora_a, lora_b, scale):
     _check_inputs(x, weight, bias, lora_a, lora_b)
     n = x.numel() // x.shape[-1]
@@ -496,7 +480,7 @@ def _lora_linear_bwd_weight_fake(grad_y, x):
     return x.new_empty((grad_y.shape[-1], x.shape[-1]))
 
 
-@_register("rlhf_fast::lora_linear_fwd", _lora_linear_fwd_fake)
+@launch.register_op("rlhf_fast::lora_linear_fwd", _lora_linear_fwd_fake)
 def lora_linear_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -515,7 +499,7 @@ def lora_linear_fwd(
     return y, xa
 
 
-@_register("rlhf_fast::lora_linear_bwd", _lora_linear_bwd_fake)
+@launch.register_op("rlhf_fast::lora_linear_bwd", _lora_linear_bwd_fake)
 def lora_linear_bwd(
     grad_y: torch.Tensor,
     x: torch.Tensor,
@@ -543,7 +527,7 @@ def lora_linear_bwd(
     return dx, da, db
 
 
-@_register("rlhf_fast::lora_linear_bwd_weight", _lora_linear_bwd_weight_fake)
+@launch.register_op("rlhf_fast::lora_linear_bwd_weight", _lora_linear_bwd_weight_fake)
 def lora_linear_bwd_weight(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """dW (out, in) = dY^T x over all tokens; only used when the base weight is trainable."""
     out_f, in_f = grad_y.shape[-1], x.shape[-1]

@@ -149,3 +149,107 @@ def ppo_loss(
         clip_frac = masked_mean(((ratio - 1.0).abs() > clip_eps).float())
         approx_kl = masked_mean(0.5 * log_ratio**2)
     return PPOLossOutput(loss, policy_loss, value_loss, kl, clip_frac, approx_kl)
+
+
+# ----------------------------------------------------------------------------------------------
+# lm-head log-probs
+
+# Bytes of (chunk, V) scratch the log-prob kernels may hold at once (fp32 logits here, the gradient
+# buffer in the inputs' dtype in kernels/logprobs.py); `linear_logprobs_chunk` turns it into tokens.
+LOGPROB_CHUNK_BYTES = 256 * 2**20
+
+
+class LinearLogprobsOutput(NamedTuple):
+    logprobs: torch.Tensor  # (...) fp32 log p(target); 0 where the target is ignored (< 0)
+    entropy: torch.Tensor | None  # (...) fp32 entropy of p; None unless with_entropy (0 where ignored)
+    logsumexp: torch.Tensor  # (...) fp32 logsumexp of hidden @ weight.T / temperature (0 where ignored)
+
+
+def linear_logprobs_chunk(n_tokens: int, vocab: int, element_bytes: int, chunk_bytes: int = LOGPROB_CHUNK_BYTES,
+                          multiple: int = 1) -> int:
+    """Tokens per chunk so that (chunk, vocab) elements of `element_bytes` fit `chunk_bytes` (at least
+    `multiple`, rounded down to a multiple of it, and never more than n_tokens)."""
+    chunk = max(multiple, chunk_bytes // max(1, vocab * element_bytes) // multiple * multiple)
+    return max(1, min(n_tokens, chunk))
+
+
+def _logprob_dtype(hidden) -> torch.dtype:
+    return torch.promote_types(hidden.dtype, torch.float32)  # fp32 (fp64 for fp64 inputs: exact tests)
+
+
+def _logits_chunk(h, w, temperature: float):
+    return torch.matmul(h, w.t()) / temperature  # (n, V) in the compute dtype
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """Chunked over tokens: a (chunk, V) fp32 block of logits exists at a time, in the forward and again
+    (recomputed) in the backward, which needs only the per-token logsumexp and entropy."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk):
+        n, cd = hidden.shape[0], _logprob_dtype(hidden)
+        w = weight.to(cd)
+        valid = targets >= 0
+        safe_t = torch.where(valid, targets, 0).unsqueeze(-1)
+        lp = hidden.new_zeros(n, dtype=cd)
+        ent = torch.zeros_like(lp)
+        lse = torch.zeros_like(lp)
+        for s in range(0, n, chunk):
+            z = _logits_chunk(hidden[s : s + chunk].to(cd), w, temperature)
+            lse_c = torch.logsumexp(z, dim=-1)
+            logp = z - lse_c.unsqueeze(-1)
+            lp[s : s + chunk] = logp.gather(-1, safe_t[s : s + chunk]).squeeze(-1)
+            lse[s : s + chunk] = lse_c
+            if with_entropy:
+                ent[s : s + chunk] = -(logp.exp() * logp).sum(-1)
+        # Ignored rows give 0 (selected, so NaN/inf in their hidden states cannot leak out).
+        lp, ent, lse = (torch.where(valid, t, 0.0) for t in (lp, ent, lse))
+        ctx.save_for_backward(hidden, weight, targets, lse, ent)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.mark_non_differentiable(targets)
+        return lp, ent, lse
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent, g_lse):
+        hidden, weight, targets, lse, ent = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        if not (need_h or need_w):
+            return None, None, None, None, None, None
+        n, tau = hidden.shape[0], ctx.temperature
+        valid = targets >= 0
+        safe_t = torch.where(valid, targets, 0).unsqueeze(-1)
+        zeros = lse.new_zeros(n)
+        g_lp, g_ent, g_lse = (torch.where(valid, g.to(lse.dtype), 0.0) if g is not None else zeros
+                              for g in (g_lp, g_ent, g_lse))
+        w = weight.to(lse.dtype)
+        dh = torch.empty_like(hidden) if need_h else None
+        dw = torch.zeros_like(w) if need_w else None
+        for s in range(0, n, ctx.chunk):
+            sl = slice(s, s + ctx.chunk)
+            h = torch.where(valid[sl].unsqueeze(-1), hidden[sl].to(w.dtype), 0.0)
+            logp = _logits_chunk(h, w, tau) - lse[sl].unsqueeze(-1)
+            p = logp.exp()
+            # d lp/dz = onehot - p; d lse/dz = p; d entropy/dz = -p (log p + entropy)
+            dz = p * (g_lse[sl] - g_lp[sl]).unsqueeze(-1) - g_ent[sl].unsqueeze(-1) * p * (logp + ent[sl].unsqueeze(-1))
+            dz.scatter_add_(-1, safe_t[sl], g_lp[sl].unsqueeze(-1))
+            dz = torch.where(valid[sl].unsqueeze(-1), dz, 0.0) / tau
+            if need_h:
+                dh[sl] = (dz @ w).to(hidden.dtype)
+            if need_w:
+                dw.addmm_(dz.t(), h)
+        return dh, None if dw is None else dw.to(weight.dtype), None, None, None, None
+
+
+def linear_logprobs(hidden, weight, targets, temperature: float = 1.0, with_entropy: bool = False,
+                    chunk_tokens: int | None = None) -> LinearLogprobsOutput:
+    """log softmax(hidden @ weight.T / temperature)[target] per token, fp32, chunked over tokens.
+
+    hidden (..., C) with targets (...) integer (negative = ignored: 0 out, no gradient); weight (V, C).
+    Entropy and logsumexp are of the same distribution; all three are differentiable. Computed in fp32
+    (fp64 for fp64 inputs).
+    """
+    lead = targets.shape
+    h2, t1 = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    chunk = chunk_tokens or linear_logprobs_chunk(h2.shape[0], weight.shape[0], _logprob_dtype(hidden).itemsize)
+    lp, ent, lse = _LinearLogprobs.apply(h2, weight, t1, float(temperature), bool(with_entropy), max(1, chunk))
+    return LinearLogprobsOutput(lp.view(lead), ent.view(lead) if with_entropy else None, lse.view(lead))
