@@ -264,6 +264,18 @@ def kernel_cases(smoke: bool, device):
     fields = lambda o: (o.loss, o.policy_loss, o.value_loss, o.kl)  # noqa: E731
     cases["ppo_loss"] = (ppo, lambda b, **t: fields(kernels.ppo_loss(**t, mask=mask, kl_coef=0.05, backend=b)),
                          lambda **t: fields(reference.ppo_loss(**t, mask=mask, kl_coef=0.05)), torch.float32, 1e-5)
+    N, C, V = (37, 48, 1001) if smoke else (4 * 1024, 1600, 50257)  # gpt2-xl's lm-head
+    targets = torch.randint(0, V, (N,), generator=g).to(device)
+
+    def unfused_logprobs(hidden, weight):  # the model before the fused kernel: logits, fp32 log-softmax
+        logp = torch.log_softmax(torch.nn.functional.linear(hidden, weight).float() / 0.7, dim=-1)
+        return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+    cases["linear_logprobs"] = (
+        dict(hidden=rand(N, C, grad=True), weight=rand(V, C, std=3 * C**-0.5)),
+        lambda b, **t: tuple(kernels.linear_logprobs(**t, targets=targets, temperature=0.7, with_entropy=True,
+                                                     backend=b))[:2],
+        unfused_logprobs, torch.float64, 1e-3)
     return cases
 
 

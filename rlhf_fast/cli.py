@@ -95,6 +95,8 @@ _TRAIN_FLAGS = [
                                             "(default: byte for tiny/demo, else the model's)"),
     ("--attn-backend", "model.attn_backend", str, "attention backend: auto, torch, sdpa, triton, flash"),
     ("--kernel-backend", "model.kernel_backend", str, "fused-kernel backend: auto, torch, triton"),
+    ("--grad-checkpoint", "model.grad_checkpoint", bool, "activation checkpointing: recompute each transformer "
+                                                         "block in backward (less memory, ~1/3 more compute)"),
     ("--data", "data.data", str, "'synthetic', an HH-RLHF hub name (Anthropic/hh-rlhf), a .jsonl/.jsonl.gz "
                                  "file or a directory of them"),
     ("--data-subset", "data.subset", str, "HH-RLHF data subset, e.g. harmless-base"),
@@ -223,6 +225,8 @@ _GRPO_FLAGS = [
                                             "else the model's)"),
     ("--attn-backend", "model.attn_backend", str, "attention backend: auto, torch, sdpa, triton, flash"),
     ("--kernel-backend", "model.kernel_backend", str, "fused-kernel backend: auto, torch, triton"),
+    ("--grad-checkpoint", "model.grad_checkpoint", bool, "activation checkpointing: recompute each transformer "
+                                                         "block in backward (less memory, ~1/3 more compute)"),
     ("--task", "task.task", str, "built-in verifiable task: arithmetic (default unless --reward-model)"),
     ("--reward", "task.reward", str, "registered reward function for the task: arithmetic, "
                                      "arithmetic_format, arithmetic_correct"),
@@ -351,7 +355,8 @@ def cmd_ppo(args) -> int:
     models, tokenizer = load_ppo_models(args.sft_model, args.reward_model, lora=args.lora,
                                         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                                         attn_backend=args.attn_backend, kernel_backend=args.kernel_backend,
-                                        seed=config.seed, critic=config.critic)
+                                        seed=config.seed, critic=config.critic,
+                                        grad_checkpoint=config.grad_checkpoint)
     train, held_out = load_prompts(args.data, subset=args.data_subset, eval_size=args.eval_size,
                                    synthetic_size=args.synthetic_size, seed=config.seed)
     prompts = prompt_batches(train, tokenizer, config.rollout_batch_size, args.max_prompt_len, config.seed)
@@ -448,6 +453,71 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
 
 
+# --- plan: predicted peak memory per phase (docs/memory.md) ----------------------------------------
+
+_PLAN_FLAGS = [  # (flag, PlanSettings field, help); defaults come from PlanSettings (shown in --help)
+    ("--algo", "algo", "ppo (with a critic), grpo (critic-free), dpo, sft or rm"),
+    ("--precision", "precision", "fp32, bf16 or fp16 autocast"),
+    ("--lora", "lora", "LoRA adapters on one frozen base (--no-lora: the trained models in full)"),
+    ("--lora-rank", "lora_rank", "LoRA rank"),
+    ("--strategy", "strategy", "single (fp32 master weights under autocast) or deepspeed (ZeRO 0-2: a 16-bit "
+                               "module)"),
+    ("--weight-dtype", "weight_dtype", "fp32, bf16 or fp16 weights on the device (default: fp32 on one device, the "
+                                       "--precision dtype under deepspeed)"),
+    ("--offload-optimizer", "offload_optimizer", "deepspeed: fp32 masters, Adam state and gradients on the CPU"),
+    ("--offload-frozen", "offload_frozen", "separate frozen models (reference, reward) on the CPU between uses"),
+    ("--rollout-batch-size", "rollout_batch_size", "RL: prompts per rollout"),
+    ("--group-size", "group_size", "RL: responses per prompt"),
+    ("--prompt-len", "prompt_len", "prompt tokens (the padded width)"),
+    ("--response-len", "response_len", "response tokens (RL: --max-new-tokens)"),
+    ("--micro-batch-size", "micro_batch_size", "rows per training forward (rm, dpo: pairs)"),
+    ("--grad-checkpoint", "grad_checkpoint", "activation checkpointing per transformer block"),
+    ("--fused-logprobs", "fused_logprobs", "the fused lm-head log-prob kernel (--no-fused-logprobs: logits "
+                                           "materialised)"),
+]
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    from rlhf_fast.trainers.memory_plan import PlanSettings
+
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--preset", default="gpt2-xl", help="model preset (default: gpt2-xl)")
+    model.add_argument("--model", help="HF GPT-2 directory: the shape from its config.json (no weights are read)")
+    defaults = PlanSettings()
+    for flag, field, text in _PLAN_FLAGS:
+        default = getattr(defaults, field)
+        text = text if default is None else f"{text} (default: {default})"
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=default, help=text)
+        else:
+            p.add_argument(flag, dest=field, type=type(default) if default is not None else str, default=default,
+                           help=text)
+    p.add_argument("--vram", type=float, default=16.0, metavar="GIB", help="device memory budget in GiB "
+                   "(default: 16)")
+    docs = p.add_mutually_exclusive_group()
+    docs.add_argument("--write-docs", action="store_true", help="regenerate the numbers of docs/memory.md instead")
+    docs.add_argument("--check-docs", action="store_true", help="exit 1 when docs/memory.md's numbers are stale")
+
+
+def cmd_plan(args) -> int:
+    from rlhf_fast.trainers.memory_plan import DOC_PATH, ModelShape, PlanSettings, decide, format_verdict, sync_docs
+
+    if args.write_docs or args.check_docs:
+        if not sync_docs(DOC_PATH, check=args.check_docs):
+            print(f"rlhf-fast plan: {DOC_PATH} is stale: run rlhf-fast plan --write-docs", file=sys.stderr)
+            return 1
+        print(f"{DOC_PATH}: {'written' if args.write_docs else 'up to date'}")
+        return 0
+    shape = ModelShape.from_hf_dir(args.model) if args.model else ModelShape.from_preset(args.preset)
+    settings = PlanSettings(**{field: getattr(args, field) for _, field, _ in _PLAN_FLAGS})
+    verdict = decide(shape, settings, args.vram)
+    print(format_verdict(verdict))
+    if verdict.refused:
+        print(f"rlhf-fast plan: {verdict.message()}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__)
     # the deepspeed launcher passes --local_rank=N before the subcommand; the rank is read from LOCAL_RANK
@@ -526,6 +596,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "seed-style baseline; table + JSON record + PNG chart")
     _add_bench_args(p)
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("plan", help="predicted peak memory per phase for a model, precision, batch layout and "
+                                    "memory budget: fits, a proposal that fits, or why nothing does")
+    _add_plan_args(p)
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

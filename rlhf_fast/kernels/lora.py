@@ -25,7 +25,8 @@ and the 16-bit ones do not spill registers (checked by cross-compiling, tests/ke
 
 Registered as the torch.library.triton_ops `rlhf_fast::lora_linear_fwd` / `rlhf_fast::lora_linear_bwd`
 (+ `rlhf_fast::lora_linear_bwd_weight`) with autograd, so torch.compile keeps them in the graph (under
-TRITON_INTERPRET they are opaque custom_ops with fake impls instead, see `launch.register_op`).
+TRITON_INTERPRET they are opaque custom_ops with fake impls instead: `launch.register_op`, shared with
+the log-prob kernel).
 """
 
 from __future__ import annotations

@@ -215,6 +215,11 @@ class _LinearLogprobs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[:2]
         if not (need_h or need_w):
             return None, None, None, None, None, None
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _LinearLogprobs._backward(ctx, hidden, weight, targets, lse, ent, g_lp, g_ent, g_lse, need_h, need_w)
+
+    @staticmethod
+    def _backward(ctx, hidden, weight, targets, lse, ent, g_lp, g_ent, g_lse, need_h, need_w):
         n, tau = hidden.shape[0], ctx.temperature
         valid = targets >= 0
         safe_t = torch.where(valid, targets, 0).unsqueeze(-1)
@@ -251,5 +256,8 @@ def linear_logprobs(hidden, weight, targets, temperature: float = 1.0, with_entr
     lead = targets.shape
     h2, t1 = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     chunk = chunk_tokens or linear_logprobs_chunk(h2.shape[0], weight.shape[0], _logprob_dtype(hidden).itemsize)
-    lp, ent, lse = _LinearLogprobs.apply(h2, weight, t1, float(temperature), bool(with_entropy), max(1, chunk))
+    # Autocast off inside: the matmuls must run in fp32 on the (already autocast-dtype) inputs, as the
+    # kernel's fp32 accumulation does; autocast would round the logits to bf16 first.
+    with torch.autocast(hidden.device.type, enabled=False):
+        lp, ent, lse = _LinearLogprobs.apply(h2, weight, t1, float(temperature), bool(with_entropy), max(1, chunk))
     return LinearLogprobsOutput(lp.view(lead), ent.view(lead) if with_entropy else None, lse.view(lead))

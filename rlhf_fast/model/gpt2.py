@@ -6,6 +6,7 @@ Differences from nanoGPT that RLHF needs:
 - attention goes through a backend switch (`GPTConfig.attn_backend`), the linears of LoRA layers
   through `rlhf_fast.kernels.lora_linear` (`GPTConfig.kernel_backend`);
 - `hidden_states()` exposes the final hidden states (B, T, C) for value/reward heads;
+- optional activation checkpointing per block (`GPTConfig.grad_checkpoint`), adapter-switch safe;
 - an optional static KV cache (`kv_cache.py`) for generation: prefill writes the prompt's keys/values,
   decode steps attend one query over the whole cache through the same attention backends;
 - HF GPT-2 checkpoints import/export (`from_pretrained` / `save_pretrained`, in `hf.py`).
@@ -13,6 +14,7 @@ Differences from nanoGPT that RLHF needs:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -20,8 +22,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from rlhf_fast import kernels
+
+from .lora import LoRALinear
 
 ATTN_BACKENDS = ("auto", "torch", "sdpa", "triton", "flash")
 
@@ -138,6 +143,25 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
+class LMHead(nn.Linear):
+    """The (tied) lm-head: logits, or with `targets` the fused log-probs of `kernels.linear_logprobs`.
+
+    Log-probs go through this module's forward, not its weight directly, so that whatever wraps modules
+    (DeepSpeed ZeRO-3 gathers a module's parameters around its forward) sees the call."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__(config.n_embd, config.vocab_size, bias=False)
+        self.kernel_backend = config.kernel_backend
+
+    def forward(self, hidden, targets=None, *, temperature: float = 1.0, with_entropy: bool = False):
+        """Logits (..., V) without targets; else `LinearLogprobsOutput` (log p(targets), entropy,
+        logsumexp; each (...) fp32) under softmax(logits / temperature), without the (..., V) logits."""
+        if targets is None:
+            return super().forward(hidden)
+        return kernels.linear_logprobs(hidden, self.weight, targets, temperature=temperature,
+                                       with_entropy=with_entropy, backend=self.kernel_backend)
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -149,6 +173,42 @@ class Block(nn.Module):
     def forward(self, x, key_padding_mask, layer_cache=None, input_pos=None):
         x = x + self.attn(self.ln_1(x), key_padding_mask, layer_cache, input_pos)
         return x + self.mlp(self.ln_2(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation checkpointing: a block keeps only its input; backward runs it again to get the rest.
+
+
+def _adapter_state(block: Block) -> list[tuple[LoRALinear, str | None, bool]]:
+    return [(m, m.active_adapter, m.adapters_disabled) for m in block.modules() if isinstance(m, LoRALinear)]
+
+
+@contextlib.contextmanager
+def _adapters_as(state):
+    """Set the adapter state captured by `_adapter_state` inside the block; restore the current one after."""
+    current = [(m, m.active_adapter, m.adapters_disabled) for m, _, _ in state]
+    try:
+        for m, active, disabled in state:
+            m.active_adapter, m.adapters_disabled = active, disabled
+        yield
+    finally:
+        for m, active, disabled in current:
+            m.active_adapter, m.adapters_disabled = active, disabled
+
+
+def _checkpointed_block(block: Block, x, key_padding_mask):
+    """block(x, key_padding_mask) with its activations recomputed in backward instead of stored.
+
+    Eager recomputation runs at backward time, when the caller may have switched adapters since the
+    forward (the RL update runs the policy adapter, then the value adapter, then one backward): it
+    recomputes with the forward's adapter state. A compiled backward recomputes from the traced graph,
+    which already holds that state.
+    """
+    if torch.compiler.is_compiling():
+        return checkpoint(block, x, key_padding_mask, use_reentrant=False)
+    state = _adapter_state(block)
+    return checkpoint(block, x, key_padding_mask, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _adapters_as(state)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,6 +227,7 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5
     attn_backend: str = "auto"  # auto | torch | sdpa | triton | flash
     kernel_backend: str = "auto"  # auto | torch | triton (LoRA linears and other fused kernels)
+    grad_checkpoint: bool = False  # recompute each block's activations in backward: memory for ~1/3 more compute
 
     def __post_init__(self):
         for f in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -181,6 +242,8 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"GPTConfig.attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
+        if not isinstance(self.grad_checkpoint, bool):
+            raise ValueError(f"GPTConfig.grad_checkpoint must be a bool, got {self.grad_checkpoint!r}")
         if self.kernel_backend not in kernels.BACKENDS:
             raise ValueError(f"GPTConfig.kernel_backend must be one of {kernels.BACKENDS}, "
                              f"got {self.kernel_backend!r}")
@@ -230,7 +293,7 @@ class GPT(nn.Module):
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -313,8 +376,13 @@ class GPT(nn.Module):
             key_padding_mask = kv_cache.update_mask(attention_mask, input_pos, input_ids.shape[1])
         tr = self.transformer
         x = tr.drop(tr.wte(input_ids) + tr.wpe(position_ids))  # (B, T, C)
+        # grad mode, not self.training, decides: the RL update runs in eval mode (no dropout)
+        checkpointing = self.config.grad_checkpoint and kv_cache is None and torch.is_grad_enabled()
         for i, block in enumerate(tr.h):
-            x = block(x, key_padding_mask, None if kv_cache is None else kv_cache.layers[i], input_pos)
+            if checkpointing:
+                x = _checkpointed_block(block, x, key_padding_mask)
+            else:
+                x = block(x, key_padding_mask, None if kv_cache is None else kv_cache.layers[i], input_pos)
         return tr.ln_f(x)
 
     def _check_cache(self, input_ids, attention_mask, kv_cache, input_pos, position_ids):

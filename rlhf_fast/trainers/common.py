@@ -23,6 +23,7 @@ from rlhf_fast.model import GPT, add_lora
 
 from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from .config import TrainConfig
+from .memory_plan import check_trainer_memory
 from .metrics import MetricsLogger, log
 
 TOKENIZER_MARKER = "rlhf_fast_tokenizer.json"  # written into exports of byte-tokenizer models
@@ -80,6 +81,7 @@ class Trainer:
         self.trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
         if not self.trainable:
             raise ValueError("nothing to train: no parameter requires grad")
+        check_trainer_memory(self)  # CUDA: refuse a run whose memory plan does not fit
         o = config.optim
         optimizer = adamw(self.trainable.values(), o.lr, o.weight_decay, o.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o))
@@ -260,12 +262,12 @@ def build_strategy(config: TrainConfig) -> Strategy:
 def build_model(config: TrainConfig, adapter: str) -> tuple[GPT, object]:
     """(model, tokenizer) from the model settings, with LoRA adapter `adapter` added in LoRA mode."""
     m = config.model
-    backends = dict(attn_backend=m.attn_backend, kernel_backend=m.kernel_backend)
+    overrides = dict(attn_backend=m.attn_backend, kernel_backend=m.kernel_backend, grad_checkpoint=m.grad_checkpoint)
     torch.manual_seed(config.run.seed)  # random init of presets, LoRA A matrices and heads
     if m.model is not None:
-        model = GPT.from_pretrained(m.model, **backends)
+        model = GPT.from_pretrained(m.model, **overrides)
     else:
-        model = GPT.from_preset(m.preset, **backends)
+        model = GPT.from_preset(m.preset, **overrides)
     tokenizer = load_tokenizer(resolve_tokenizer_name(config))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model's vocab_size is only "

@@ -28,6 +28,7 @@ class ModelSettings:
     tokenizer: str | None = None  # None: "byte" for tiny/demo, else the model's directory or "gpt2"
     attn_backend: str = "auto"
     kernel_backend: str = "auto"
+    grad_checkpoint: bool = False  # recompute each transformer block's activations in backward (less memory)
 
     def __post_init__(self):
         if self.preset is None and self.model is None:

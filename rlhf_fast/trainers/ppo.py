@@ -43,6 +43,7 @@ class PPOConfig(RLSettings):
     max_grad_norm: float | None = 1.0
     offload_frozen: bool = False  # move the separate reference / reward model to the CPU between uses
     loss_backend: str = "auto"  # kernels backend for gae and ppo_loss
+    grad_checkpoint: bool = False  # recompute the trained models' block activations in backward (less memory)
     precision: str = "fp32"
     device: str | None = None  # None: cuda when available
     seed: int = 0
@@ -121,7 +122,8 @@ def _existing_dir(path, what: str, flag: str) -> Path:
 
 
 def load_ppo_models(sft_model, reward_model, *, lora: bool = True, lora_rank: int = 8, lora_alpha: float = 16.0,
-                    attn_backend: str = "auto", kernel_backend: str = "auto", seed: int = 0, critic: bool = True):
+                    attn_backend: str = "auto", kernel_backend: str = "auto", seed: int = 0, critic: bool = True,
+                    grad_checkpoint: bool = False):
     """(PPOModels, tokenizer) from an SFT export (`rlhf-fast sft`) and an RM export (`rlhf-fast rm`).
 
     LoRA mode: the SFT model is the one frozen base with adapters `policy` and `value`; when the RM was
@@ -129,6 +131,7 @@ def load_ppo_models(sft_model, reward_model, *, lora: bool = True, lora_rank: in
     fingerprint) the `reward` adapter joins them, else the merged RM is kept as a separate frozen model.
     Full mode: trained policy, separate critic and frozen reference, all from the SFT weights.
     critic=False (critic-free estimators): no value adapter, value head or critic model.
+    grad_checkpoint: activation checkpointing in the trained models (the policy base and the critic).
     """
     sft_dir = _existing_dir(sft_model, "SFT model directory", "--sft-model")
     rm_dir = _existing_dir(reward_model, "reward model directory", "--reward-model")
@@ -140,14 +143,15 @@ def load_ppo_models(sft_model, reward_model, *, lora: bool = True, lora_rank: in
                          f"policy {sft_dir} ({export_tokenizer_name(sft_dir)}, {tokenizer.vocab_size} tokens)")
     backends = dict(attn_backend=attn_backend, kernel_backend=kernel_backend)
     torch.manual_seed(seed)  # LoRA A matrices and the value head
-    policy = GPT.from_pretrained(str(sft_dir), **backends)
+    trained = dict(backends, grad_checkpoint=grad_checkpoint)
+    policy = GPT.from_pretrained(str(sft_dir), **trained)
     reward_model, reward_head = load_reward_model(rm_dir, **backends)
     if reward_model.config.vocab_size != policy.config.vocab_size:
         raise ValueError(f"the reward model {rm_dir} has vocab_size {reward_model.config.vocab_size}, the SFT "
                          f"policy {sft_dir} has {policy.config.vocab_size}: they need the same tokenizer")
     value_head = ScalarHead(policy.config.n_embd) if critic else None
     if not lora:
-        critic_model = GPT.from_pretrained(str(sft_dir), **backends) if critic else None
+        critic_model = GPT.from_pretrained(str(sft_dir), **trained) if critic else None
         reference = GPT.from_pretrained(str(sft_dir), **backends)
         return PPOModels(policy, value_head, reward_head, critic=critic_model, reference=reference,
                          reward_model=reward_model), tokenizer

@@ -28,6 +28,7 @@ from .checkpoint import CheckpointManager
 from .common import TrainModule, adamw, export_model, restore_collective, save_collective
 from .config import RLSettings
 from .experience import ExperienceMaker, PhaseTimer, Rollout, peak_memory_gb
+from .memory_plan import check_trainer_memory
 from .metrics import MetricsLogger, log
 from .models import POLICY, PPOModels
 from .rl_update import PolicyUpdate
@@ -90,6 +91,7 @@ class RLTrainer(PolicyUpdate):
         self.eval_texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in eval_prompts or []]
         self._check_lengths()
         self._check_strategy()
+        check_trainer_memory(self, scorer)  # CUDA: refuse a run whose memory plan does not fit
         self.run_dir = Path(loop.output_dir)
         self.trainable = models.trainable_parameters()
         if not self.trainable:

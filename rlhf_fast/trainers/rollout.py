@@ -2,8 +2,8 @@
 
 Positions follow `rlhf_fast.rl.Experience`: S = sequence length, T = S - 1 action positions, and the
 action at position t is token t + 1. Only positions >= `first_action` (the last prompt column, for a
-left-padded batch with prompt length P: first_action = P - 1) are computed; earlier ones are 0, so the
-lm-head's (B, T, V) logits exist only for the response part.
+left-padded batch with prompt length P: first_action = P - 1) are computed; earlier ones are 0. The
+(B, T, V) logits never exist: `kernels.linear_logprobs` works through them a tile at a time.
 
 Log-probs are those of the distribution the rollout sampled from: softmax(logits / temperature). Old,
 new and reference log-probs all use the rollout temperature, so the importance ratio and the KL compare
@@ -12,7 +12,6 @@ the behaviour policy with itself (TRL and OpenRLHF do the same).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 
@@ -25,15 +24,14 @@ def _response_hidden(model, sequences, attention_mask, first_action: int):
 def action_logprobs(model, sequences, attention_mask, *, first_action: int = 0, with_entropy: bool = False,
                     temperature: float = 1.0):
     """log p(token t+1 | tokens <= t) under softmax(logits / temperature) for each action position t:
-    (B, T) fp32 (and the entropy (B, T) of that distribution at t when asked)."""
+    (B, T) fp32 (and the entropy (B, T) of that distribution at t when asked). The lm-head's fused
+    log-prob kernel computes them without the (B, T, V) logits."""
     h = _response_hidden(model, sequences, attention_mask, first_action)
-    logp = torch.log_softmax(model.lm_head(h).float() / temperature, dim=-1)  # (B, T', V)
-    targets = sequences[:, first_action + 1 :]
-    lp = F.pad(logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), (first_action, 0))
+    out = model.lm_head(h, sequences[:, first_action + 1 :], temperature=temperature, with_entropy=with_entropy)
+    lp = F.pad(out.logprobs, (first_action, 0))
     if not with_entropy:
         return lp
-    entropy = -(logp.exp() * logp).sum(dim=-1)
-    return lp, F.pad(entropy, (first_action, 0))
+    return lp, F.pad(out.entropy, (first_action, 0))
 
 
 def action_values(model, head, sequences, attention_mask, *, first_action: int = 0):

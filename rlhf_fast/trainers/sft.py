@@ -6,7 +6,6 @@ Also GRPO's R1-style cold start (`cold_start`): the same loss, as a short warm-u
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from rlhf_fast.data import ResumableBatches, SFTCollator, SFTDataset, load_preference_splits
 from rlhf_fast.model import GPT, set_adapter
@@ -17,15 +16,18 @@ from .config import TrainConfig
 from .metrics import log
 
 
-def response_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def response_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Summed NLL (fp32 scalar) of the tokens with loss_mask 1, each predicted from the tokens before it.
 
-    logits (B, T, V); input_ids, loss_mask (B, T). Position t's logits predict token t + 1, so the
-    targets are input_ids[:, 1:] weighted by loss_mask[:, 1:]; prompt and padding tokens weigh 0.
+    input_ids, attention_mask, loss_mask (B, T). Position t predicts token t + 1, so the targets are
+    input_ids[:, 1:] weighted by loss_mask[:, 1:]; prompt and padding targets are ignored by the fused
+    lm-head log-prob kernel (no (B, T, V) logits, no gradient from them).
     """
-    targets = input_ids[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
-    return (nll * loss_mask[:, 1:].flatten().to(nll.dtype)).sum()
+    hidden = model.hidden_states(input_ids, attention_mask)[:, :-1]  # (B, T - 1, C)
+    weight = loss_mask[:, 1:]
+    targets = torch.where(weight.bool(), input_ids[:, 1:], -1)
+    logprobs = model.lm_head(hidden, targets).logprobs  # (B, T - 1) fp32, 0 where ignored
+    return -(logprobs * weight.to(logprobs.dtype)).sum()
 
 
 class SFTTrainer(Trainer):
@@ -39,8 +41,8 @@ class SFTTrainer(Trainer):
         return batch["loss_mask"][:, 1:].sum()
 
     def micro_loss(self, batch, count):
-        logits = self.module.model(batch["input_ids"], batch["attention_mask"])  # (B, T, V)
-        loss = response_nll(logits, batch["input_ids"], batch["loss_mask"]) / count
+        loss = response_nll(self.module.model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        loss = loss / count
         return loss, {}
 
     @torch.no_grad()
@@ -52,8 +54,7 @@ class SFTTrainer(Trainer):
         for i in range(0, n, bs):
             b = self._to_device(collate([self.eval_dataset[j] for j in range(i, min(i + bs, n))]))
             with self.strategy.autocast():
-                logits = self.module.model(b["input_ids"], b["attention_mask"])
-            total += float(response_nll(logits, b["input_ids"], b["loss_mask"]))
+                total += float(response_nll(self.module.model, b["input_ids"], b["attention_mask"], b["loss_mask"]))
             count += int(b["loss_mask"][:, 1:].sum())
         return {"loss": total / max(count, 1)}
 
@@ -135,7 +136,7 @@ def cold_start(
     losses = []
     for _ in range(steps):
         b = {k: v.to(device) for k, v in next(batches).items()}
-        loss = response_nll(model(b["input_ids"], b["attention_mask"]), b["input_ids"], b["loss_mask"])
+        loss = response_nll(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
         loss = loss / b["loss_mask"][:, 1:].sum().clamp(min=1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(base, 1.0)

@@ -134,7 +134,7 @@ def _scenarios(dtype_name: str):
     """(name, fn) pairs; each fn runs launchers on CPU tensors of this dtype (under `capturing`)."""
     import torch
 
-    from rlhf_fast.kernels import attention, lora, ppo
+    from rlhf_fast.kernels import attention, logprobs, lora, ppo
 
     dtype = getattr(torch, dtype_name)
 
@@ -168,6 +168,14 @@ def _scenarios(dtype_name: str):
 
         return run
 
+    def linear_logprobs(C, train_head):
+        def run():
+            h, w = rand(37, C, grad=True), rand(50257, C, grad=train_head)
+            out = logprobs.linear_logprobs(h, w, torch.zeros(37, dtype=torch.long), 0.7, with_entropy=True)
+            (out.logprobs + out.entropy).backward(torch.empty_like(out.logprobs))
+
+        return run
+
     out = []
     for D, H in ((64, 12), (128, 8)):
         out.append((f"attention D={D} causal+mask", attn(D, H, True, True)))
@@ -175,6 +183,8 @@ def _scenarios(dtype_name: str):
     for rank in (1, 8, 64, 128):  # R_PAD 16, 16, 64, 128; rank 1 is its own specialisation
         out.append((f"lora_linear C=768->2304 r={rank}", lora_linear(768, 2304, rank)))
     out.append(("lora_linear C=1600->6400 r=16, trainable W", lora_linear(1600, 6400, 16, frozen_base=False)))
+    out.append(("linear_logprobs C=768 V=50257", linear_logprobs(768, False)))
+    out.append(("linear_logprobs C=1600 V=50257, trainable head", linear_logprobs(1600, True)))
     if dtype == torch.float32:  # the RL maths is fp32 whatever the training precision
 
         def rl(T):

@@ -30,7 +30,7 @@ def test_every_launch_fits_every_target(tmp_path):
     kernels = {r["kernel"] for r in rows}
     assert {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel", "_attn_decode_split_kernel",
             "_lora_linear_fwd_kernel", "_lora_project_kernel", "_lora_adapter_grad_kernel", "_gae_fwd_kernel",
-            "_ppo_loss_fwd_kernel", "_ppo_loss_bwd_kernel"} <= kernels
+            "_ppo_loss_fwd_kernel", "_ppo_loss_bwd_kernel", "_logprobs_fwd_kernel", "_logprobs_bwd_kernel"} <= kernels
 
 
 def test_limits_are_checked():

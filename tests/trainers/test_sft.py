@@ -15,25 +15,31 @@ def test_prompt_and_padding_tokens_are_exactly_excluded():
     ds = SFTDataset([SFTExample("prompt one", "yes"), SFTExample("hi", "a longer answer")], tok, 16, 40)
     b = SFTCollator(tok)([ds[0], ds[1]])
     torch.manual_seed(0)
-    logits = torch.randn(*b["input_ids"].shape, 320, requires_grad=True)
-    loss = response_nll(logits, b["input_ids"], b["loss_mask"])
-    # reference: sum over response+EOS targets only, written out position by position
+    model = GPT.from_preset("tiny", attn_backend="torch", kernel_backend="torch").double()
+    ids, attn, lm = b["input_ids"], b["attention_mask"], b["loss_mask"]
+    loss = response_nll(model, ids, attn, lm)
+    # reference: the full logits, summed over response+EOS targets only, position by position
+    logits = model(ids, attn)
     ref = 0.0
     for i in range(2):
-        for t in range(1, b["input_ids"].shape[1]):
-            if b["loss_mask"][i, t]:
-                ref = ref - torch.log_softmax(logits[i, t - 1].double(), -1)[b["input_ids"][i, t]]
-    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
-    assert int(b["loss_mask"][:, 1:].sum()) == len("yes") + 1 + len("a longer answer") + 1
-    loss.backward()
-    predicts_response = torch.zeros_like(b["loss_mask"], dtype=torch.bool)
-    predicts_response[:, :-1] = b["loss_mask"][:, 1:].bool()
-    assert logits.grad[~predicts_response].abs().max() == 0  # no gradient from prompt or padding targets
-    assert logits.grad[predicts_response].abs().sum(-1).min() > 0
-    # garbage in the excluded positions changes nothing
-    poked = logits.detach().clone()
-    poked[~predicts_response] = 1e4 * torch.randn_like(poked[~predicts_response])
-    assert float(response_nll(poked, b["input_ids"], b["loss_mask"])) == loss.item()
+        for t in range(1, ids.shape[1]):
+            if lm[i, t]:
+                ref = ref - torch.log_softmax(logits[i, t - 1], -1)[ids[i, t]]
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-9)
+    assert int(lm[:, 1:].sum()) == len("yes") + 1 + len("a longer answer") + 1
+    # the same gradients as the logits path, and none from prompt or padding targets
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, params)
+    want = torch.autograd.grad(ref, params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-9)
+    h = model.hidden_states(ids, attn).detach().requires_grad_()
+    (dh,) = torch.autograd.grad(-model.lm_head(h[:, :-1], torch.where(lm[:, 1:].bool(), ids[:, 1:], -1))
+                                .logprobs.sum(), h)
+    predicts_response = torch.zeros_like(lm, dtype=torch.bool)
+    predicts_response[:, :-1] = lm[:, 1:].bool()
+    assert dh[~predicts_response].abs().max() == 0
+    assert dh[predicts_response].abs().sum(-1).min() > 0
 
 
 def test_sft_loss_falls_on_synthetic_task(tmp_path, make_config):
