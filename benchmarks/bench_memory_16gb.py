@@ -1,18 +1,24 @@
-"""Peak GPU memory and iteration time of one PPO iteration under a 16 GiB cap (docs/memory.md).
+"""Peak GPU memory and iteration time of one PPO iteration under a 16 GiB cap, next to what the memory
+plan (rlhf_fast/trainers/memory_plan.py, docs/memory.md) predicts for exactly what runs.
 
 Configurations (each in its own subprocess, so an OOM or DeepSpeed's process group cannot leak into the
 next):
-  lora-xl            LoRA PPO of gpt2-xl: one frozen bf16 base, adapters policy / value / reward
-                     (reference = adapters off), SingleDeviceStrategy, no offload.
+  lora-xl            LoRA PPO of gpt2-xl: one base stored in bf16 (adapters too), adapters policy / value /
+                     reward (reference = adapters off), SingleDeviceStrategy without autocast, no offload.
+                     Its micro-batch and activation checkpointing are the plan's decision for 16 GiB
+                     (`decide`, asked for docs/memory.md's headline micro-batch of 8).
   full-large-offload full-parameter PPO of gpt2-large: actor and critic are DeepSpeed ZeRO-2 engines with
                      the optimizer offloaded to the CPU (DeepSpeedCPUAdam); reference and reward model are
-                     frozen bf16 copies moved to the GPU only while they score.
+                     frozen bf16 copies moved to the GPU only while they score. Micro-batches of 4.
   full-large-gpu     baseline: the same without optimizer offload (fp32 master + Adam state on the GPU);
                      the plan predicts it does not fit, and the record says whether it did.
 
-One PPO iteration = generate (64 prompts x 128 tokens -> 384 tokens, static KV cache) -> score (reference
-log-probs, values, rewards; no-grad, in chunks) -> update (PPO loss, micro-batches of 4, actor then
-critic, one optimizer step each). Weights are random (no hub here); memory and time do not depend on them.
+One PPO iteration = generate (64 prompts of 256 tokens + 128 new tokens, static KV cache) -> score (policy
+and reference log-probs, values, rewards; no-grad, 16 rows at a time) -> update (PPO loss over
+micro-batches, one optimizer step; lora-xl: policy and value forward, one backward; full-large: actor,
+then critic). Each row records the measured peak per phase (peak_generate/score/update_gib) beside the
+plan's (predicted_generate/score/update_gib) and the settings the plan was given or chose (plan_*).
+Weights are random (no hub here); memory and time do not depend on them.
 
     python benchmarks/bench_memory_16gb.py            # GPU: all configurations, record in results/
     python benchmarks/bench_memory_16gb.py --smoke    # CPU: tiny models, plumbing check only
@@ -39,22 +45,34 @@ from common import print_table, write_record  # noqa: E402
 CAP_GIB = 16.0
 CONFIGS = ("lora-xl", "full-large-offload", "full-large-gpu")
 GIB = 2**30
+LORA_RANK = 8
+PHASES = {"generate": "generation", "score": "scoring", "update": "update"}  # this script's -> the plan's
 
 
-def predicted_peak_gib(config: str, L: int, C: int, batch: int, seq: int, micro: int, V: int = 50257) -> float:
-    """docs/memory.md's arithmetic: max over phases of (resident weights + phase memory)."""
-    P = V * C + 1024 * C + L * (12 * C * C + 13 * C) + 2 * C
-    kv = 2 * L * batch * seq * C * 2
-    act = 34 * C * L * micro * seq + V * micro * seq * 4
-    if config == "lora-xl":
-        lora = 16 * 8 * C * L
-        resident = 2 * P + 3 * lora * 4 + 2 * lora * 12
-        return (resident + max(kv, act)) / GIB
-    buckets = 2 * 2 * 5e7 * 2
-    resident = 2 * (2 * P) + buckets  # actor + critic, bf16
-    if config == "full-large-gpu":
-        resident += 2 * 12 * P  # fp32 master + Adam m, v of both on the GPU
-    return (resident + max(kv, 2 * 2 * P, act)) / GIB
+def planned(args):
+    """(the memory plan of what this configuration runs, the row's plan fields). lora-xl runs the plan's
+    decision for CAP_GIB; the full-large configurations run as given and the plan only predicts."""
+    from rlhf_fast.trainers.memory_plan import HEADLINE, ModelShape, PlanSettings, decide
+
+    layout = dict(algo="ppo", rollout_batch_size=args.batch, prompt_len=args.prompt_len,
+                  response_len=args.response_len, score_rows=args.score_chunk)
+    if args.config == "lora-xl":  # no autocast: activations in the weights' bf16, no 16-bit copies
+        asked = PlanSettings(lora=True, lora_rank=LORA_RANK, precision="fp32", strategy="single",
+                             weight_dtype="bf16", micro_batch_size=min(HEADLINE.micro_batch_size, args.batch),
+                             **layout)
+    else:  # the reference and reward model are separate frozen copies, on the GPU only for their pass
+        asked = PlanSettings(lora=False, precision=args.precision, strategy="deepspeed",
+                             offload_optimizer=args.config == "full-large-offload", offload_frozen=True,
+                             micro_batch_size=args.micro, separate_updates=True, **layout)
+    verdict = decide(ModelShape.from_preset(args.preset), asked, CAP_GIB)
+    chosen = args.config == "lora-xl" and verdict.proposal is not None
+    plan = verdict.proposal if chosen else verdict.plan
+    phases = {p.name: p for p in plan.phases}
+    return plan, {"plan_micro_batch": plan.settings.micro_batch_size,
+                  "plan_grad_checkpoint": plan.settings.grad_checkpoint, "plan_fits": plan.fits,
+                  "plan_flags": verdict.flags() if chosen else "", "plan": verdict.message(),
+                  "predicted_peak_gib": plan.peak_gib, "predicted_resident_gib": plan.resident.nbytes / GIB,
+                  **{f"predicted_{k}_gib": plan.phase_gib(phases[v]) for k, v in PHASES.items()}}
 
 
 class Critic(nn.Module):
@@ -123,19 +141,19 @@ def ppo_iteration(policy_fn, value_fn, ref_fn, reward_fn, generate_fn, update, a
     return phases
 
 
-def run_config(args) -> dict:
+def run_config(args, plan, device) -> dict:
+    """Run one configuration at `plan`'s micro-batch (and, lora-xl, its checkpointing); the measured row."""
     from rlhf_fast.generation import generate
     from rlhf_fast.kernels import ppo_loss
     from rlhf_fast.model import GPT, ValueHead, add_lora
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * GIB / torch.cuda.get_device_properties(0)
                                                        .total_memory))
-    preset = args.preset or ("gpt2-xl" if args.config == "lora-xl" else "gpt2-large")
-    dtype = torch.bfloat16
-    n_micro = args.batch // args.micro
-    gen = lambda m: (lambda p, msk: generate(m, p, msk, max_new_tokens=args.seq - args.prompt_len,  # noqa: E731
+    preset, micro, ckpt = args.preset, plan.settings.micro_batch_size, plan.settings.grad_checkpoint
+    micro_batches = [slice(i, i + micro) for i in range(0, args.batch, micro)]
+    n_micro = len(micro_batches)
+    gen = lambda m: (lambda p, msk: generate(m, p, msk, max_new_tokens=args.response_len,  # noqa: E731
                                              do_sample=True, generator=torch.Generator(device).manual_seed(1)))
 
     def losses(lp, v, sl, old_lp, ref_lp, old_v, adv, ret, am):
@@ -145,9 +163,9 @@ def run_config(args) -> dict:
     if args.config == "lora-xl":
         from rlhf_fast.distributed import SingleDeviceStrategy
 
-        gpt = GPT.from_preset(preset).to(device=device, dtype=dtype)
+        gpt = GPT.from_preset(preset, grad_checkpoint=ckpt).to(device=device, dtype=torch.bfloat16)
         for name in ("policy", "value", "reward"):
-            add_lora(gpt, name, rank=8)
+            add_lora(gpt, name, rank=LORA_RANK)  # in the base's dtype: bf16
         value_head, reward_head = ValueHead(gpt.config.n_embd).to(device), ValueHead(gpt.config.n_embd).to(device)
         reward_head.requires_grad_(False)
         actor, critic = Actor(gpt), Critic(gpt, value_head)
@@ -168,8 +186,7 @@ def run_config(args) -> dict:
         strategy.prepare(nn.ModuleList([gpt, value_head]), opt)
 
         def update(seq, attn, fa, *rest):
-            for i in range(n_micro):
-                sl = slice(i * args.micro, (i + 1) * args.micro)
+            for sl in micro_batches:
                 lp = adapter("policy", actor)(seq[sl], attn[sl], fa)
                 v = adapter("value", critic)(seq[sl], attn[sl], fa)
                 strategy.backward(losses(lp, v, sl, *rest) / n_micro)
@@ -181,7 +198,7 @@ def run_config(args) -> dict:
         from rlhf_fast.distributed import DeepSpeedSettings, DeepSpeedStrategy
 
         ds = DeepSpeedSettings(zero_stage=2, offload_optimizer=args.config == "full-large-offload")
-        strategy = DeepSpeedStrategy(ds, "bf16" if device.type == "cuda" else "fp32", 1.0, args.micro, n_micro)
+        strategy = DeepSpeedStrategy(ds, args.precision, 1.0, micro, n_micro)
         torch.manual_seed(0)
         actor_gpt, critic_gpt = GPT.from_preset(preset), GPT.from_preset(preset)
         critic_module = Critic(critic_gpt, ValueHead(critic_gpt.config.n_embd))
@@ -198,8 +215,7 @@ def run_config(args) -> dict:
 
         def update(seq, attn, fa, *rest):
             for engine, pick in ((actor, "policy"), (critic, "value")):
-                for i in range(n_micro):
-                    sl = slice(i * args.micro, (i + 1) * args.micro)
+                for sl in micro_batches:
                     out = engine(seq[sl], attn[sl], fa).float()
                     lp = out if pick == "policy" else rest[0][sl]
                     v = out if pick == "value" else rest[2][sl]
@@ -215,12 +231,23 @@ def run_config(args) -> dict:
             rows.append(phases)
     time_s = sum(sum(t for t, _ in p.values()) for p in rows) / len(rows)
     peaks = {k: max(p[k][1] for p in rows) for k in rows[0]}
-    cfg = GPT.from_preset(preset).config if args.smoke else None
-    L, C = (cfg.n_layer, cfg.n_embd) if cfg else {"gpt2-xl": (48, 1600), "gpt2-large": (36, 1280)}[preset]
-    return {"config": args.config, "model": preset, "status": "ok", "iter_s": time_s,
-            "peak_gib": max(peaks.values()), **{f"peak_{k}_gib": v for k, v in peaks.items()},
-            "predicted_peak_gib": predicted_peak_gib(args.config, L, C, args.batch, args.seq, args.micro,
-                                                     V=cfg.vocab_size if cfg else 50257)}
+    return {"status": "ok", "iter_s": time_s, "peak_gib": max(peaks.values()),
+            **{f"peak_{k}_gib": v for k, v in peaks.items()}}
+
+
+def run_child(args) -> dict:
+    """This process's configuration: the plan's fields, then what ran (or why it did not)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.preset = args.preset or ("gpt2-xl" if args.config == "lora-xl" else "gpt2-large")
+    args.precision = "bf16" if device.type == "cuda" else "fp32"  # DeepSpeed's; lora-xl casts to bf16 itself
+    plan, row = planned(args)
+    row = {"config": args.config, "model": args.preset, **row}
+    if args.config == "lora-xl" and not plan.fits:
+        return {**row, "status": "refused by the plan"}
+    try:
+        return {**row, **run_config(args, plan, device)}
+    except torch.OutOfMemoryError as e:
+        return {**row, "status": "OOM under the 16 GiB cap", "error": str(e).splitlines()[0]}
 
 
 def main(argv=None) -> int:
@@ -231,22 +258,18 @@ def main(argv=None) -> int:
     p.add_argument("--json", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
-        args.preset, args.batch, args.prompt_len, args.seq, args.micro, args.score_chunk = "tiny", 4, 6, 14, 2, 2
-        args.vocab = 256
+        args.preset, args.batch, args.prompt_len, args.response_len = "tiny", 4, 6, 8
+        args.micro, args.score_chunk, args.vocab = 2, 2, 256
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     else:
         if not torch.cuda.is_available():
             print("bench_memory_16gb needs a CUDA GPU (it caps GPU memory at 16 GiB); "
                   "run with --smoke for the CPU plumbing check", file=sys.stderr)
             return 2
-        args.preset, args.batch, args.prompt_len, args.seq, args.micro, args.score_chunk = None, 64, 128, 384, 4, 16
-        args.vocab = 50257
+        args.preset, args.batch, args.prompt_len, args.response_len = None, 64, 256, 128
+        args.micro, args.score_chunk, args.vocab = 4, 16, 50257  # micro: full-large's; lora-xl's is the plan's
     if args.config:  # child: one configuration
-        try:
-            row = run_config(args)
-        except torch.OutOfMemoryError as e:
-            row = {"config": args.config, "status": "OOM under the 16 GiB cap", "error": str(e).splitlines()[0]}
-        Path(args.json).write_text(json.dumps(row))
+        Path(args.json).write_text(json.dumps(run_child(args)))
         return 0
     rows = []
     out_dir = Path(__file__).resolve().parent / "results" if not args.smoke else Path(".benchmarks/smoke")
@@ -261,8 +284,11 @@ def main(argv=None) -> int:
             continue
         rows.append(json.loads(out.read_text()))
         out.unlink()
-    print_table(rows, ["config", "model", "status", "iter_s", "peak_gib", "predicted_peak_gib",
-                       "peak_generate_gib", "peak_score_gib", "peak_update_gib"])
+    print_table(rows, ["config", "model", "status", "plan_micro_batch", "plan_grad_checkpoint", "iter_s", "peak_gib",
+                       "predicted_peak_gib"] + [f"{w}_{k}_gib" for k in PHASES for w in ("peak", "predicted")])
+    for r in rows:
+        if r.get("plan"):
+            print(f"plan {r['config']}: {r['plan']}")
     path = write_record("memory_16gb" + ("-smoke" if args.smoke else ""), rows, {"cap_gib": CAP_GIB},
                         out_dir=out_dir)
     print(f"record: {path}")

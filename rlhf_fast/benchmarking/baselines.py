@@ -4,8 +4,11 @@
   every new token (no KV cache);
 - `hf_copy`: the same weights as a Hugging Face `GPT2LMHeadModel`, for `generate` with HF's own cache;
 - `SeedStyleBaseline`: a whole seed-style PPO iteration: four separate models (policy, reference,
-  critic, reward), eager, torch kernel/attention backends, no-KV-cache generation. It trains the same
-  LoRA adapters as ours, so the speed-up measures the engineering, not a change in what is trained.
+  critic, reward), eager, torch kernel/attention backends, unfused log-probs (`seed_action_logprobs`),
+  no-KV-cache generation. It trains the same
+  LoRA adapters as ours, so the speed-up measures the engineering, not a change in what is trained;
+- `unfused_logprobs`: the lm-head log-probs / entropy as the seed computed them, through the full
+  (N, V) fp32 log-softmax (what `kernels.linear_logprobs` avoids materialising).
 """
 
 from __future__ import annotations
@@ -22,7 +25,23 @@ from rlhf_fast.model import GPT, ScalarHead, add_lora, reward_scores
 from rlhf_fast.model.lora import adapter_parameters
 from rlhf_fast.rl import AdvantageConfig, Experience, compute_advantages, ppo_loss, shape_rewards
 from rlhf_fast.trainers.experience import PhaseTimer
-from rlhf_fast.trainers.rollout import action_logprobs, action_values
+from rlhf_fast.trainers.rollout import action_values
+
+
+def unfused_logprobs(hidden, weight, targets, temperature: float = 1.0, with_entropy: bool = False):
+    """(log p(target), entropy or None), each (...) fp32, from the materialised (..., V) log-softmax of
+    hidden @ weight.T / temperature. hidden (..., C); weight (V, C); targets (...) in [0, V)."""
+    logp = torch.log_softmax(F.linear(hidden, weight).float() / temperature, dim=-1)  # (..., V)
+    logprobs = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logprobs, (-(logp.exp() * logp).sum(dim=-1) if with_entropy else None)
+
+
+def seed_action_logprobs(model, sequences, attention_mask, first_action: int):
+    """`trainers.rollout.action_logprobs` as the seed computed it: the response's (B, T', V) logits and
+    their fp32 log-softmax materialised (the fused kernel's baseline); (B, T) fp32, 0 before first_action."""
+    h = model.hidden_states(sequences, attention_mask)[:, first_action:-1]
+    lp, _ = unfused_logprobs(h, model.lm_head.weight, sequences[:, first_action + 1 :])
+    return F.pad(lp, (first_action, 0))
 
 
 @torch.no_grad()
@@ -126,8 +145,8 @@ class SeedStyleBaseline:
         mask = mask.bool()
         action_mask = F.pad(torch.ones_like(mask[:, first + 1 :]), (first, 0), value=False)  # (B, S - 1)
         with timer("score"), self.strategy.autocast():
-            logprobs = action_logprobs(self.policy, seq, mask, first_action=first)
-            ref_logprobs = action_logprobs(self.reference, seq, mask, first_action=first)
+            logprobs = seed_action_logprobs(self.policy, seq, mask, first)
+            ref_logprobs = seed_action_logprobs(self.reference, seq, mask, first)
             values = action_values(self.critic, self.value_head, seq, mask, first_action=first)
             scores = reward_scores(self.reward_model, self.reward_head, seq, mask).float()
         with timer("advantages"):
@@ -154,9 +173,7 @@ class SeedStyleBaseline:
             for i in range(0, B, self.mini_batch_size):
                 mb = exp.select(order[i : i + self.mini_batch_size])
                 with self.strategy.autocast():
-                    logprobs = action_logprobs(
-                        self.policy, mb.sequences, mb.attention_mask, first_action=first
-                    )
+                    logprobs = seed_action_logprobs(self.policy, mb.sequences, mb.attention_mask, first)
                     values = action_values(
                         self.critic, self.value_head, mb.sequences, mb.attention_mask, first_action=first
                     )

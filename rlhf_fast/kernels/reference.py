@@ -154,8 +154,9 @@ def ppo_loss(
 # ----------------------------------------------------------------------------------------------
 # lm-head log-probs
 
-# Bytes of (chunk, V) scratch the log-prob kernels may hold at once (fp32 logits here, the gradient
-# buffer in the inputs' dtype in kernels/logprobs.py); `linear_logprobs_chunk` turns it into tokens.
+# Bytes of (chunk, V) scratch a log-prob pass may hold at once, whatever the token count: two fp32 blocks
+# here (logits and probabilities), the one gradient block (inputs' dtype) of the Triton backward
+# (kernels/logprobs.py; its forward needs none). `linear_logprobs_chunk` turns it into tokens.
 LOGPROB_CHUNK_BYTES = 256 * 2**20
 
 
@@ -178,12 +179,13 @@ def _logprob_dtype(hidden) -> torch.dtype:
 
 
 def _logits_chunk(h, w, temperature: float):
-    return torch.matmul(h, w.t()) / temperature  # (n, V) in the compute dtype
+    z = torch.matmul(h, w.t())  # (n, V) in the compute dtype
+    return z if temperature == 1.0 else z.div_(temperature)
 
 
 class _LinearLogprobs(torch.autograd.Function):
-    """Chunked over tokens: a (chunk, V) fp32 block of logits exists at a time, in the forward and again
-    (recomputed) in the backward, which needs only the per-token logsumexp and entropy."""
+    """Chunked over tokens, in place: at most two (chunk, V) blocks exist at a time, in the forward and
+    again (recomputed) in the backward, which needs only the per-token logsumexp and entropy."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk):
@@ -195,13 +197,13 @@ class _LinearLogprobs(torch.autograd.Function):
         ent = torch.zeros_like(lp)
         lse = torch.zeros_like(lp)
         for s in range(0, n, chunk):
-            z = _logits_chunk(hidden[s : s + chunk].to(cd), w, temperature)
-            lse_c = torch.logsumexp(z, dim=-1)
-            logp = z - lse_c.unsqueeze(-1)
-            lp[s : s + chunk] = logp.gather(-1, safe_t[s : s + chunk]).squeeze(-1)
-            lse[s : s + chunk] = lse_c
+            sl = slice(s, s + chunk)
+            logp = _logits_chunk(hidden[sl].to(cd), w, temperature)
+            lse[sl] = torch.logsumexp(logp, dim=-1)
+            logp.sub_(lse[sl].unsqueeze(-1))
+            lp[sl] = logp.gather(-1, safe_t[sl]).squeeze(-1)
             if with_entropy:
-                ent[s : s + chunk] = -(logp.exp() * logp).sum(-1)
+                ent[sl] = -logp.exp().mul_(logp).sum(-1)
         # Ignored rows give 0 (selected, so NaN/inf in their hidden states cannot leak out).
         lp, ent, lse = (torch.where(valid, t, 0.0) for t in (lp, ent, lse))
         ctx.save_for_backward(hidden, weight, targets, lse, ent)
@@ -224,20 +226,24 @@ class _LinearLogprobs(torch.autograd.Function):
         valid = targets >= 0
         safe_t = torch.where(valid, targets, 0).unsqueeze(-1)
         zeros = lse.new_zeros(n)
-        g_lp, g_ent, g_lse = (torch.where(valid, g.to(lse.dtype), 0.0) if g is not None else zeros
-                              for g in (g_lp, g_ent, g_lse))
+        # Zeroed upstream gradients and hidden rows of ignored tokens make their dz exactly 0.
+        g_lp, g_ent, g_lse = (torch.where(valid, g.to(lse.dtype), 0.0).unsqueeze(-1) if g is not None
+                              else zeros.unsqueeze(-1) for g in (g_lp, g_ent, g_lse))
         w = weight.to(lse.dtype)
         dh = torch.empty_like(hidden) if need_h else None
         dw = torch.zeros_like(w) if need_w else None
         for s in range(0, n, ctx.chunk):
             sl = slice(s, s + ctx.chunk)
             h = torch.where(valid[sl].unsqueeze(-1), hidden[sl].to(w.dtype), 0.0)
-            logp = _logits_chunk(h, w, tau) - lse[sl].unsqueeze(-1)
-            p = logp.exp()
+            logp = _logits_chunk(h, w, tau).sub_(lse[sl].unsqueeze(-1))
+            dz = logp.exp()  # p
             # d lp/dz = onehot - p; d lse/dz = p; d entropy/dz = -p (log p + entropy)
-            dz = p * (g_lse[sl] - g_lp[sl]).unsqueeze(-1) - g_ent[sl].unsqueeze(-1) * p * (logp + ent[sl].unsqueeze(-1))
-            dz.scatter_add_(-1, safe_t[sl], g_lp[sl].unsqueeze(-1))
-            dz = torch.where(valid[sl].unsqueeze(-1), dz, 0.0) / tau
+            ent_term = logp.add_(ent[sl].unsqueeze(-1)).mul_(dz).mul_(g_ent[sl])  # reuses logp's block
+            dz.mul_(g_lse[sl] - g_lp[sl]).sub_(ent_term)
+            del logp, ent_term
+            dz.scatter_add_(-1, safe_t[sl], g_lp[sl])
+            if tau != 1.0:
+                dz.div_(tau)
             if need_h:
                 dh[sl] = (dz @ w).to(hidden.dtype)
             if need_w:
@@ -255,7 +261,7 @@ def linear_logprobs(hidden, weight, targets, temperature: float = 1.0, with_entr
     """
     lead = targets.shape
     h2, t1 = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    chunk = chunk_tokens or linear_logprobs_chunk(h2.shape[0], weight.shape[0], _logprob_dtype(hidden).itemsize)
+    chunk = chunk_tokens or linear_logprobs_chunk(h2.shape[0], weight.shape[0], 2 * _logprob_dtype(hidden).itemsize)
     # Autocast off inside: the matmuls must run in fp32 on the (already autocast-dtype) inputs, as the
     # kernel's fp32 accumulation does; autocast would round the logits to bf16 first.
     with torch.autocast(hidden.device.type, enabled=False):
