@@ -19,6 +19,7 @@ ALLOWED = {
     "distributed": set(),
     "trainers": {"kernels", "model", "generation", "rl", "data", "distributed"},
     "benchmarking": {"kernels", "model", "generation", "rl", "data", "distributed", "trainers"},
+    "serving": {"kernels", "model", "generation", "data", "trainers"},
 }
 
 
