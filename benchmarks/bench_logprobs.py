@@ -49,8 +49,8 @@ IMPLS = ("fused", "unfused")
 GPT2_PRESETS = {768: "gpt2", 1024: "gpt2-medium", 1280: "gpt2-large", 1600: "gpt2-xl"}
 ENTROPY_COEF = 0.01
 TARGETS = {"score": 5.0, "fwd+bwd": 5.0, "fwd+bwd+dW": 5.0, "update": 2.0}  # peak unfused / fused
-SMOKE = dict(widths=[64], tokens=(4, 128), vocab=4096, update_layers=1, update_batch=2, chunk_tokens=32,
-             repeats=1, warmup=0)
+SMOKE = dict(widths=[64], tokens=(2, 128), vocab=2048, update_layers=1, update_batch=2, chunk_tokens=32,
+             repeats=0, warmup=0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 SECTIONS = ["env", "pytest_gpu", "kernels", "compile", "decode", "bench_lora", "bench_attention", "bench_ppo",
-            "bench_generation", "e2e", "xl16"]
+            "bench_generation", "bench_logprobs", "e2e", "xl16"]
 
 
 def run_check(out_dir: Path, *args: str, timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
