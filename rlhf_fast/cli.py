@@ -85,6 +85,32 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The sampling flags of generate and chat, and the device and dtype to run on."""
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def cmd_chat(args) -> int:
+    from rlhf_fast.generation import SamplingConfig
+    from rlhf_fast.model import PRESETS
+    from rlhf_fast.serving.chat import ChatSession, run_repl
+    from rlhf_fast.serving.conversation import load_chat_model
+
+    sampling = SamplingConfig(do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
+                              top_k=args.top_k, top_p=args.top_p)
+    model, tokenizer, _ = load_chat_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
+    session = ChatSession(model, tokenizer, sampling=sampling, max_new_tokens=args.max_new_tokens,
+                          system=args.system, seed=args.seed)
+    random_init = args.model in PRESETS
+    return run_repl(session, name=f"{args.model} (random init: replies are noise)" if random_init else args.model)
+
+
 # --- sft / rm: training stages -------------------------------------------------------------------
 
 # (flag, config key, type, help); defaults come from the config dataclasses (shown in --help).
@@ -383,15 +409,89 @@ def cmd_demo(args) -> int:
     from rlhf_fast.trainers.demo import DemoConfig, format_summary, run_demo
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.task == "sentiment":
+        return _demo_sentiment(args)
+    if args.data is not None or args.rl_iterations is not None:
+        raise ValueError("--data and --rl-iterations apply to --task sentiment")
     sizes = {k: v for k, v in vars(args).items() if k.startswith(("sft_", "rm_", "ppo_", "dpo_")) and v is not None}
-    common = dict(output_dir=args.output_dir, device=args.device, seed=args.seed, progress=not args.no_progress,
-                  algo=args.algo, **sizes)
+    common = dict(output_dir=args.output_dir or "runs/demo", device=args.device, seed=args.seed,
+                  progress=not args.no_progress, algo=args.algo, **sizes)
     config = DemoConfig.quick(**common) if args.quick else DemoConfig(**common)
     summary = run_demo(config)
     print(format_summary(summary))
     extra = "ppo_curves.png, sft/ rm/ ppo/" if config.algo == "ppo" else "sft/ rm/ dpo/"
     print(f"\nrun directory: {config.output_dir} (summary.json, {extra} with checkpoints, metrics.jsonl and "
           "exports)")
+    return 0
+
+
+def _demo_sentiment(args) -> int:
+    from rlhf_fast.trainers.sentiment_task import SentimentTaskConfig, format_sentiment_summary, run_sentiment_task
+
+    synthetic_only = [flag for flag, value in (("--rm-steps", args.rm_steps), ("--ppo-iterations", args.ppo_iterations),
+                                               ("--dpo-steps", args.dpo_steps)) if value is not None]
+    if synthetic_only or args.algo != "ppo":
+        raise ValueError(f"{', '.join(synthetic_only or ['--algo'])} apply to --task synthetic; --task sentiment "
+                         "runs SFT then GRPO (sizes: --sft-steps, --rl-iterations)")
+    sizes = {k: v for k, v in (("sft_steps", args.sft_steps), ("rl_iterations", args.rl_iterations),
+                               ("data", args.data)) if v is not None}
+    common = dict(output_dir=args.output_dir or "runs/demo-sentiment", device=args.device, seed=args.seed,
+                  progress=not args.no_progress, **sizes)
+    config = SentimentTaskConfig.quick(**common) if args.quick else SentimentTaskConfig(**common)
+    print(format_sentiment_summary(run_sentiment_task(config)))
+    print(f"\nrun directory: {config.output_dir} (summary.json; sft/export; rl/ with config, metrics.jsonl, "
+          "checkpoints and export)")
+    return 0
+
+
+# --- eval: policies compared on held-out prompts -------------------------------------------------
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    from rlhf_fast.evaluation import TASKS, EvalConfig
+
+    d = EvalConfig(policies=("-",))
+    p.add_argument("--policies", nargs="+", required=True, metavar="DIR",
+                   help="policy exports or run directories (runs/demo/ppo); the first is the baseline")
+    p.add_argument("--names", nargs="+", help="a name per policy (default: from the directory names)")
+    p.add_argument("--reward-model", metavar="DIR", help="an `rlhf-fast rm` export: scores and win-rates")
+    p.add_argument("--reference", metavar="DIR", help="the KL reference (default: the first policy)")
+    p.add_argument("--task", choices=TASKS, help="held-out prompts and gold reward: synthetic (default), "
+                   "arithmetic, sentiment (with --prompts), none (default with --prompts)")
+    p.add_argument("--prompts", metavar="FILE", help="a .jsonl(.gz) file of {\"prompt\": ...} lines or HH "
+                   "records: its last --num-prompts prompts instead of the task's")
+    p.add_argument("--num-prompts", type=int, default=d.num_prompts, help=f"(default: {d.num_prompts})")
+    p.add_argument("--samples", type=int, default=d.samples, help="sampled responses per prompt, plus one "
+                   f"greedy (default: {d.samples})")
+    p.add_argument("--max-new-tokens", type=int, help="(default: 48; arithmetic 16)")
+    p.add_argument("--temperature", type=float, default=d.temperature, help=f"(default: {d.temperature})")
+    p.add_argument("--seed", type=int, default=d.seed, help="sampling, bootstrap and the task's held-out draw "
+                   f"(default: {d.seed}: the demo's held-out prompts)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"prompts per batch (default: "
+                   f"{d.batch_size})")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--output-dir", default=d.output_dir, help="eval.json, eval.md, eval.png, samples.md "
+                   f"(default: {d.output_dir})")
+
+
+def cmd_eval(args) -> int:
+    from rlhf_fast.evaluation import EvalConfig, run_eval
+    from rlhf_fast.evaluation.evaluate import format_markdown
+
+    try:
+        config = EvalConfig(policies=tuple(args.policies), names=tuple(args.names) if args.names else None,
+                            reward_model=args.reward_model, reference=args.reference, task=args.task,
+                            prompts=args.prompts, num_prompts=args.num_prompts, samples=args.samples,
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                            batch_size=args.batch_size, device=args.device, output_dir=args.output_dir)
+        result = run_eval(config)
+    except USER_ERRORS as e:  # a missing or corrupt export, a bad flag: one line naming it, exit 2
+        if args.debug:
+            raise
+        print(f"rlhf-fast eval: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(format_markdown(result))
+    print("\nwrote " + ", ".join(result["files"].values()))
     return 0
 
 
@@ -518,6 +618,49 @@ def cmd_plan(args) -> int:
     return 0
 
 
+# --- serve: the OpenAI-compatible HTTP server ------------------------------------------------------
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    from rlhf_fast.serving.batcher import BatchConfig  # no fastapi: the defaults live there
+
+    d = BatchConfig()
+    p.add_argument("--model", required=True, help="an `rlhf-fast` export / HF GPT-2 directory, or a preset "
+                   "(random init: a smoke test)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="requests per generate call "
+                   f"(1: no batching, one request at a time; default: {d.max_batch_size})")
+    p.add_argument("--batch-window-ms", type=float, default=d.batch_window_ms, help="how long the oldest waiting "
+                   f"request waits for others to batch with (default: {d.batch_window_ms:g})")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before the server "
+                   f"answers 429 (default: {d.max_queue})")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compiled decode step (CUDA graphs on CUDA; default: on for CUDA, off for CPU)")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0, help="init seed of a preset model")
+
+
+def cmd_serve(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise SystemExit("rlhf-fast serve needs: pip install 'rlhf_fast[serve]'") from None
+    from rlhf_fast.serving.batcher import BatchConfig
+    from rlhf_fast.serving.conversation import load_chat_model
+    from rlhf_fast.serving.server import serve
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    batch = BatchConfig(max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms,
+                        max_queue=args.max_queue, compile=args.compile)
+    model, tokenizer, name = load_chat_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
+    serve(model, tokenizer, name, host=args.host, port=args.port, batch=batch)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__)
     # the deepspeed launcher passes --local_rank=N before the subcommand; the rank is read from LOCAL_RANK
@@ -532,14 +675,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", help="text file, one prompt per line")
     p.add_argument("--tokenizer", help="'byte' or an HF tokenizer dir (default: byte for a preset, "
                    "else --model)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("chat", help="talk to a model in the terminal: multi-turn HH-format chat, streamed")
+    p.add_argument("--model", required=True, help="an `rlhf-fast` export (e.g. runs/demo/ppo/export) or HF GPT-2 "
+                   "directory, or a preset (random init: a smoke test)")
+    p.add_argument("--system", help="text put before the conversation")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
     p = sub.add_parser("sft", help="supervised fine-tuning on prompt/response data (loss on responses)")
     _add_train_args(p, "sft")
     p.set_defaults(func=cmd_sft)
@@ -580,9 +723,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ppo)
     p = sub.add_parser("demo", help="the main job: SFT -> RM -> PPO (--algo dpo: DPO) on the built-in synthetic "
                                     "task, offline")
-    p.add_argument("--output-dir", default="runs/demo", help="run directory (default: runs/demo)")
+    p.add_argument("--task", choices=["synthetic", "sentiment"], default="synthetic",
+                   help="synthetic (default): the built-in preference task, byte tokenizer; sentiment: SFT on "
+                        "HH-RLHF dialogues with the GPT-2 tokenizer, then GRPO toward positive sentiment (VADER)")
+    p.add_argument("--output-dir", help="run directory (default: runs/demo; --task sentiment: runs/demo-sentiment)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", help="--task sentiment: an HH-RLHF .jsonl(.gz) file or directory "
+                                  "(default: ../shared/data/hh-rlhf)")
+    p.add_argument("--rl-iterations", dest="rl_iterations", type=int, help="--task sentiment: GRPO iterations")
     p.add_argument("--sft-steps", dest="sft_steps", type=int, help="SFT optimizer steps (default: 300)")
     p.add_argument("--rm-steps", dest="rm_steps", type=int, help="reward-model optimizer steps (default: 200)")
     p.add_argument("--ppo-iterations", dest="ppo_iterations", type=int, help="PPO iterations (default: 40)")
@@ -592,6 +741,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny model and step counts: a smoke test in seconds")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("eval", help="compare policies on held-out prompts: RM score and win-rate (95% CI), gold "
+                                    "reward, KL, length, diversity, reward-hacking alarms")
+    _add_eval_args(p)
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("bench", help="end-to-end throughput: generation, experience, PPO iteration vs the "
                        "seed-style baseline; table + JSON record + PNG chart")
     _add_bench_args(p)
@@ -600,6 +753,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "memory budget: fits, a proposal that fits, or why nothing does")
     _add_plan_args(p)
     p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming) with dynamic "
+                                     "batching; needs the serve extra")
+    _add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

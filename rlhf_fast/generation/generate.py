@@ -14,6 +14,7 @@ token per step (gpt-fast style), with no device->host sync per token.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -143,12 +144,18 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, eos_token_id
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_sample: bool = True,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
              pad_token_id: int | None = None, generator: torch.Generator | None = None,
-             return_logprobs: bool = False, compile: bool | None = None) -> GenerationOutput:
+             return_logprobs: bool = False, compile: bool | None = None,
+             on_step: Callable[[int, torch.Tensor, torch.Tensor], bool | None] | None = None) -> GenerationOutput:
     """Generate up to max_new_tokens for a left-padded batch of prompts (B, P).
 
-    N in the output is the longest response (< max_new_tokens only when every row hit EOS). pad_token_id
-    defaults to eos_token_id (GPT-2 has no pad token), else 0. compile: None = on CUDA only (with CUDA
-    graphs), True/False to force. The model's train/eval mode is left as is (dropout is 0 for RLHF).
+    N in the output is the longest response (< max_new_tokens only when every row hit EOS or on_step stopped
+    it). pad_token_id defaults to eos_token_id (GPT-2 has no pad token), else 0. compile: None = on CUDA only
+    (with CUDA graphs), True/False to force. The model's train/eval mode is left as is (dropout is 0 for RLHF).
+
+    on_step(t, token, finished), for streaming: called after each step t with that step's tokens (B,) (pad
+    for rows finished before t) and the rows finished by EOS so far (B,) bool, on the model's device; a true
+    return value stops generation after step t. Reading them costs a device->host sync per step, which is
+    why it is optional; the compiled decode step is untouched (the callback runs between steps).
     """
     sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     _check_inputs(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, generator)
@@ -178,8 +185,10 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
             logprobs[:, t] = token_logprobs(logits, token, temperature).masked_fill(finished, 0.0)
         if eos_token_id is not None:
             finished = finished | (token == eos_token_id)
-            if (t + 1) % EOS_CHECK_EVERY == 0 and bool(finished.all()):
-                break
+        if on_step is not None and on_step(t, token, finished):
+            break
+        if eos_token_id is not None and (t + 1) % EOS_CHECK_EVERY == 0 and bool(finished.all()):
+            break
         if t == N - 1:
             break
         if use_compile and device.type == "cuda":
@@ -188,8 +197,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
         position_ids = position_ids + 1
         input_pos = input_pos + 1
 
-    # Trim columns in which every row had already finished (one host read, after the loop).
-    n = int(response_mask.sum(dim=1).max()) if eos_token_id is not None else N
+    # Trim columns in which every row had already finished or that on_step cut off (one host read).
+    n = int(response_mask.sum(dim=1).max()) if eos_token_id is not None or on_step is not None else N
     response_mask = response_mask[:, :n]
     return GenerationOutput(
         sequences=torch.cat([input_ids, tokens[:, :n]], dim=1),

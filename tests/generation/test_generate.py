@@ -280,3 +280,73 @@ def test_cuda_graph_decode_step_matches_eager_and_is_reused():
             generate(model, ids2, mask2, max_new_tokens=9, do_sample=False)
     finally:
         torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------------------------
+# on_step: per-step tokens for streaming, and stopping early
+
+
+@torch.no_grad()
+def test_on_step_sees_every_token_and_can_stop_early(tiny):
+    ids, mask = left_padded([6, 2, 5, 3], 6, seed=3)
+    N, pad = 20, 300
+    free = generate(tiny, ids, mask, max_new_tokens=N, do_sample=False, pad_token_id=pad)
+    eos = int(free.sequences[1, 6 + 4])  # row 1 ends by step 4; others later or never
+    seen, flags = [], []
+
+    def record(t, token, finished):
+        assert t == len(seen) and token.shape == finished.shape == (4,)
+        seen.append(token.clone())
+        flags.append(finished.clone())
+
+    out = generate(tiny, ids, mask, max_new_tokens=N, do_sample=False, eos_token_id=eos, pad_token_id=pad,
+                   on_step=record)
+    resp = out.sequences[:, 6:]
+    assert len(seen) == resp.shape[1]  # the step that finishes the last row is reported too
+    assert torch.equal(torch.stack(seen, dim=1), resp)
+    assert torch.equal(torch.stack(flags, dim=1), (resp == eos).long().cummax(dim=1).values.bool())
+    # Same call without the hook: same tokens (it only observes).
+    plain = generate(tiny, ids, mask, max_new_tokens=N, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    assert torch.equal(plain.sequences, out.sequences)
+
+    # Returning True at step 4 stops after it: 5 columns, the free run's prefix, a full response mask.
+    calls = []
+    cut = generate(tiny, ids, mask, max_new_tokens=N, do_sample=False, pad_token_id=pad,
+                   on_step=lambda t, token, finished: calls.append(t) or t == 4)
+    assert calls == [0, 1, 2, 3, 4]
+    assert torch.equal(cut.sequences, free.sequences[:, : 6 + 5])
+    assert cut.response_mask.shape == (4, 5) and bool(cut.response_mask.all())
+
+
+@torch.no_grad()
+def test_on_step_called_for_the_step_after_which_every_row_has_finished():
+    torch.manual_seed(0)
+    model = GPT.from_preset("tiny", attn_backend="torch").eval()
+    eos = 5
+    with torch.no_grad():  # EOS is every row's greedy choice at every step (as in the early-stop test)
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(10 * model.transformer.wte.weight[eos])
+    ids, mask = left_padded([4, 2], 4)
+    steps = []
+    generate(model, ids, mask, max_new_tokens=40, do_sample=False, eos_token_id=eos,
+             on_step=lambda t, token, finished: steps.append((t, bool(finished.all()))))
+    # generation ends at the first "all finished?" check; the callback still saw that step
+    assert steps == [(t, True) for t in range(EOS_CHECK_EVERY)]
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_on_step_with_cuda_graph_decode_matches_eager():
+    torch._dynamo.reset()
+    try:
+        torch.manual_seed(0)
+        model = GPT.from_preset("tiny").cuda().eval()
+        ids, mask = (t.cuda() for t in left_padded([7, 3, 1], 7))
+        eager = generate(model, ids, mask, max_new_tokens=12, do_sample=False, compile=False)
+        seen = []
+        compiled = generate(model, ids, mask, max_new_tokens=12, do_sample=False, compile=True,
+                            on_step=lambda t, token, finished: seen.append(token.tolist()) or t == 8)
+        assert torch.equal(compiled.sequences, eager.sequences[:, : 7 + 9])
+        assert torch.tensor(seen, device="cuda").T.equal(compiled.sequences[:, 7:])
+    finally:
+        torch._dynamo.reset()
