@@ -20,6 +20,7 @@ ALLOWED = {
     "trainers": {"kernels", "model", "generation", "rl", "data", "distributed"},
     "benchmarking": {"kernels", "model", "generation", "rl", "data", "distributed", "trainers"},
     "serving": {"kernels", "model", "generation", "data", "trainers"},
+    "evaluation": {"kernels", "model", "generation", "rl", "data", "trainers"},
 }
 
 

@@ -11,11 +11,22 @@ So a reward model must learn two things from the text, "addresses the prompt's s
 response's first word repeat the subject named in the prompt?) and "ends politely"; a policy pushed by
 it moves towards on-topic, polite answers. Everything is a deterministic function of the seed;
 responses are <= 48 bytes (1 token per byte with the byte tokenizer).
+
+Gold reward (`synthetic_gold_reward`): the preference rule above applied to any response text, so a
+policy's samples can be checked against the task itself rather than against a learned reward model.
+The response is split at its first ".", "!" or "?" into an opening sentence and the rest:
+    topic    +1  the opening sentence is one of the task's facts about the prompt's subject and no other
+                 subject is named anywhere;  -1  another subject is named;  0  otherwise (no fact)
+    closing  +1  the rest is exactly one polite closing;  -1  a rude closing occurs anywhere;  0  otherwise
+gold = topic + closing, in [-2, 2]. Every preferred response scores 2; rejected ones 0 (off-topic or rude)
+or -2 (both), so the rule ranks the task's own pairs correctly every time. Word salad, repeated closings
+and made-up facts earn at most 1: the polite-word salad a byte-level reward model may like is not gold.
 """
 
 from __future__ import annotations
 
 import random
+import re
 
 from .examples import PreferenceExample
 
@@ -74,3 +85,31 @@ def synthetic_split(n_train: int, n_eval: int, seed: int = 0):
 def synthetic_prompts(n: int, seed: int = 0) -> list[str]:
     """n prompts of the task (for RL rollouts), deterministic from `seed`."""
     return [ex.prompt for ex in synthetic_preferences(n, seed)]
+
+
+_OPENING = re.compile(r"\s*([^.!?]*[.!?]?)\s*(.*)", re.DOTALL)  # (opening sentence, the rest)
+
+
+def prompt_subject(prompt: str) -> str:
+    """The subject a task prompt asks about (ValueError for a prompt that is not one of the task's)."""
+    named = [s for s in SUBJECTS if re.search(rf"\b{s}\b", prompt)]
+    if len(named) != 1:
+        raise ValueError(f"not a prompt of the synthetic task (it names {len(named)} subjects): {prompt!r}")
+    return named[0]
+
+
+def gold_components(prompt: str, response: str) -> tuple[int, int]:
+    """(topic, closing) of the gold rule in the module docstring, each in {-1, 0, 1}."""
+    subject = prompt_subject(prompt)
+    opening, rest = _OPENING.fullmatch(response).groups()
+    off_topic = any(re.search(rf"\b{s}\b", response) for s in SUBJECTS if s != subject)
+    topic = -1 if off_topic else int(opening in SUBJECTS[subject])
+    closing = -1 if any(r in response for r in RUDE) else int(rest.strip() in POLITE)
+    return topic, closing
+
+
+def synthetic_gold_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """The task's preference rule as a reward (a `RewardFunction`): topic + closing, in [-2, 2]."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
+    return [float(sum(gold_components(p, c))) for p, c in zip(prompts, completions)]

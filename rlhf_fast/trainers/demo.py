@@ -6,7 +6,9 @@
    beside them (one base for all four roles; the reference is "adapters off").
    `algo="dpo"` instead trains the `policy` adapter with DPO on the pairs (reference: adapters off); the
    RM then only judges: the DPO adapter is put beside the RM's on the SFT base for the same evaluation.
-Then a summary table (SFT loss, RM accuracy, held-out reward of the SFT vs the PPO policy, KL, time per
+Then a summary table (SFT loss, RM accuracy, held-out reward of the SFT vs the PPO policy, their gold
+reward by the task's own rule (`synthetic_gold_reward`: reward hacking shows up as RM reward up, gold
+down), the RM win-rate of the PPO policy over the SFT policy with a 95% bootstrap interval, KL, time per
 phase), `summary.json`, and `ppo_curves.png` (reward and KL per PPO iteration). Each stage leaves its
 config, metrics.jsonl, checkpoints and export under <output_dir>/{sft,rm,ppo}.
 
@@ -24,12 +26,15 @@ from pathlib import Path
 import torch
 
 from rlhf_fast.data import synthetic_prompts
+from rlhf_fast.data.synthetic import synthetic_gold_reward
 from rlhf_fast.model import load_adapter, save_adapter
 from rlhf_fast.rl import AdvantageConfig
+from rlhf_fast.rl.winrate import win_rate
 
 from .config import DataSettings, DPOSettings, LoRASettings, ModelSettings, OptimSettings, RunSettings, TrainConfig
 from .dpo import build_dpo_trainer
 from .experience import ExperienceMaker
+from .heldout import held_out_responses
 from .models import POLICY
 from .ppo import PPOConfig, PPOTrainer, load_ppo_models, prompt_batches
 from .reward import build_reward_trainer
@@ -116,12 +121,12 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     t0 = time.perf_counter()
     models, tokenizer = load_ppo_models(sft_dir, rm_dir, seed=cfg.seed, critic=cfg.algo == "ppo")
-    held_out = [tokenizer.encode(p)
-                for p in synthetic_prompts(cfg.eval_prompts, cfg.seed + HELD_OUT_SEED_OFFSET)]
+    held_out_texts = synthetic_prompts(cfg.eval_prompts, cfg.seed + HELD_OUT_SEED_OFFSET)
+    held_out = [tokenizer.encode(p) for p in held_out_texts]
     summary = {"algo": cfg.algo, "sft_eval_loss": sft_loss, "rm_heldout_accuracy": rm_accuracy,
                "reward_model_shares_base": models.reward_model is None}
     if cfg.algo == "dpo":
-        summary.update(_dpo(cfg, root, sft_dir, models, tokenizer, held_out))
+        summary.update(_dpo(cfg, root, sft_dir, models, tokenizer, held_out, held_out_texts))
         times["dpo"] = time.perf_counter() - t0
         summary.update(time_s={**times, "total": sum(times.values())}, config=asdict(cfg))
         (root / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -133,9 +138,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     prompts = prompt_batches(synthetic_prompts(64 * cfg.rollout_batch_size, cfg.seed), tokenizer,
                              cfg.rollout_batch_size, 48, cfg.seed)
     ppo = PPOTrainer(ppo_cfg, models, tokenizer, prompts, held_out)
+    judge = dict(tokenizer=tokenizer, prompt_ids=held_out, texts=held_out_texts, batch_size=cfg.rollout_batch_size,
+                 autocast=ppo.strategy.autocast)
     sft_policy = ppo.evaluate()  # before any update the policy adapter is a no-op: the SFT policy
+    sft_judged = held_out_responses(ppo.maker, **judge)  # the responses evaluate() scored, kept one by one
     ppo.train()
     ppo_policy = ppo.eval_history[-1]
+    ppo_judged = held_out_responses(ppo.maker, **judge)
     ppo.export(root / "ppo" / "export")
     times["ppo"] = time.perf_counter() - t0
 
@@ -145,6 +154,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "ppo_policy_reward": ppo_policy["reward"],
         "sft_policy_kl": sft_policy["kl"],
         "ppo_policy_kl": ppo_policy["kl"],
+        **gold_and_win_rate(held_out_texts, sft_judged, ppo_judged, "ppo", cfg.seed),
         "time_s": {**times, "total": sum(times.values())},
         "ppo_phase_time_s": {p: sum(h[f"time/{p}"] for h in ppo.history) for p in phases},
         "max_gen_logprob_gap": max(h["gen_logprob_gap_max"] for h in ppo.history),
@@ -155,7 +165,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     return summary
 
 
-def _dpo(cfg: DemoConfig, root: Path, sft_dir: Path, models, tokenizer, held_out) -> dict:
+def _dpo(cfg: DemoConfig, root: Path, sft_dir: Path, models, tokenizer, held_out, held_out_texts) -> dict:
     """DPO's `policy` adapter on the SFT export, then judged as PPO's: the same held-out prompts, sampled
     responses scored by the RM adapter on the same base, KL to the SFT policy (adapters off)."""
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -165,8 +175,12 @@ def _dpo(cfg: DemoConfig, root: Path, sft_dir: Path, models, tokenizer, held_out
     def evaluate() -> dict:
         return maker.evaluate(tokenizer, held_out, batch_size=cfg.rollout_batch_size)
 
+    def judged():  # the responses evaluate() scored (same seed and batches), kept one by one
+        return held_out_responses(maker, tokenizer, held_out, held_out_texts, batch_size=cfg.rollout_batch_size)
+
     models.to(device)
     sft_policy = evaluate()  # the fresh policy adapter is a no-op: the SFT policy
+    sft_judged = judged()
     dpo = build_dpo_trainer(_stage_config(cfg, "dpo", cfg.dpo_steps, preset=None, model=str(sft_dir)))
     dpo.train()
     pairs = dpo.evaluate()
@@ -177,7 +191,22 @@ def _dpo(cfg: DemoConfig, root: Path, sft_dir: Path, models, tokenizer, held_out
     dpo_policy = evaluate()
     return {"sft_policy_reward": sft_policy["reward"], "dpo_policy_reward": dpo_policy["reward"],
             "sft_policy_kl": sft_policy["kl"], "dpo_policy_kl": dpo_policy["kl"],
+            **gold_and_win_rate(held_out_texts, sft_judged, judged(), "dpo", cfg.seed),
             "dpo_heldout_pair_accuracy": pairs["accuracy"], "dpo_heldout_margin": pairs["rewards/margins"]}
+
+
+def gold_and_win_rate(prompts: list[str], sft, policy, algo: str, seed: int, gold=synthetic_gold_reward) -> dict:
+    """Gold reward (the task's own rule, a RewardFunction) of the SFT and the trained policy's held-out
+    responses (`HeldOutResponses`), and the RM win-rate of the policy over the SFT policy, prompt by prompt,
+    with its 95% bootstrap interval."""
+    wr = win_rate(policy.scores, sft.scores, seed=seed)
+    return {"sft_policy_gold": _mean(gold(prompts, sft.completions)),
+            f"{algo}_policy_gold": _mean(gold(prompts, policy.completions)),
+            f"{algo}_vs_sft_win_rate": wr.rate, f"{algo}_vs_sft_win_rate_ci": [wr.low, wr.high]}
+
+
+def _mean(values) -> float:
+    return float(sum(values)) / len(values)
 
 
 def plot_curves(history: list[dict], path) -> Path:
@@ -211,6 +240,14 @@ def format_summary(summary: dict) -> str:
         ("", f"mean reward, {A} policy", f"{summary[f'{algo}_policy_reward']:+.3f}"),
         ("", f"KL to reference, {A} policy", f"{summary[f'{algo}_policy_kl']:.3f} nats/seq"),
     ]
+    if "sft_policy_gold" in summary:
+        low, high = summary[f"{algo}_vs_sft_win_rate_ci"]
+        rows += [
+            ("", f"gold reward, SFT / {A} policy",
+             f"{summary['sft_policy_gold']:+.3f} / {summary[f'{algo}_policy_gold']:+.3f}"),
+            ("", f"RM win-rate, {A} vs SFT (95% CI)",
+             f"{summary[f'{algo}_vs_sft_win_rate']:.3f} [{low:.3f}, {high:.3f}]"),
+        ]
     if algo == "ppo":
         p = summary["ppo_phase_time_s"]
         rows += [
