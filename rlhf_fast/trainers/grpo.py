@@ -29,7 +29,7 @@ from .common import build_model, lr_lambda
 from .config import DataSettings, LoRASettings, ModelSettings, OptimSettings, RLSettings, RunSettings
 from .metrics import log
 from .models import POLICY, PPOModels
-from .reward_functions import REWARD_FUNCTIONS, as_scorer, load_reward_model_scorer, reward_function
+from .reward_functions import as_scorer, check_reward_spec, load_reward_model_scorer, reward_function
 from .rl_loop import LoopSettings, RLTrainer, build_rl_strategy
 from .sft import cold_start
 
@@ -63,7 +63,7 @@ class TaskSettings:
     """Where prompts and rewards come from: the built-in verifiable task, or a reward model."""
 
     task: str | None = "arithmetic"  # built-in verifiable task (rlhf_fast.data.arithmetic); None with reward_model
-    reward: str = "arithmetic"  # registered reward function scoring the task (see REWARD_FUNCTIONS)
+    reward: str = "arithmetic"  # registered reward function or "name:argument" spec (reward_functions)
     reward_model: str | None = None  # an `rlhf-fast rm` export; prompts then come from data.data
     max_operand: int = 9  # arithmetic operands in [0, max_operand]
     ops: str = "+-"
@@ -75,8 +75,7 @@ class TaskSettings:
             raise ValueError("set exactly one reward source: task='arithmetic' or reward_model=<rm export dir>")
         if self.task is not None and self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; choose one of {sorted(TASKS)}")
-        if self.reward not in REWARD_FUNCTIONS:
-            raise ValueError(f"unknown reward function {self.reward!r}; choose one of {sorted(REWARD_FUNCTIONS)}")
+        check_reward_spec(self.reward)  # also "embedding-similarity:<file>" and the like
         if self.cold_start_steps < 0 or self.cold_start_lr <= 0:
             raise ValueError("task.cold_start_steps must be >= 0 and task.cold_start_lr > 0")
         if self.cold_start_steps and self.task is None:

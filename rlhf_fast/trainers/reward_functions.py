@@ -53,20 +53,28 @@ def register_reward_function(name: str, *, argument: str | None = None):
     return register
 
 
-def reward_function(spec: str) -> RewardFunction:
-    """The RewardFunction of a registered name, or of a "name:argument" spec for a parametrised one."""
+def check_reward_spec(spec: str) -> None:
+    """Raise ValueError unless `spec` names a registered reward ("name", or "name:argument" for a
+    parametrised one); builds nothing (a config can be checked without loading a model)."""
     name, sep, arg = spec.partition(":")
     if name in REWARD_FACTORIES:
-        factory, what = REWARD_FACTORIES[name]
         if not arg:
-            raise ValueError(f"reward {name!r} needs an argument: {name}:<{what}>")
-        return factory(arg)
-    if name in REWARD_FUNCTIONS:
+            raise ValueError(f"reward {name!r} needs an argument: {name}:<{REWARD_FACTORIES[name][1]}>")
+    elif name in REWARD_FUNCTIONS:
         if sep:
             raise ValueError(f"reward {name!r} takes no argument, got {spec!r}")
-        return REWARD_FUNCTIONS[name]
-    known = sorted(REWARD_FUNCTIONS) + [f"{n}:<{what}>" for n, (_, what) in sorted(REWARD_FACTORIES.items())]
-    raise ValueError(f"unknown reward function {spec!r}; choose one of {known}")
+    else:
+        known = sorted(REWARD_FUNCTIONS) + [f"{n}:<{what}>" for n, (_, what) in sorted(REWARD_FACTORIES.items())]
+        raise ValueError(f"unknown reward function {spec!r}; choose one of {known}")
+
+
+def reward_function(spec: str) -> RewardFunction:
+    """The RewardFunction of a registered name, or of a "name:argument" spec for a parametrised one."""
+    check_reward_spec(spec)
+    name, _, arg = spec.partition(":")
+    if name in REWARD_FACTORIES:
+        return REWARD_FACTORIES[name][0](arg)
+    return REWARD_FUNCTIONS[name]
 
 
 register_reward_function("arithmetic")(arithmetic.arithmetic_reward)

@@ -142,3 +142,14 @@ def test_ppo_grpo_and_rloo_train_on_a_reward_model_plus_sentiment(tmp_path, esti
                            rollout_batch_size=4, mini_batch_size=4, iterations=2, epochs=1)
     history = trainer.train()
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["score"])) for h in history)
+
+
+def test_grpo_task_settings_take_reward_specs_without_building_them(tmp_path):
+    from rlhf_fast.trainers.grpo import TaskSettings
+
+    missing = tmp_path / "not-read-at-config-time.txt"  # a spec is checked, not built (no model load)
+    assert TaskSettings(reward=f"embedding-similarity:{missing}").reward.endswith(".txt")
+    for bad, match in (("embedding-similarity", "needs an argument"), ("sentiment:x", "takes no argument"),
+                       ("nope", "unknown reward function")):
+        with pytest.raises(ValueError, match=match):
+            TaskSettings(reward=bad)
