@@ -36,7 +36,7 @@ def cmd_info(args) -> int:
     interp = kernels.interpreter_enabled()
     print(f"TRITON_INTERPRET {'on' if interp else 'off'}")
     print("kernels (backend='auto' on this machine's default device):")
-    for name in ("lora_linear", "masked_attention", "gae", "ppo_loss"):
+    for name in ("lora_linear", "masked_attention", "gae", "ppo_loss", "linear_logprobs"):
         built = kernels.triton_implemented(name)
         state = "not built"
         if built:
