@@ -31,3 +31,16 @@ def pytest_collection_modifyitems(config, items):
     reason = "needs a CUDA GPU (and TRITON_INTERPRET unset)"
     for item in gpu_items:
         item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny-model steps gain nothing from more, and on busy shared cores two threads spin
+    against each other (decode steps up to 10x slower were measured on 2 loaded cores). Test modules opt in
+    with `pytestmark = pytest.mark.usefixtures("one_thread")`; tests/trainers/conftest.py applies it there."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -3,18 +3,11 @@
 import json
 
 import pytest
-import torch
 
 from rlhf_fast.cli import main
 from rlhf_fast.trainers.demo import DemoConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_quick_runs_end_to_end(tmp_path, capsys):

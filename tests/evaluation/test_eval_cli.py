@@ -18,12 +18,7 @@ from rlhf_fast.trainers.reward import REWARD_HEAD_FILE
 SMALL = ["--num-prompts", "5", "--samples", "2", "--max-new-tokens", "10", "--batch-size", "3", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

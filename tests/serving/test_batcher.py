@@ -25,14 +25,7 @@ TOK = ByteTokenizer()
 GREEDY = Sampling(temperature=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model gains nothing from intra-op threads, and on busy cores they spin against each other
-    (10x slower steps measured on 2 loaded cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from rlhf_fast.trainers import (
     DataSettings,
@@ -12,12 +11,8 @@ from rlhf_fast.trainers import (
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny-model steps run faster on one thread than on two contended ones (CI has 2 shared cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):
+    """Every trainer test runs on one thread (tests/conftest.py `one_thread`)."""
 
 
 @pytest.fixture

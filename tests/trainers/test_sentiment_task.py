@@ -4,7 +4,6 @@ import importlib.util
 import json
 
 import pytest
-import torch
 
 from rlhf_fast.cli import main
 from rlhf_fast.data import ByteTokenizer
@@ -33,12 +32,7 @@ def hh_file(tmp_path):
     return path
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_cut_reply_keeps_whole_sentences_that_fit():
