@@ -277,15 +277,13 @@ def linear_logprobs_bwd(
     """(d hidden, d weight); an unneeded one comes back empty (outputs of an op may not alias)."""
     (N, C), V = hidden.shape, weight.shape[0]
     dh = hidden.new_empty(hidden.shape if need_hidden else (0,))
-    if not need_weight:
-        dw = weight.new_empty((0,))
+    dw32 = torch.zeros((V, C) if need_weight else (0,), dtype=torch.float32, device=hidden.device)
     if N == 0 or not (need_hidden or need_weight):
-        return dh, dw if not need_weight else weight.new_zeros(weight.shape)
+        return dh, dw32.to(weight.dtype)
     bn, bv, bk, warps, stages = launch_config(hidden.dtype, launch.arch(hidden.device))
     multiple = bn if launch.INTERPRET else CHUNK_MULTIPLE
     chunk = chunk_tokens or linear_logprobs_chunk(N, V, hidden.element_size(), multiple=multiple)
     dz = hidden.new_empty((min(chunk, N), V))
-    dw32 = torch.zeros((V, C), dtype=torch.float32, device=hidden.device) if need_weight else None
     g_lp, g_ent, g_lse = (g.float().contiguous() for g in (g_lp, g_ent, g_lse))
     use = targets >= 0
     for s in range(0, N, chunk):
@@ -303,7 +301,7 @@ def linear_logprobs_bwd(
         if need_weight:  # ignored rows may hold garbage: zero them, since 0 * NaN would reach dW
             h = torch.where(use[s : s + n, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
             dw32 += (dz[:n].t() @ h).float()
-    return dh, dw32.to(weight.dtype) if need_weight else dw
+    return dh, dw32.to(weight.dtype)
 
 
 def _setup_context(ctx, inputs, output):
