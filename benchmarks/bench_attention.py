@@ -15,31 +15,32 @@ Decode: one query per sequence over a static KV cache (batch 64, context 512, an
 where the split-KV path matters): achieved GB/s over the live (non-padding) K/V bytes, against a
 measured device-to-device copy and SDPA with the boolean mask over the whole cache.
 
-    python benchmarks/bench_attention.py            # GPU: full sizes, bf16
-    python benchmarks/bench_attention.py --smoke    # CPU smoke run (Triton interpreter, tiny shapes)
+    python -m benchmarks.bench_attention            # GPU: full sizes, bf16
+    python -m benchmarks.bench_attention --smoke    # CPU smoke run (Triton interpreter, tiny shapes)
 
-Prints tables and writes benchmarks/results/attention-<device>-<time>.json.
+Prints tables and writes attention-<device>-<time>.json (benchmarks/results/ on a GPU, --out-dir to choose).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib.util
-import os
-import sys
-from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU smoke runs interpret
+from rlhf_fast.benchmarking.harness import (
+    copy_bandwidth,
+    describe,
+    environment,
+    print_table,
+    suite_parser,
+    time_fn,
+    use_interpreter_without_cuda,
+    write_record,
+)
 
-import torch.nn.functional as F  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmark this checkout's rlhf_fast
-from common import copy_bandwidth, print_table, time_fn, write_record  # noqa: E402
+use_interpreter_without_cuda()  # before triton is imported: without CUDA the kernels run interpreted
 
 from rlhf_fast import kernels  # noqa: E402
 from rlhf_fast.kernels import reference  # noqa: E402
@@ -123,7 +124,7 @@ def method_flash_varlen(kpm):
 # Timing
 
 
-def time_fwd_bwd(fn, q, k, v, device, iters):
+def time_fwd_bwd(fn, q, k, v, device, timing: dict):
     """Median seconds of forward, backward, forward+backward (the last two None, with the reason, where
     the method has no backward on this device, e.g. FlexAttention on CPU)."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -131,12 +132,12 @@ def time_fwd_bwd(fn, q, k, v, device, iters):
         out = fn(*leaves)
     except NotImplementedError as e:
         with torch.no_grad():
-            return time_fn(lambda: fn(q, k, v), device=device, iters=iters), None, None, f"backward n/a: {e}"
+            return time_fn(lambda: fn(q, k, v), device=device, **timing), None, None, f"backward n/a: {e}"
     do = torch.randn_like(out)
-    t_fwd = time_fn(lambda: fn(*leaves), device=device, iters=iters)
+    t_fwd = time_fn(lambda: fn(*leaves), device=device, **timing)
     bwd = lambda: torch.autograd.grad(out, leaves, do, retain_graph=True)  # noqa: E731
-    t_bwd = time_fn(bwd, device=device, iters=iters)
-    t_both = time_fn(lambda: torch.autograd.grad(fn(*leaves), leaves, do), device=device, iters=iters)
+    t_bwd = time_fn(bwd, device=device, **timing)
+    t_both = time_fn(lambda: torch.autograd.grad(fn(*leaves), leaves, do), device=device, **timing)
     return t_fwd, t_bwd, t_both, None
 
 
@@ -149,7 +150,7 @@ def training_methods(kpm, device, fwd_flops, causal_flops):
             "flash_varlen": lambda: (*method_flash_varlen(kpm), fwd_flops)}
 
 
-def bench_training(shapes, dtype, device, iters):
+def bench_training(shapes, dtype, device, timing: dict):
     rows = []
     for T, H, B in shapes:
         q, k, v, kpm = left_padded_batch(B, H, T, 64, dtype, device, seed=T + H)
@@ -161,7 +162,7 @@ def bench_training(shapes, dtype, device, iters):
             try:
                 unpad, fn, flops = build()
                 args = [unpad(t) for t in (q, k, v)] if unpad else (q, k, v)
-                t_fwd, t_bwd, t_both, note = time_fwd_bwd(fn, *args, device, iters)
+                t_fwd, t_bwd, t_both, note = time_fwd_bwd(fn, *args, device, timing)
             except Exception as e:  # a baseline missing on this device is reported, never silently dropped
                 shape_rows.append({**row, "note": f"n/a on this device: {type(e).__name__}: {str(e)[:80]}"})
                 continue
@@ -186,7 +187,7 @@ def decode_methods(kpm):
             "sdpa_mask": method_sdpa_mask(kpm)}
 
 
-def bench_decode(cases, dtype, device, iters, copy_bw):
+def bench_decode(cases, dtype, device, timing: dict, copy_bw):
     rows = []
     D = 64
     for B, H, context, T_max in cases:
@@ -199,44 +200,48 @@ def bench_decode(cases, dtype, device, iters, copy_bw):
         live_bytes = int(kpm.sum()) * H * D * 2 * k.element_size()
         for name, fn in decode_methods(kpm).items():
             with torch.no_grad():
-                t = time_fn(functools.partial(fn, q, k, v), device=device, iters=iters)
+                t = time_fn(functools.partial(fn, q, k, v), device=device, **timing)
             bw = live_bytes / t
             rows.append(dict(B=B, H=H, context=context, T_max=T_max, method=name, us=1e6 * t,
                              GBps=bw / 1e9, frac_of_copy=bw / copy_bw))
     return rows
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU / interpreter)")
-    p.add_argument("--iters", type=int, default=None)
-    args = p.parse_args()
+def main(argv=None) -> int:
+    p = suite_parser(__doc__)
+    p.add_argument("--iters", type=int, default=None, help="timed calls per number (default 20; --smoke 1)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; --smoke 0)")
+    args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = environment()
+    print(f"# attention: {describe(env)}")
     smoke = args.smoke or device == "cpu"
     if smoke:
-        dtype, iters = torch.float32, args.iters or 3
-        shapes = [(64, 2, 4), (96, 2, 2)]  # (T, H, B): B*T = 256 / 192 tokens
+        dtype, timing = torch.float32, dict(iters=args.iters or 1, warmup=args.warmup or 0)
+        shapes = [(96, 2, 2)]  # (T, H, B): 192 tokens, T not a multiple of the kernel's blocks
         decode_cases = [(4, 2, 96, 128), (1, 2, 96, 128)]  # (B, H, context, T_max)
     else:
-        dtype, iters = torch.bfloat16, args.iters or 20
+        dtype, timing = torch.bfloat16, dict(iters=args.iters or 20, warmup=3 if args.warmup is None else args.warmup)
         shapes = [(T, H, 16384 // T) for T in (256, 512, 1024) for H in (12, 25)]
         decode_cases = [(64, 12, 512, 1024), (64, 25, 512, 1024), (8, 12, 1024, 1024), (1, 12, 1024, 1024)]
 
-    train_rows = bench_training(shapes, dtype, device, iters)
+    train_rows = bench_training(shapes, dtype, device, timing)
     print(f"\nmasked attention, training ({dtype}, D=64, ~20% left padding)")
     print_table(train_rows, ["T", "H", "B", "pad", "method", "fwd_ms", "bwd_ms", "fwdbwd_ms", "fwd_tflops",
                              "bwd_tflops", "fwdbwd_tflops", "fwd_vs_triton", "vs_triton", "note"])
 
     copy_bw = copy_bandwidth(device)
-    decode_rows = bench_decode(decode_cases, dtype, device, iters, copy_bw)
+    decode_rows = bench_decode(decode_cases, dtype, device, timing, copy_bw)
     print(f"\nmasked attention, decode (one query row; measured copy bandwidth {copy_bw / 1e9:.1f} GB/s)")
     print_table(decode_rows)
     path = write_record("attention", train_rows + decode_rows,
                         extra={"copy_bandwidth_GBps": copy_bw / 1e9, "smoke": smoke, "dtype": str(dtype),
                                "targets": {"fwdbwd_vs_sdpa_mask": 2.0, "fwdbwd_vs_flex": 1.0,
-                                           "decode_frac_of_copy_B64_ctx512": 0.7}})
+                                           "decode_frac_of_copy_B64_ctx512": 0.7}},
+                        out_dir=args.out_dir, env=env)
     print(f"\nrecord: {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -3,9 +3,8 @@
 token (what the seed code did). Also the decode step's memory floor: (weights + live KV bytes) per
 step / measured copy bandwidth, and our measured step time against it.
 
-    python benchmarks/bench_generation.py                      # CPU smoke: tiny preset
-    python benchmarks/bench_generation.py --preset gpt2 --preset gpt2-medium --batch-size 64 \
-        --prompt-len 256 --new-tokens 128                      # GPU defaults (bf16) when CUDA is there
+    python -m benchmarks.bench_generation                      # GPU: gpt2 + gpt2-medium, 64 x (256 + 128), bf16
+    python -m benchmarks.bench_generation --smoke              # CPU: tiny preset, a few tokens, no HF baseline
 
 Every row generates exactly --new-tokens per prompt (no EOS), greedy, from left-padded random prompts
 of lengths in [prompt_len / 2, prompt_len].
@@ -13,23 +12,25 @@ of lengths in [prompt_len / 2, prompt_len].
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from common import copy_bandwidth, print_table, time_fn, write_record  # noqa: E402
-
-from rlhf_fast.benchmarking.baselines import hf_copy, no_cache_generate  # noqa: E402
-from rlhf_fast.generation import generate  # noqa: E402
-from rlhf_fast.model import GPT  # noqa: E402
+from rlhf_fast.benchmarking.baselines import hf_copy, no_cache_generate
+from rlhf_fast.benchmarking.harness import (
+    copy_bandwidth,
+    describe,
+    environment,
+    print_table,
+    suite_parser,
+    time_fn,
+    write_record,
+)
+from rlhf_fast.generation import generate
+from rlhf_fast.model import GPT
 
 GPU_TARGETS = dict(x_hf=2.0, x_nocache=30.0, step_over_floor=2.0)
+SMOKE = dict(preset=["tiny"], batch_size=[2], prompt_len=8, new_tokens=4, warmup=0, iters=1, no_hf=True)
 
 
 def left_padded_prompts(B, P, vocab, device, seed=0):
@@ -75,9 +76,9 @@ def bench_one(preset, B, P, N, dtype, device, args, bandwidth, tmp):
     return row
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = suite_parser(__doc__)
     p.add_argument("--preset", action="append", help="model preset (repeatable); default gpt2 + "
                    "gpt2-medium on CUDA, tiny on CPU")
     p.add_argument("--batch-size", type=int, action="append",
@@ -91,15 +92,18 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     p.add_argument("--no-nocache", action="store_true", help="skip the no-KV-cache baseline")
-    p.add_argument("--out-dir", help="where the JSON record goes (default benchmarks/results)")
     args = p.parse_args(argv)
+    if args.smoke:
+        for k, v in SMOKE.items():
+            setattr(args, k, v)
     presets = args.preset or (["gpt2", "gpt2-medium"] if cuda else ["tiny"])
     batch_sizes = args.batch_size or ([64] if cuda else [1, 8])
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2 (the decode step time is a difference of two runs)")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    env = environment()
     bandwidth = copy_bandwidth(device)
-    print(f"device {device}, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
+    print(f"# generation: {describe(env)}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in presets:
@@ -111,9 +115,10 @@ def main(argv=None):
         print("GPU targets: " + ", ".join(f"{k} {'>=' if k.startswith('x_') else '<='} {v}"
                                           for k, v in GPU_TARGETS.items()))
     path = write_record("generation", rows, extra=dict(copy_bandwidth_bytes_s=bandwidth, targets=GPU_TARGETS),
-                        out_dir=args.out_dir)
+                        out_dir=args.out_dir, env=env)
     print(f"record: {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

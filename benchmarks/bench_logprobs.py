@@ -16,10 +16,9 @@ and the memory run; CPU default --repeats 0: the memory run's own time (profiler
 run takes tens of seconds). Fused runs the Triton kernel on CUDA, the chunked torch reference on CPU
 (backend "auto").
 
-    python benchmarks/bench_logprobs.py                    # CUDA: bf16, full depth, record in results/
-    python benchmarks/bench_logprobs.py                    # CPU: fp32, 2-layer update model, table only
-    python benchmarks/bench_logprobs.py --out DIR          # also write the record to DIR
-    python benchmarks/bench_logprobs.py --smoke --out DIR  # tiny sizes in seconds (tests/test_bench_logprobs.py)
+    python -m benchmarks.bench_logprobs                        # CUDA: bf16, full depth, record in results/
+    python -m benchmarks.bench_logprobs                        # CPU: fp32, 2-layer update model
+    python -m benchmarks.bench_logprobs --smoke --out-dir DIR  # tiny sizes in seconds (tests/test_bench_logprobs.py)
 
 Targets (issue 16), over 32 x 384 tokens at V = 50257: log-prob + entropy pass peak >= 5x lower fused
 (CPU and GPU); update-step peak >= 2x lower; GPU: fused fwd+bwd no slower than unfused eager.
@@ -27,21 +26,22 @@ Targets (issue 16), over 32 x 384 tokens at V = 50257: log-prob + entropy pass p
 
 from __future__ import annotations
 
-import argparse
 import gc
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common import RESULTS_DIR, environment, print_table, time_fn, write_record  # noqa: E402
-
-from rlhf_fast import kernels  # noqa: E402
-from rlhf_fast.benchmarking.baselines import unfused_logprobs  # noqa: E402
+from rlhf_fast import kernels
+from rlhf_fast.benchmarking.baselines import unfused_logprobs
+from rlhf_fast.benchmarking.harness import (
+    describe,
+    environment,
+    print_table,
+    print_targets,
+    suite_parser,
+    time_fn,
+    write_record,
+)
 
 MIB = 2**20
 CASES = ("score", "fwd+bwd", "fwd+bwd+dW", "update")
@@ -240,8 +240,7 @@ def judge(comparisons: list[dict], on_cuda: bool) -> list[dict]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny sizes (plumbing check, seconds)")
+    p = suite_parser(__doc__)
     p.add_argument("--widths", type=lambda s: [int(w) for w in s.split(",")], default=[768, 1600],
                    help="hidden widths C, comma-separated (default 768,1600: gpt2, gpt2-xl)")
     p.add_argument("--tokens", type=lambda s: tuple(int(x) for x in s.lower().split("x")), default=(32, 384),
@@ -257,8 +256,6 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs per measurement (default 5 on CUDA; 0 on CPU: time the memory run)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 2 CUDA, 0 CPU)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="directory for the JSON record (default: benchmarks/results/ on CUDA, none on CPU)")
     args = p.parse_args(argv)
     on_cuda = torch.cuda.is_available()
     if args.smoke:
@@ -282,7 +279,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     env = environment()
-    print(f"# bench_logprobs: {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
+    print(f"# logprobs: {describe(env)}")
     print(f"# {args.tokens[0]}x{args.tokens[1]} tokens, V={args.vocab}, {args.dtype}, widths {args.widths}, "
           f"update: {args.update_batch} sequences, {args.update_layers or 'preset'} layers; "
           + (f"time: median of {args.repeats} after {args.warmup} warm-up" if args.repeats
@@ -295,16 +292,14 @@ def main(argv=None) -> int:
                                                   "fused_peak_mib", "unfused_peak_mib", "peak_ratio", "fused_ms",
                                                   "unfused_ms", "speedup"])
     targets = judge(comparisons, device.type == "cuda")
-    print("\n== targets (issue 16)")
-    print_table([{**t, "met": {True: "met", False: "NOT met", None: "n/a"}[t["met"]]} for t in targets])
+    print_targets(targets, "targets (issue 16)")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
-    out_dir = args.out or (RESULTS_DIR if device.type == "cuda" and not args.smoke else None)
-    if out_dir is not None:
-        config = {k: getattr(args, k) for k in ("smoke", "widths", "tokens", "vocab", "cases", "update_batch",
-                                                 "update_layers", "chunk_tokens", "dtype", "repeats", "warmup")}
-        path = write_record("logprobs" + ("-smoke" if args.smoke else ""), rows,
-                            {"config": config, "comparisons": comparisons, "targets": targets}, out_dir=out_dir)
-        print(f"record: {path}")
+    config = {k: getattr(args, k) for k in ("smoke", "widths", "tokens", "vocab", "cases", "update_batch",
+                                             "update_layers", "chunk_tokens", "dtype", "repeats", "warmup")}
+    path = write_record("logprobs" + ("-smoke" if args.smoke else ""), rows,
+                        {"config": config, "comparisons": comparisons, "targets": targets}, out_dir=args.out_dir,
+                        env=env)
+    print(f"record: {path}")
     return 0
 
 

@@ -5,27 +5,35 @@ gae:      Triton kernel vs the Python loop over time used by TRL / OpenRLHF / De
 ppo_loss: Triton forward+backward vs the eager torch reference and the torch.compile'd reference.
 GB/s is the kernel's compulsory traffic over its time, next to a measured device copy.
 
-    python benchmarks/bench_ppo.py                      # GPU: B = 64..1024, T = 128..2048
-    python benchmarks/bench_ppo.py --smoke              # CPU smoke run (Triton interpreter, tiny sizes)
+    python -m benchmarks.bench_ppo                      # GPU: B = 64..1024, T = 128..2048
+    python -m benchmarks.bench_ppo --smoke              # CPU smoke run (Triton interpreter, tiny sizes)
 
-Prints a table and writes benchmarks/results/ppo-<device>-<time>.json.
+Prints a table and writes ppo-<device>-<time>.json (benchmarks/results/ on a GPU, --out-dir to choose).
 Targets (GPU): gae >= 100x the Python loop at B=256, T=512; ppo_loss fwd+bwd >= 5x eager.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rlhf_fast.benchmarking.harness import (
+    copy_bandwidth,
+    describe,
+    environment,
+    print_table,
+    print_targets,
+    suite_parser,
+    time_fn,
+    use_interpreter_without_cuda,
+    write_record,
+)
 
-from common import copy_bandwidth, environment, print_table, time_fn, write_record  # noqa: E402
+use_interpreter_without_cuda()  # before triton is imported: without CUDA the kernels run interpreted
+
+from rlhf_fast import kernels  # noqa: E402
+from rlhf_fast.kernels import reference  # noqa: E402
 
 GAMMA, LAM = 1.0, 0.95
 HPARAMS = dict(clip_eps=0.2, value_clip_eps=0.2, vf_coef=0.5, kl_coef=0.05)
@@ -67,7 +75,7 @@ def make_inputs(B: int, T: int, device, seed: int = 0):
     )
 
 
-def bench_gae(B, T, device, args, kernels, bandwidth):
+def bench_gae(B, T, device, args, bandwidth):
     x = make_inputs(B, T, device)
     rewards, values, mask = x["rewards"], x["values"], x["mask"]
     fmask = mask.float()
@@ -109,7 +117,7 @@ def bench_gae(B, T, device, args, kernels, bandwidth):
     }
 
 
-def bench_ppo_loss(B, T, device, args, kernels, reference, bandwidth):
+def bench_ppo_loss(B, T, device, args, bandwidth):
     x = make_inputs(B, T, device)
     lp = x["logprobs"].clone().requires_grad_(True)
     v = x["values"].clone().requires_grad_(True)
@@ -149,8 +157,19 @@ def bench_ppo_loss(B, T, device, args, kernels, reference, bandwidth):
     }
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def judge(gae_rows: list[dict], ppo_rows: list[dict], on_cuda: bool) -> list[dict]:
+    """The targets at B=256, T=512 (judged on CUDA only)."""
+    out = []
+    for rows, col, bound in ((gae_rows, "x_loop", 100.0), (ppo_rows, "x_eager", 5.0)):
+        for r in rows:
+            if (r["B"], r["T"]) == (256, 512):
+                met = r[col] >= bound if on_cuda else None
+                out.append(dict(bench=r["bench"], what=col, value=r[col], target=f">= {bound:g}", met=met))
+    return out
+
+
+def main(argv=None) -> int:
+    p = suite_parser(__doc__)
     p.add_argument("--B", type=int, nargs="+", default=[64, 256, 1024])
     p.add_argument("--T", type=int, nargs="+", default=[128, 512, 2048])
     p.add_argument("--iters", type=int, default=20)
@@ -161,56 +180,37 @@ def main(argv=None):
         default=2048,
         help="skip the torch.compile'd GAE loop above this T (compile time grows with T: it unrolls)",
     )
-    p.add_argument("--smoke", action="store_true", help="tiny sizes; on CPU runs the Triton interpreter")
-    p.add_argument("--no-record", action="store_true", help="do not write a results file")
     args = p.parse_args(argv)
-
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not kernels.interpreter_enabled()
     if args.smoke:
         args.B, args.T, args.iters, args.warmup, args.compile_max_t = [4], [33], 3, 1, 33
-    if not cuda:
-        if not args.smoke:
-            p.error("no CUDA GPU: only --smoke runs on CPU (through the Triton interpreter)")
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported below
+    elif not cuda:
+        p.error("no CUDA GPU: only --smoke runs on CPU (through the Triton interpreter)")
     device = "cuda" if cuda else "cpu"
-
-    from rlhf_fast import kernels
-    from rlhf_fast.kernels import reference
 
     bandwidth = copy_bandwidth(device)
     env = environment()
-    print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+    print(f"# ppo kernels: {describe(env)}")
     print(f"# measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)")
-    gae_rows = [bench_gae(B, T, device, args, kernels, bandwidth) for B in args.B for T in args.T]
+    gae_rows = [bench_gae(B, T, device, args, bandwidth) for B in args.B for T in args.T]
     print_table(gae_rows)
     print()
-    ppo_rows = [
-        bench_ppo_loss(B, T, device, args, kernels, reference, bandwidth) for B in args.B for T in args.T
-    ]
+    ppo_rows = [bench_ppo_loss(B, T, device, args, bandwidth) for B in args.B for T in args.T]
     print_table(ppo_rows)
-
-    targets = {}
-    for row in gae_rows:
-        if (row["B"], row["T"]) == (256, 512):
-            targets["gae_x_loop_at_256x512"] = {"value": row["x_loop"], "target": 100.0}
-    for row in ppo_rows:
-        if (row["B"], row["T"]) == (256, 512):
-            targets["ppo_loss_x_eager_at_256x512"] = {"value": row["x_eager"], "target": 5.0}
-    for name, t in targets.items():
-        verdict = "met" if t["value"] >= t["target"] else "NOT met"
-        print(f"target {name}: {t['value']:.1f}x (>= {t['target']:.0f}x) {verdict}")
-    if not args.no_record:
-        extra = {
-            "copy_bandwidth_GBps": bandwidth / 1e9,
-            "targets": targets,
-            "interpreter": not cuda,
-            "gamma": GAMMA,
-            "lam": LAM,
-            "hparams": HPARAMS,
-        }
-        path = write_record("ppo", gae_rows + ppo_rows, extra)
-        print(f"# wrote {path}")
+    targets = judge(gae_rows, ppo_rows, cuda)
+    print_targets(targets)
+    extra = {
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "targets": targets,
+        "interpreter": not cuda,
+        "gamma": GAMMA,
+        "lam": LAM,
+        "hparams": HPARAMS,
+    }
+    path = write_record("ppo", gae_rows + ppo_rows, extra, out_dir=args.out_dir, env=env)
+    print(f"record: {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -4,9 +4,9 @@ max_tokens one after another, against the server with dynamic batching on (--max
 Per mode: generated tokens/s (from each response's `usage.completion_tokens`, over the wall time from the
 first request to the last reply), requests/s, p50/p95 latency per request; then batched / unbatched.
 
-    python benchmarks/bench_serve.py                                # CPU: demo preset, 16 clients
-    python benchmarks/bench_serve.py --model gpt2                   # GPU: record to benchmarks/results/
-    python benchmarks/bench_serve.py --smoke --out DIR              # tiny, few requests, seconds (tests)
+    python -m benchmarks.bench_serve                                # CPU: demo preset, 16 clients
+    python -m benchmarks.bench_serve --model gpt2                   # GPU: record to benchmarks/results/
+    python -m benchmarks.bench_serve --smoke --out-dir DIR          # tiny, few requests, seconds (tests)
 
 Target (issue 17): with 16 concurrent clients on the `demo` preset on CPU, batched serving gives >= 3x the
 tokens/s of one-at-a-time serving at no worse p95 latency. Each mode gets its own server process and one
@@ -16,7 +16,6 @@ on a shared, oversubscribed CPU machine OMP_NUM_THREADS=1 avoids torch's threads
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import math
@@ -31,12 +30,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rlhf_fast.benchmarking.harness import environment, print_table, print_targets, suite_parser, write_record
 
-from common import RESULTS_DIR, environment, print_table, write_record  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # the servers run this checkout's rlhf_fast
 TOKENS_RATIO_TARGET = 3.0  # batched tokens/s >= 3x unbatched ...
 P95_RATIO_TARGET = 1.0  # ... at no worse p95 latency
 SMOKE = dict(model="tiny", clients=4, requests_per_client=2, max_tokens=8)
@@ -205,7 +201,7 @@ def judge(batched, unbatched, judged: bool) -> tuple[dict, list[dict]]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = suite_parser(__doc__)
     p.add_argument("--model", default="demo", help="preset or model directory for `rlhf-fast serve` (default demo)")
     p.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
     p.add_argument("--requests-per-client", type=int, default=8, help="timed requests per client (default 8)")
@@ -218,10 +214,6 @@ def parse_args(argv=None):
                    help="per mode, clients start no new request after this (default 300)")
     p.add_argument("--request-timeout", type=float, default=300, help="seconds one request may take")
     p.add_argument("--startup-timeout", type=float, default=180, help="seconds for the server to answer /health")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny preset, 4 clients x 2 requests of 8 tokens: a plumbing check in seconds")
-    p.add_argument("--out", type=Path, default=None,
-                   help="directory for the JSON record (default: benchmarks/results/ on CUDA, none on CPU)")
     args = p.parse_args(argv)
     if args.smoke:
         for k, v in SMOKE.items():
@@ -254,17 +246,15 @@ def main(argv=None) -> int:
                        "requests_per_s", "p50_ms", "p95_ms", "mean_ms", "mean_batch", "load_1m"])
     print(f"\nbatched / unbatched: tokens/s {comparison['tokens_per_s_ratio']:.2f}x, "
           f"p50 latency {comparison['p50_ratio']:.2f}x, p95 latency {comparison['p95_ratio']:.2f}x")
-    print("\n== targets (issue 17: demo preset, 16 clients, CPU)")
-    print_table([{**t, "met": {True: "met", False: "NOT met", None: "n/a"}[t["met"]]} for t in targets])
-    out_dir = args.out or (RESULTS_DIR if torch.cuda.is_available() and not args.smoke else None)
-    if out_dir is not None:
-        config = {k: getattr(args, k) for k in ("model", "clients", "requests_per_client", "max_tokens",
-                                                 "temperature", "max_batch_size", "batch_window_ms", "max_seconds",
-                                                 "smoke")}
-        config["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS")  # the servers inherit this environment
-        path = write_record("serve" + ("-smoke" if args.smoke else ""), rows,
-                            {"config": config, "comparison": comparison, "targets": targets}, out_dir=out_dir)
-        print(f"record: {path}")
+    print_targets(targets, "targets (issue 17: demo preset, 16 clients, CPU)")
+    config = {k: getattr(args, k) for k in ("model", "clients", "requests_per_client", "max_tokens",
+                                             "temperature", "max_batch_size", "batch_window_ms", "max_seconds",
+                                             "smoke")}
+    config["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS")  # the servers inherit this environment
+    path = write_record("serve" + ("-smoke" if args.smoke else ""), rows,
+                        {"config": config, "comparison": comparison, "targets": targets}, out_dir=args.out_dir,
+                        env=env)
+    print(f"record: {path}")
     return 0
 
 

@@ -1,27 +1,31 @@
-"""SFT / reward-model training-step throughput: eager (baseline) vs torch.compile, LoRA vs full fine-tuning.
+"""SFT / reward-model training-step throughput: eager (the baseline) vs torch.compile, LoRA vs full fine-tuning.
 
-    python benchmarks/bench_train_step.py                      # GPU: gpt2 preset, bf16
-    python benchmarks/bench_train_step.py --preset tiny --steps 3 --device cpu --precision fp32  # CPU smoke
+    python -m benchmarks.bench_train_step                      # GPU: gpt2 preset, bf16
+    python -m benchmarks.bench_train_step --smoke              # CPU: tiny preset, fp32, eager rows only
 
 Each row times optimizer steps of the real trainer on synthetic-task batches; the baseline of each compiled
-row is the eager step of the same stage and mode at the same precision, timed in the same run.
-Prints a table and writes a record under benchmarks/results/.
+row is the eager step of the same stage and mode at the same precision, timed in the same run
+(speedup_vs_baseline = eager ms per step / compiled ms per step).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import print_table, sync, write_record  # noqa: E402
-
-from rlhf_fast.trainers import (  # noqa: E402
+from rlhf_fast.benchmarking.harness import (
+    compare,
+    describe,
+    environment,
+    median,
+    print_table,
+    suite_parser,
+    timed_calls,
+    write_record,
+)
+from rlhf_fast.trainers import (
     DataSettings,
     LoRASettings,
     ModelSettings,
@@ -32,10 +36,10 @@ from rlhf_fast.trainers import (  # noqa: E402
     build_sft_trainer,
 )
 
+SMOKE = dict(preset="tiny", device="cpu", precision="fp32", micro_batch_size=4, steps=2, warmup=1)
+
 
 def measure(args, stage: str, lora: bool, compiled: bool, out_dir: str) -> dict:
-    import time
-
     cfg = TrainConfig(
         stage=stage,
         model=ModelSettings(preset=args.preset),
@@ -46,44 +50,46 @@ def measure(args, stage: str, lora: bool, compiled: bool, out_dir: str) -> dict:
                         progress=False),
     )
     trainer = (build_sft_trainer if stage == "sft" else build_reward_trainer)(cfg)
-    for _ in range(args.warmup):  # includes compilation
-        trainer.train_step()
-    sync(args.device)
-    t0, tokens = time.perf_counter(), 0
-    for _ in range(args.steps):
-        tokens += trainer.train_step()["tokens"]
-    sync(args.device)
-    seconds = (time.perf_counter() - t0) / args.steps
-    return {"stage": stage, "mode": "lora" if lora else "full", "compile": compiled,
-            "ms_per_step": 1e3 * seconds, "tokens_per_s": tokens / args.steps / seconds}
+    # warm-up includes compilation and dynamic-shape recompiles
+    times, outs = timed_calls(trainer.train_step, device=args.device, warmup=args.warmup, iters=args.steps)
+    mode = "lora" if lora else "full"
+    return {"group": f"{stage} {mode}", "stage": stage, "mode": mode, "compile": compiled, "baseline": not compiled,
+            "median_ms": 1e3 * median(times), "tokens_per_s": sum(o["tokens"] for o in outs) / sum(times)}
 
 
-def main() -> None:
+def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = suite_parser(__doc__)
     p.add_argument("--preset", default="gpt2" if cuda else "tiny", help="model preset (random init)")
     p.add_argument("--device", default="cuda" if cuda else "cpu", help="device to run on")
     p.add_argument("--precision", default="bf16" if cuda else "fp32", help="fp32, bf16 or fp16")
     p.add_argument("--micro-batch-size", type=int, default=8, help="examples (RM: pairs) per step")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per row (median ms per step reported)")
     p.add_argument("--warmup", type=int, default=4,
                    help="untimed steps first (compilation and dynamic-shape recompiles happen here)")
-    p.add_argument("--no-compile", action="store_true", help="skip the compiled rows (slow compiles on CPU)")
-    args = p.parse_args()
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the compiled rows (default: on; --smoke: off, CPU compiles take minutes)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        for k, v in SMOKE.items():
+            setattr(args, k, v)
+    if args.compile is None:
+        args.compile = not args.smoke
+    env = environment()
+    print(f"# train_step: {describe(env)}; {args.preset}, {args.precision}, micro-batch {args.micro_batch_size}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for stage in ("sft", "rm"):
             for lora in (True, False):
-                base = measure(args, stage, lora, False, tmp)
-                base["speedup"] = 1.0
-                rows.append(base)
-                if not args.no_compile:
-                    row = measure(args, stage, lora, True, tmp)
-                    row["speedup"] = base["ms_per_step"] / row["ms_per_step"]
-                    rows.append(row)
-    print_table(rows)
-    print("record:", write_record("train_step", rows, {"args": vars(args)}))
+                for compiled in (False, True) if args.compile else (False,):
+                    rows.append(measure(args, stage, lora, compiled, tmp))
+    rows = compare(rows)
+    print_table(rows, ["group", "compile", "median_ms", "tokens_per_s", "speedup_vs_baseline"])
+    config = {k: str(v) if k == "out_dir" else v for k, v in vars(args).items()}
+    path = write_record("train_step", rows, {"config": config}, out_dir=args.out_dir, env=env)
+    print(f"record: {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """One-call GPU validation: every GPU-only check of this project, in priority order, under a time budget.
 
-    bash benchmarks/gpu_check.sh --budget 540          # on the GPU machine (installs .whl/ first)
-    python benchmarks/gpu_check.py --smoke --out-dir /tmp/gc   # CPU: the same plumbing at tiny sizes
+    bash benchmarks/gpu_check.sh --budget 540                    # on the GPU machine (installs .whl/ first)
+    python -m benchmarks.gpu_check --smoke --out-dir /tmp/gc     # CPU: the same plumbing at tiny sizes
 
 Each section runs in its own subprocess with timeout = min(its cap, budget left), so a crash or hang in
 one never loses the others; a section needing more than the time left is skipped. Each prints one line
@@ -13,8 +13,9 @@ memory-lora-xl.json. Caps are sized for --budget 515 and stretch in proportion t
 Sections: env, pytest_gpu (`-m gpu` tier), kernels (bf16 Triton vs torch at gpt2-xl shapes, flash-attention
 error rule, CUDA-event timings), compile (compiled gpt2 + LoRA under bf16 autocast at several lengths:
 graph breaks, recompiles), decode (CUDA-graph decode with LoRA vs eager, greedy), bench_lora,
-bench_attention, bench_ppo, bench_generation, bench_logprobs (the kernel suites, short), e2e (`rlhf-fast
-bench --preset gpt2`), xl16 (gpt2-xl LoRA PPO under a 16 GiB cap, bench_memory_16gb.py's lora-xl configuration).
+bench_attention, bench_ppo, bench_generation, bench_logprobs (the suites `python -m benchmarks.<name>`, short),
+e2e (`rlhf-fast bench --preset gpt2`; prompt lengths from --hh-data when given), xl16 (gpt2-xl LoRA PPO under a
+16 GiB cap: `python -m benchmarks.bench_memory_16gb --config lora-xl`).
 """
 
 from __future__ import annotations
@@ -38,10 +39,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import time_fn  # benchmarks/common.py: the suites' timer
+from rlhf_fast.benchmarking.harness import REPO_ROOT as REPO
+from rlhf_fast.benchmarking.harness import time_fn
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIRS = (REPO / "benchmarks" / "results", REPO / ".benchmarks" / "smoke")  # where the suites write
 REFERENCE_BUDGET_S = 515.0  # the caps below add up to this
 RESERVE_S = 3.0  # kept back for writing the summary
 MARK = "GPU_CHECK_RESULT "  # a worker's last line: MARK + its result as JSON
@@ -91,8 +91,9 @@ def report(partial: dict) -> None:
 
 
 class Context:
-    def __init__(self, out_dir: Path, smoke: bool):
+    def __init__(self, out_dir: Path, smoke: bool, hh_data: str | None = None):
         self.out_dir, self.smoke, self.log = out_dir, smoke, out_dir / "gpu_check.log"
+        self.hh_data = hh_data
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1",
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         if smoke:
@@ -135,7 +136,7 @@ def worker_section(name: str, cap_s: float, min_s: float):
         WORKERS[name] = fn
 
         def run(ctx: Context, timeout: float) -> dict:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name] + ["--smoke"] * ctx.smoke
+            cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--section", name] + ["--smoke"] * ctx.smoke
             rc, text = ctx.run(cmd, timeout)
             marked = [json.loads(ln[len(MARK):]) for ln in text.splitlines() if ln.startswith(MARK)]
             if marked and rc is not None:
@@ -445,51 +446,37 @@ def ratios(rows: list[dict], ids: tuple[str, ...], cols: tuple[str, ...], where=
             for r in rows if where(r) for c in cols if r.get(c) is not None}
 
 
-def bench_section(name: str, cap_s: float, min_s: float, record: str, gpu_args: list, smoke_args: list, keys):
-    """A kernel suite under benchmarks/: its output goes to the log, its record into kernel_benchmarks.json."""
+def bench_section(name: str, cap_s: float, min_s: float, suite: str, gpu_args: list, smoke_args: list, keys):
+    """`python -m benchmarks.<suite>`: its output goes to the log, its record into kernel_benchmarks.json."""
     def run(ctx: Context, timeout: float) -> dict:
-        args = smoke_args if ctx.smoke else gpu_args
-        if args[:2] == ["-m", "pytest"] and importlib.util.find_spec("pytest_benchmark") is None:
-            return result("SKIP", error="pytest-benchmark missing (add it to .whl, see gpu_check.sh)")
-        before = {p for d in RESULTS_DIRS for p in d.glob(f"{record}-*.json")}
-        # smoke: compiled baselines run eagerly (plumbing only; CPU inductor would take minutes)
-        rc, text = ctx.run([sys.executable, *args], timeout, env={"TORCH_COMPILE_DISABLE": "1"} if ctx.smoke else None)
-        after = {p for d in RESULTS_DIRS for p in d.glob(f"{record}-*.json")}
-        new = sorted(after - before, key=lambda p: p.stat().st_mtime)
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", f"benchmarks.{suite}", *(smoke_args if ctx.smoke else gpu_args),
+                   "--out-dir", tmp]
+            # smoke: compiled baselines run eagerly (plumbing only; CPU inductor would take minutes)
+            rc, text = ctx.run(cmd, timeout, env={"TORCH_COMPILE_DISABLE": "1"} if ctx.smoke else None)
+            records = sorted(Path(tmp).glob("*.json"))
+            rec = json.loads(records[-1].read_text()) if records else None
         numbers = {}
-        if new:  # moved into the output directory: one place for the whole run's records
-            rec = json.loads(new[-1].read_text())
+        if rec is not None:  # one place for the whole run's records
             path = ctx.out_dir / "kernel_benchmarks.json"
             merged = json.loads(path.read_text()) if path.exists() else {}
             path.write_text(json.dumps({**merged, name: rec}, indent=1, default=str))
             numbers = {"rows": len(rec["rows"]), **keys(rec["rows"])}
-            for p in new:
-                p.unlink()
-            for d in RESULTS_DIRS:
-                if d.is_dir() and not any(d.iterdir()):
-                    d.rmdir()
         return command_result(rc, text, timeout, numbers)
     section(name, cap_s, min_s)(run)
 
 
-LORA_SUITE = ["-m", "pytest", "benchmarks/bench_lora_linear.py", "-q", "-p", "no:cacheprovider"]
-bench_section("bench_lora", 20, 12, "lora_linear",
-              [*LORA_SUITE, "-k", "gpu and n8192-d1600-r16"], [*LORA_SUITE, "-k", "smoke"],
+bench_section("bench_lora", 20, 12, "bench_lora_linear", ["--shape", "8192x1600x16"], ["--smoke"],
               lambda rows: ratios(rows, ("pass_",), ("speedup_vs_baseline", "x_floor"),
                                   lambda r: r["impl"] == "triton"))
-bench_section("bench_attention", 30, 20, "attention", ["benchmarks/bench_attention.py", "--iters", "5"],
-              ["benchmarks/bench_attention.py", "--smoke", "--iters", "1"],
+bench_section("bench_attention", 30, 20, "bench_attention", ["--iters", "5"], ["--smoke", "--iters", "1"],
               lambda rows: ratios(rows, ("T", "H", "method"), ("vs_triton",), lambda r: r.get("method") == "sdpa_mask"))
-bench_section("bench_ppo", 20, 15, "ppo", ["benchmarks/bench_ppo.py", "--B", "256", "--T", "512", "--iters", "10",
-                                          "--compile-max-t", "0"], ["benchmarks/bench_ppo.py", "--smoke"],
-              lambda rows: ratios(rows, ("bench", "B", "T"), ("x_loop", "x_eager", "x_compiled")))
-bench_section("bench_generation", 25, 20, "generation",
-              ["benchmarks/bench_generation.py", "--preset", "gpt2", "--batch-size", "64", "--prompt-len", "256",
-               "--new-tokens", "64", "--warmup", "1", "--iters", "1"],
-              ["benchmarks/bench_generation.py", "--preset", "tiny", "--batch-size", "2", "--prompt-len", "8",
-               "--new-tokens", "4", "--warmup", "0", "--iters", "1", "--no-hf"],
+bench_section("bench_ppo", 20, 15, "bench_ppo", ["--B", "256", "--T", "512", "--iters", "10", "--compile-max-t", "0"],
+              ["--smoke"], lambda rows: ratios(rows, ("bench", "B", "T"), ("x_loop", "x_eager", "x_compiled")))
+bench_section("bench_generation", 25, 20, "bench_generation",
+              ["--preset", "gpt2", "--batch-size", "64", "--prompt-len", "256", "--new-tokens", "64", "--warmup", "1",
+               "--iters", "1"], ["--smoke"],
               lambda rows: ratios(rows, ("preset", "B"), ("x_hf", "x_nocache", "step_over_floor")))
-
 
 
 def fused_over_unfused(rows: list[dict]) -> dict:
@@ -500,8 +487,8 @@ def fused_over_unfused(rows: list[dict]) -> dict:
             for k, col in (("peak_x", "peak_mib"), ("time_x", "time_ms"))}
 
 
-bench_section("bench_logprobs", 35, 20, "logprobs", ["benchmarks/bench_logprobs.py", "--repeats", "3", "--warmup", "1"],
-              ["benchmarks/bench_logprobs.py", "--smoke", "--out", ".benchmarks/smoke"], fused_over_unfused)
+bench_section("bench_logprobs", 35, 20, "bench_logprobs", ["--repeats", "3", "--warmup", "1"], ["--smoke"],
+              fused_over_unfused)
 
 
 @section("e2e", cap_s=60, min_s=25)
@@ -511,7 +498,8 @@ def e2e_section(ctx: Context, timeout: float) -> dict:
              ["--preset", "gpt2", "--batch-size", "32", "--prompt-len", "128", "--new-tokens", "64"])
     with tempfile.TemporaryDirectory() as tmp:  # the chart stays behind: the tool brings back few files
         cli = [sys.executable, "-m", "rlhf_fast.cli", "bench"]
-        rc, text = ctx.run([*cli, *sizes, "--warmup", "1", "--iters", "1", "--out-dir", tmp], timeout)
+        data = ["--data", ctx.hh_data] if ctx.hh_data and not ctx.smoke else []
+        rc, text = ctx.run([*cli, *sizes, *data, "--warmup", "1", "--iters", "1", "--out-dir", tmp], timeout)
         records = list(Path(tmp).glob("e2e-*.json"))
         if not records:
             return command_result(1 if rc == 0 else rc, text, timeout)
@@ -530,7 +518,7 @@ def e2e_section(ctx: Context, timeout: float) -> dict:
 @section("xl16", cap_s=30, min_s=25)
 def xl16_section(ctx: Context, timeout: float) -> dict:
     path = ctx.out_dir / "memory-lora-xl.json"
-    cmd = [sys.executable, "benchmarks/bench_memory_16gb.py", "--config", "lora-xl", "--iters", "1",
+    cmd = [sys.executable, "-m", "benchmarks.bench_memory_16gb", "--config", "lora-xl", "--iters", "1",
            "--json", str(path)] + ["--smoke"] * ctx.smoke
     rc, text = ctx.run(cmd, timeout)
     if rc != 0 or not path.exists():
@@ -539,9 +527,9 @@ def xl16_section(ctx: Context, timeout: float) -> dict:
     numbers = {k: v for k, v in row.items() if k.startswith(("peak", "iter", "predicted", "plan", "status", "model"))}
     if row["status"] != "ok":
         return result("FAIL", numbers, error=f"{row['status']}: {row.get('error', '')}"[:240])
-    fits = ctx.smoke or row["peak_gib"] <= 16.0
-    return result("PASS" if fits else "FAIL", numbers, f"{row['model']} peak {row['peak_gib']:.2f} GiB (cap 16; plan "
-                  f"{row['predicted_peak_gib']:.2f} at micro-batch {row['plan_micro_batch']}"
+    fits = ctx.smoke or row["peak_iter_gib"] <= 16.0
+    return result("PASS" if fits else "FAIL", numbers, f"{row['model']} peak {row['peak_iter_gib']:.2f} GiB (cap 16; "
+                  f"plan {row['predicted_peak_gib']:.2f} at micro-batch {row['plan_micro_batch']}"
                   f"{', checkpointing' if row['plan_grad_checkpoint'] else ''})")
 
 
@@ -572,6 +560,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip", help="comma-separated sections to leave out")
     p.add_argument("--out-dir", help="output directory ($OUT wins; default benchmarks/results/gpu_check-<time>)")
     p.add_argument("--smoke", action="store_true", help="CPU plumbing check: tiny sizes, interpreter, aot_eager")
+    p.add_argument("--hh-data", help="HH-RLHF .jsonl(.gz) file or directory: the e2e section's prompt lengths "
+                   "(default: synthetic)")
     p.add_argument("--section", choices=sorted(WORKERS), help=argparse.SUPPRESS)  # worker subprocess
     args = p.parse_args(argv)
     if args.section:
@@ -588,7 +578,7 @@ def main(argv=None) -> int:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_dir = Path(os.environ.get("OUT") or args.out_dir or REPO / "benchmarks" / "results" / f"gpu_check-{stamp}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    ctx, t_start, results = Context(out_dir, args.smoke), time.monotonic(), []
+    ctx, t_start, results = Context(out_dir, args.smoke, args.hh_data), time.monotonic(), []
     stretch = max(1.0, args.budget / REFERENCE_BUDGET_S)
     print(f"gpu_check: budget {args.budget:.0f}s, output {out_dir}", flush=True)
     for s in SECTIONS:

@@ -1,13 +1,14 @@
 """HH-RLHF reward-model probe: does the RM learn the preferences, or only length (and truncation artefacts)?
 
-    python benchmarks/hh_rm_probe.py --out /tmp/hh_probe.json                      # ~8 min, 1 CPU thread
-    python benchmarks/hh_rm_probe.py --old-eos-rule --out /tmp/hh_probe_old.json   # the old EOS rule, to compare
+    python -m benchmarks.hh_rm_probe --data HH.jsonl.gz                    # ~8 min, 1 CPU thread
+    python -m benchmarks.hh_rm_probe --data HH.jsonl.gz --old-eos-rule     # the old EOS rule, to compare
+    python -m benchmarks.hh_rm_probe --data HH.jsonl.gz --smoke            # a few steps: plumbing only
 
-Trains a reward model (`rlhf-fast rm`'s RewardTrainer) on the real HH-RLHF harmless-base sample in
-../shared/data/hh-rlhf/ with the real GPT-2 tokenizer (resolved offline: see rlhf_fast/data/tokenizer.py),
-the file's last --eval-size pairs held out, and reports its held-out pairwise accuracy next to trivial rules on
-the very same pairs, each with a 95% bootstrap interval (pairs resampled, the same resamples for every method,
-so the RM-minus-rule differences are paired):
+Trains a reward model (`rlhf-fast rm`'s RewardTrainer) on a real HH-RLHF file (BENCHMARKS.md names the
+harmless-base test split it was run on) with the real GPT-2 tokenizer (resolved offline: see
+rlhf_fast/data/tokenizer.py), the file's last --eval-size pairs held out, and reports its held-out pairwise
+accuracy next to trivial rules on the very same pairs, each with a 95% bootstrap interval (pairs resampled, the
+same resamples for every method, so the RM-minus-rule differences are paired):
 
   shorter reply wins   the response with fewer tokens (before any cut) is chosen; ties count 0.5
   longer reply wins    the opposite rule (its accuracy is 1 - shorter's)
@@ -30,29 +31,23 @@ side, one thread each. See docs/lengths.md.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import environment, print_table  # noqa: E402
-
-from rlhf_fast.data import (  # noqa: E402
+from rlhf_fast.benchmarking.harness import environment, print_table, suite_parser, write_record
+from rlhf_fast.data import (
     PreferenceCollator,
     PreferenceDataset,
     ResumableBatches,
     load_preference_splits,
     load_tokenizer,
 )
-from rlhf_fast.model import GPT, RewardHead, preset_config  # noqa: E402
-from rlhf_fast.trainers import (  # noqa: E402
+from rlhf_fast.model import GPT, RewardHead, preset_config
+from rlhf_fast.trainers import (
     DataSettings,
     LoRASettings,
     ModelSettings,
@@ -60,11 +55,12 @@ from rlhf_fast.trainers import (  # noqa: E402
     RunSettings,
     TrainConfig,
 )
-from rlhf_fast.trainers.common import TrainModule, build_strategy  # noqa: E402
-from rlhf_fast.trainers.reward import RewardTrainer  # noqa: E402
-from rlhf_fast.trainers.sft import check_max_len  # noqa: E402
+from rlhf_fast.trainers.builders import train_strategy
+from rlhf_fast.trainers.loop import TrainModule
+from rlhf_fast.trainers.reward import RewardTrainer
+from rlhf_fast.trainers.sft import check_max_len
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+SMOKE = dict(train_pairs=32, eval_size=16, steps=2, micro_batch_size=4, bootstrap=200, max_len=64, max_prompt_len=32)
 
 
 def old_rule_items(examples, tok, max_prompt_len: int, max_len: int) -> list[dict]:
@@ -136,7 +132,7 @@ def build_trainer(cfg: TrainConfig, tok, train_items, eval_items) -> RewardTrain
     check_max_len(cfg, model)
     module = TrainModule(model, RewardHead(model.config.n_embd))
     batches = ResumableBatches(train_items, cfg.optim.micro_batch_size, PreferenceCollator(tok), seed=cfg.run.seed)
-    return RewardTrainer(cfg, module, tok, batches, eval_items, build_strategy(cfg))
+    return RewardTrainer(cfg, module, tok, batches, eval_items, train_strategy(cfg))
 
 
 def train(trainer: RewardTrainer, label: str) -> float:
@@ -149,10 +145,10 @@ def train(trainer: RewardTrainer, label: str) -> float:
     return seconds
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                   help="HH-RLHF .jsonl(.gz) file (default: ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz)")
+def main(argv=None) -> int:
+    p = suite_parser(__doc__)
+    p.add_argument("--data", type=Path, default=None, help="HH-RLHF .jsonl(.gz) file (required: the probe needs "
+                   "real preference pairs)")
     p.add_argument("--tokenizer", default="gpt2", help="gpt2 (GPT-2 BPE, offline) or byte")
     p.add_argument("--preset", default="demo", help="random-init model preset (tiny, demo)")
     p.add_argument("--max-prompt-len", type=int, default=128, help="prompt tokens kept (from the end)")
@@ -170,9 +166,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on 2 shared cores)")
     p.add_argument("--old-eos-rule", action="store_true",
                    help="train on pairs encoded with the old rule instead (a cut response loses its EOS)")
-    p.add_argument("--out", type=Path, required=True, help="JSON record to write")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.data is None or not args.data.is_file():
+        p.error(f"needs an HH-RLHF .jsonl(.gz) file: --data PATH ({args.data} not found)" if args.data else
+                "needs an HH-RLHF .jsonl(.gz) file: --data PATH (e.g. the harmless-base test split)")
+    if args.smoke:
+        for k, v in SMOKE.items():
+            setattr(args, k, v)
     torch.set_num_threads(args.threads)
+    env = environment()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     tok = load_tokenizer(args.tokenizer)
@@ -235,9 +237,7 @@ def main() -> None:
           f"95% intervals: percentile bootstrap, {args.bootstrap} paired resamples of the held-out pairs")
     print_table(rows, ["method", "accuracy", "ci95", "rm_minus_this", "acc_one_side_cut", "prefers_uncut_side",
                        "agrees_with_shorter", "margin_to_uncut", "abs_margin_other"])
-    record = {
-        "benchmark": "hh_rm_probe",
-        "environment": environment(),
+    extra = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "tokenizer_source": getattr(tok, "source", "built in"),
         "model": {"preset": args.preset, "init": "random", "vocab_size": vocab_size},
@@ -247,12 +247,12 @@ def main() -> None:
                        "held_out_any": int(cut.any(1).sum()), "held_out_one_side": int(one_side.sum()),
                        "held_out_one_side_uncut_chosen": int(uncut_is_chosen.sum())},
         "train_seconds": seconds,
-        "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2))
-    print(f"record: {args.out}")
+    path = write_record("hh_rm_probe" + ("-old-eos-rule" if args.old_eos_rule else ""), rows, extra,
+                        out_dir=args.out_dir, env=env)
+    print(f"record: {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -7,28 +7,26 @@ and after, every option against the same starting policy in the same run.
               mean), Dr. GRPO, RLOO, REINFORCE++, DAPO (clip-higher + dynamic sampling + soft overlong
               penalty), GRPO + k3 KL; reward = format + correctness (max 1.5)
 
-    python benchmarks/rl_algorithms.py                 # both tasks, a few minutes on 2 CPU cores
-    python benchmarks/rl_algorithms.py --task arithmetic --iterations 30
+    python -m benchmarks.rl_algorithms                 # both tasks, a few minutes on 2 CPU cores
+    python -m benchmarks.rl_algorithms --task arithmetic --iterations 30
 
-Prints a table and writes benchmarks/results/rl_algorithms-<time>.json (--out to choose).
+Prints a table and writes rl_algorithms-cpu-<time>.json (.benchmarks/smoke/ unless --out-dir names a directory,
+e.g. benchmarks/results to keep it).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from rlhf_fast.data import ByteTokenizer, arithmetic_split, synthetic_prompts  # noqa: E402
-from rlhf_fast.model import GPT  # noqa: E402
-from rlhf_fast.trainers import (  # noqa: E402
+from rlhf_fast.benchmarking.harness import environment, print_table, suite_parser, write_record
+from rlhf_fast.config import from_flat
+from rlhf_fast.data import ByteTokenizer, arithmetic_split, synthetic_prompts
+from rlhf_fast.model import GPT
+from rlhf_fast.trainers import (
     DataSettings,
     LoRASettings,
     ModelSettings,
@@ -38,18 +36,18 @@ from rlhf_fast.trainers import (  # noqa: E402
     build_reward_trainer,
     build_sft_trainer,
 )
-from rlhf_fast.trainers.grpo import GRPOConfig, GRPOSettings, GRPOTrainer  # noqa: E402
-from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer, load_ppo_models, prompt_batches  # noqa: E402
-from rlhf_fast.trainers.reward_functions import reward_function  # noqa: E402
-from rlhf_fast.trainers.sft import cold_start  # noqa: E402
+from rlhf_fast.trainers.grpo import GRPOConfig, GRPOTrainer
+from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer, load_ppo_models, prompt_batches
+from rlhf_fast.trainers.reward_functions import reward_function
+from rlhf_fast.trainers.sft import cold_start
 
-SYNTHETIC = {  # name -> PPOConfig overrides (rows per rollout: 32)
+SYNTHETIC = {  # name -> rl settings of PPOConfig (rows per rollout: 32)
     "ppo (gae)": dict(estimator="gae"),
     "rloo": dict(estimator="rloo", group_size=4, rollout_batch_size=8),
     "reinforce_pp": dict(estimator="reinforce_pp"),
     "grpo": dict(estimator="grpo", group_size=4, rollout_batch_size=8, init_kl_coef=0.0, kl_loss_coef=0.02),
 }
-ARITHMETIC = {  # name -> GRPOSettings overrides (rows per rollout: 64)
+ARITHMETIC = {  # name -> rl settings of GRPOConfig (rows per rollout: 64)
     "grpo (token mean)": dict(),
     "grpo (seq mean)": dict(loss_aggregation="seq_mean"),
     "dr_grpo (seq sum)": dict(estimator="dr_grpo", loss_aggregation="seq_sum"),
@@ -69,42 +67,43 @@ def _stage(out, stage, steps, model=None) -> TrainConfig:
                        run=RunSettings(output_dir=str(out), device="cpu", save_every=0, eval_every=0, progress=False))
 
 
-def synthetic(root: Path, iterations: int) -> list[dict]:
-    sft = build_sft_trainer(_stage(root / "sft", "sft", 100))
+def synthetic(root: Path, iterations: int, warm_steps: float = 1.0) -> list[dict]:
+    sft = build_sft_trainer(_stage(root / "sft", "sft", max(1, round(100 * warm_steps))))
     sft.train()
     sft_dir = sft.export(root / "sft" / "export")
-    rm = build_reward_trainer(_stage(root / "rm", "rm", 60, model=str(sft_dir)))
+    rm = build_reward_trainer(_stage(root / "rm", "rm", max(1, round(60 * warm_steps)), model=str(sft_dir)))
     rm.train()
     rm_dir = rm.export(root / "rm" / "export")
     rows = []
     for name, overrides in SYNTHETIC.items():
         critic = overrides.get("estimator", "gae") == "gae"
         models, tok = load_ppo_models(sft_dir, rm_dir, lora_rank=4, attn_backend="sdpa", critic=critic)
-        config = PPOConfig(**{**dict(iterations=iterations, rollout_batch_size=32, mini_batch_size=16,
-                                     max_new_tokens=40, lr=3e-3, init_kl_coef=0.02, device="cpu",
-                                     output_dir=str(root / name), progress=False), **overrides})
-        prompts = prompt_batches(synthetic_prompts(256, 0), tok, config.rollout_batch_size, 48, 0)
+        config = from_flat(PPOConfig, **{**dict(iterations=iterations, rollout_batch_size=32, mini_batch_size=16,
+                                                max_new_tokens=40, lr=3e-3, init_kl_coef=0.02, device="cpu",
+                                                output_dir=str(root / name), progress=False), **overrides})
+        prompts = prompt_batches(synthetic_prompts(256, 0), tok, config.rl.rollout_batch_size, 48, 0)
         trainer = PPOTrainer(config, models, tok, prompts, [tok.encode(p) for p in synthetic_prompts(64, 99)])
         rows.append(_run("synthetic", name, trainer))
     return rows
 
 
-def arithmetic(root: Path, iterations: int) -> list[dict]:
+def arithmetic(root: Path, iterations: int, warm_steps: float = 1.0) -> list[dict]:
     train, held_out = arithmetic_split(32, seed=0, max_operand=9)
     torch.manual_seed(0)
     warm = GPT.from_preset("tiny", attn_backend="sdpa")
-    cold_start(warm, ByteTokenizer(), [p.to_sft() for p in train], steps=60, lr=3e-3, seed=0)
+    cold_start(warm, ByteTokenizer(), [p.to_sft() for p in train], steps=max(1, round(60 * warm_steps)), lr=3e-3,
+               seed=0)
     rows = []
     for name, overrides in ARITHMETIC.items():
         model = GPT.from_preset("tiny", attn_backend="sdpa")
         model.load_state_dict(warm.state_dict())
-        config = GRPOConfig(  # full fine-tuning of the tiny policy (as tests/trainers/test_grpo.py)
-            model=ModelSettings(preset="tiny", attn_backend="sdpa"), lora=LoRASettings(enabled=False),
-            grpo=GRPOSettings(**{**dict(iterations=iterations, max_new_tokens=10, eval_prompts=32, eval_samples=4,
-                                        mini_batch_size=32), **overrides}),
-            optim=OptimSettings(lr=1e-3, warmup_steps=0, schedule="constant"),
-            run=RunSettings(output_dir=str(root / name), device="cpu", compile=False, progress=False,
-                            eval_every=0, save_every=0))
+        config = GRPOConfig.from_dict({  # full fine-tuning of the tiny policy (as tests/trainers/test_grpo.py)
+            "model": {"preset": "tiny", "attn_backend": "sdpa"}, "lora": {"enabled": False},
+            "rl": {"iterations": iterations, "max_new_tokens": 10, "eval_prompts": 32, "eval_samples": 4,
+                   "mini_batch_size": 32, **overrides},
+            "optim": {"lr": 1e-3, "warmup_steps": 0, "schedule": "constant"},
+            "run": {"output_dir": str(root / name), "device": "cpu", "compile": False, "progress": False,
+                    "eval_every": 0, "save_every": 0}})
         trainer = GRPOTrainer(config, model, ByteTokenizer(), [p.prompt for p in train],
                               [p.prompt for p in held_out], reward_function("arithmetic"))
         rows.append(_run("arithmetic", name, trainer))
@@ -124,25 +123,30 @@ def _run(task: str, name: str, trainer) -> dict:
     return row
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    p = suite_parser(__doc__)
     p.add_argument("--task", choices=["synthetic", "arithmetic", "both"], default="both")
-    p.add_argument("--iterations", type=int, default=None, help="RL iterations (default: 16 synthetic, 50 arithmetic)")
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args()
+    p.add_argument("--iterations", type=int, default=None, help="RL iterations (default: 16 synthetic, 50 arithmetic;"
+                   " --smoke 1)")
+    args = p.parse_args(argv)
+    warm_steps = 0.02 if args.smoke else 1.0  # --smoke: a step or two of SFT / RM / cold start
+    if args.smoke:
+        args.iterations = args.iterations or 1
     torch.set_num_threads(1)
+    env = environment()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.task in ("arithmetic", "both"):
-            rows += arithmetic(Path(tmp) / "arithmetic", args.iterations or 50)
+            rows += arithmetic(Path(tmp) / "arithmetic", args.iterations or 50, warm_steps)
         if args.task in ("synthetic", "both"):
-            rows += synthetic(Path(tmp) / "synthetic", args.iterations or 16)
-    out = args.out or Path(__file__).parent / "results" / f"rl_algorithms-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "device": "cpu", "threads": torch.get_num_threads()}
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {out}")
+            rows += synthetic(Path(tmp) / "synthetic", args.iterations or 16, warm_steps)
+    print_table(rows, ["task", "option", "reward_before", "reward_after", "greedy_before", "greedy_after", "seconds"])
+    config = {"task": args.task, "iterations": args.iterations, "smoke": args.smoke}
+    path = write_record("rl_algorithms" + ("-smoke" if args.smoke else ""), rows, {"config": config},
+                        out_dir=args.out_dir, env=env)
+    print(f"record: {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

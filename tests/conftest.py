@@ -44,3 +44,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def user_error(capsys):
+    """`user_error(argv)`: run `rlhf-fast argv` in-process expecting a user error (exit 2, exactly one stderr line
+    `rlhf-fast: error: ...`); returns that line."""
+    from rlhf_fast.cli import main
+
+    def run(argv) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(list(argv))
+        assert e.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("rlhf-fast: error: "), lines
+        return lines[0]
+
+    return run

@@ -1,5 +1,6 @@
 """`rlhf-fast bench` at tiny sizes on CPU: the table, the JSON record and the PNG chart are well-formed and
-self-consistent. Speed is never judged here (tiny CPU sizes say nothing about the GPU targets)."""
+self-consistent; bad settings fail with one line naming the flag, before anything runs. Speed is never judged
+here (tiny CPU sizes say nothing about the GPU targets)."""
 
 import gzip
 import json
@@ -7,10 +8,11 @@ import math
 
 import pytest
 
+from rlhf_fast.benchmarking import BenchConfig
 from rlhf_fast.cli import main
 
 TINY = (
-    "bench --device cpu --preset tiny --batch-size 3 --prompt-len 7 --new-tokens 4 --mini-batch-size 2 "
+    "bench --device cpu --preset tiny --batch-size 4 --prompt-len 7 --new-tokens 4 --mini-batch-size 2 "
     "--warmup 0 --iters 1 --data synthetic"
 ).split()
 GEN_IMPLS = ["ours eager", "ours compiled", "hf generate", "no-KV-cache loop (seed)"]
@@ -42,7 +44,7 @@ def test_bench_cli_writes_table_record_and_chart(tmp_path, capsys):
     cfg = rec["config"]
     assert (cfg["presets"], cfg["batch_size"], cfg["prompt_len"], cfg["new_tokens"], cfg["backends"]) == (
         ["tiny"],
-        3,
+        4,
         7,
         4,
         ["torch", "triton"],
@@ -58,7 +60,7 @@ def test_bench_cli_writes_table_record_and_chart(tmp_path, capsys):
     assert [r["status"] for r in gen] == ["ok", "skipped (--no-compile)", "ok", "ok"]
     for r in (gen[0], gen[2], gen[3]):
         _positive(r, "seconds", "tokens_per_s")
-        assert r["tokens_per_s"] == pytest.approx(3 * 4 / r["seconds"])
+        assert r["tokens_per_s"] == pytest.approx(4 * 4 / r["seconds"])
         assert r["peak_alloc_gib"] is None and r["peak_reserved_gib"] is None  # no allocator stats on CPU
     assert gen[0]["x_vs_ours_eager"] == pytest.approx(1.0)
 
@@ -67,12 +69,12 @@ def test_bench_cli_writes_table_record_and_chart(tmp_path, capsys):
         assert r["status"] == "ok"
         timed = ("seconds", "samples_per_s", "experience_samples_per_s", "train_tokens_per_s", "generate_s")
         _positive(r, *timed, "score_s", "advantages_s", "train_s", "generate_fraction")
-        experience_s = 3 / r["experience_samples_per_s"]
+        experience_s = 4 / r["experience_samples_per_s"]
         # phases are timed inside the experience step, so they fit in it; experience + train = iteration
         assert r["generate_s"] + r["score_s"] + r["advantages_s"] <= experience_s * 1.001
         assert experience_s + r["train_s"] == pytest.approx(r["seconds"], rel=1e-3)
-        assert r["samples_per_s"] == pytest.approx(3 / r["seconds"])
-        assert r["train_tokens_per_s"] == pytest.approx(3 * (7 + 4) / r["train_s"])  # 1 epoch over (B, P + N)
+        assert r["samples_per_s"] == pytest.approx(4 / r["seconds"])
+        assert r["train_tokens_per_s"] == pytest.approx(4 * (7 + 4) / r["train_s"])  # 1 epoch over (B, P + N)
         assert r["generate_fraction"] == pytest.approx(r["generate_s"] / r["seconds"])
         assert r["experience_peak_alloc_gib"] is None and r["iteration_gpu_util_mean"] is None
         assert r["gpu_util_reason"].startswith("no CUDA device")
@@ -112,7 +114,7 @@ def test_bench_prompt_lengths_follow_hh_rlhf(tmp_path):
         batch_size=9,
         prompt_len=30,
         new_tokens=4,
-        mini_batch_size=2,
+        mini_batch_size=3,
         data=str(path),
     )
     lengths, source = prompt_lengths(cfg)
@@ -124,31 +126,45 @@ def test_bench_prompt_lengths_follow_hh_rlhf(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--max-vram-gb", "16"], "--max-vram-gb 16.0 emulates a smaller GPU and needs a CUDA device"),
-        (["--batch-size", "0"], "batch_size must be >= 1"),
-        (["--mini-batch-size", "5"], "mini_batch_size (5) exceeds batch_size (3)"),
+        (["--max-vram-gb", "16"], "16 emulates a smaller GPU: it needs a CUDA device (this run is on cpu) and a "
+                                  "size > 0 (--max-vram-gb)"),
+        (["--batch-size", "0"], "must be >= 1, got 0 (--batch-size)"),
+        (["--mini-batch-size", "3"], "3 does not divide the batch size 4 (whole minibatches per PPO epoch) "
+                                     "(--mini-batch-size)"),
         (["--preset", "gpt3"], "unknown preset(s) ['gpt3']"),
-        (["--prompt-len", "125"], "exceeds tiny's context of 128 positions"),
+        (["--prompt-len", "125"], "exceeds tiny's context of 128 positions (--prompt-len)"),
+        (["--data", "auto"], "auto not found (an HH-RLHF .jsonl(.gz) file or directory, or synthetic) (--data)"),
     ],
 )
-def test_bench_bad_arguments_fail_clearly(args, message, tmp_path):
+def test_bench_bad_arguments_fail_clearly(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(TINY + ["--out-dir", str(tmp_path)] + args)
-    assert message in str(e.value)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rlhf-fast: error: ") and message in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.iterdir())  # nothing written
 
 
-def test_bench_missing_data_file(tmp_path):
+def test_bench_missing_data_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(TINY[:-1] + [str(tmp_path / "nope.jsonl"), "--out-dir", str(tmp_path)])
-    assert "nope.jsonl not found" in str(e.value)
+    assert e.value.code == 2 and "nope.jsonl not found" in capsys.readouterr().err
+
+
+def test_bench_config_takes_the_device_defaults():
+    cpu = BenchConfig(device="cpu", batch_size=6, mini_batch_size=3)
+    assert (cpu.presets, cpu.batch_size, cpu.mini_batch_size, cpu.prompt_len, cpu.dtype, cpu.compile) == (
+        ("tiny",), 6, 3, 12, "float32", False)
+    gpu = BenchConfig(device="cuda")  # built without touching the device
+    assert (gpu.presets, gpu.batch_size, gpu.prompt_len, gpu.new_tokens, gpu.dtype, gpu.compile) == (
+        ("gpt2", "gpt2-medium"), 64, 256, 128, "bfloat16", True)
 
 
 @pytest.mark.gpu
 @pytest.mark.bench
 def test_bench_on_gpu_records_memory_and_cap(tmp_path):
     args = (
-        "bench --device cuda --preset tiny --batch-size 5 --prompt-len 33 --new-tokens 17 "
+        "bench --device cuda --preset tiny --batch-size 6 --prompt-len 33 --new-tokens 17 "
         "--mini-batch-size 2 --warmup 1 --iters 1 --max-vram-gb 16"
     ).split()
     assert main(args + ["--out-dir", str(tmp_path)]) == 0

@@ -1,8 +1,7 @@
-"""benchmarks/bench_logprobs.py at tiny sizes on CPU: the record holds fused and unfused rows of every case with
-their ratios, and the memory it reports is what the fused kernel promises (never a full (N, V) fp32 block) and
-the baseline cannot avoid (at least two). Speed is never judged here."""
+"""`python -m benchmarks.bench_logprobs` at tiny sizes on CPU: the record holds fused and unfused rows of every case
+with their ratios, and the memory it reports is what the fused kernel promises (never a full (N, V) fp32 block)
+and the baseline cannot avoid (at least two). Speed is never judged here."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,19 +9,13 @@ from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_logprobs.py"
+from benchmarks import bench_logprobs as bench
+
+REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_logprobs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cpu_peak_counts_what_is_alive_at_once():
-    bench = _bench_module()
 
     def two_then_one():
         a = torch.empty(4 * MIB, dtype=torch.uint8)
@@ -36,8 +29,8 @@ def test_cpu_peak_counts_what_is_alive_at_once():
 
 
 def test_smoke_record_has_fused_and_unfused_rows_and_ratios(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_logprobs", "--smoke", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = list(tmp_path.glob("logprobs-smoke-cpu-*.json"))
     assert len(records) == 1 and f"record: {records[0]}" in proc.stdout

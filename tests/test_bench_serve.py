@@ -1,4 +1,4 @@
-"""benchmarks/bench_serve.py --smoke against real `rlhf-fast serve --model tiny` servers: the record holds the
+"""`python -m benchmarks.bench_serve --smoke` against real `rlhf-fast serve --model tiny` servers: the record holds the
 batched and the unbatched mode, each with its request count, tokens and throughput/latency fields, and their
 ratios; the issue's target is not judged on smoke sizes. Speed is never judged here."""
 
@@ -8,14 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve.py"
+REPO = Path(__file__).resolve().parents[1]
 FIELDS = ("requests", "completion_tokens", "wall_s", "tokens_per_s", "requests_per_s", "p50_ms", "p95_ms", "mean_ms")
 
 
 def test_smoke_record_has_both_modes_with_throughput_and_latency(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a plumbing check: no torch threads waiting on a busy machine
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)], capture_output=True,
-                          text=True, timeout=300, env=env)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_serve", "--smoke", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     records = list(tmp_path.glob("serve-smoke-cpu-*.json"))
     assert len(records) == 1 and f"record: {records[0]}" in proc.stdout

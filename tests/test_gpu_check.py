@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py: the one-call GPU validation, run here with --smoke (its whole plumbing on CPU at
+"""`python -m benchmarks.gpu_check`: the one-call GPU validation, run here with --smoke (its whole plumbing on CPU at
 tiny sizes) and with a budget too small for any section. Checks the summary it writes, never speed.
 
 On CPU every section must PASS (or SKIP: the `-m gpu` tier, sections left out); a FAIL line names the error.
@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ["env", "pytest_gpu", "kernels", "compile", "decode", "bench_lora", "bench_attention", "bench_ppo",
             "bench_generation", "bench_logprobs", "e2e", "xl16"]
 
 
 def run_check(out_dir: Path, *args: str, timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out-dir", str(out_dir), *args], capture_output=True,
-                          text=True, timeout=timeout, env={**_env(), "OUT": ""})
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out-dir", str(out_dir), *args],
+                          capture_output=True, text=True, timeout=timeout, env={**_env(), "OUT": ""}, cwd=REPO)
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
     summary = json.loads((out_dir / "summary.json").read_text())
     assert [s["section"] for s in summary["sections"]] == SECTIONS

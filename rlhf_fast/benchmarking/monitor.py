@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
+import os
 import platform
 import subprocess
 import threading
@@ -43,7 +44,8 @@ def _version(dist: str) -> str | None:
 
 
 def environment() -> dict:
-    """Device name, versions, commit and time: what every recorded result carries."""
+    """Device name, versions, commit and time: what every recorded result carries. $GIT_COMMIT, when set,
+    is the commit: a copy of the tree on another machine may carry no (or stale) git metadata."""
     cuda = torch.cuda.is_available()
     env = {
         "device": torch.cuda.get_device_name(0)
@@ -56,7 +58,7 @@ def environment() -> dict:
         "flash_attn": _version("flash-attn"),
         "nvidia_ml_py": _version("nvidia-ml-py"),
         "python": platform.python_version(),
-        "commit": git_commit(),
+        "commit": os.environ.get("GIT_COMMIT") or git_commit(),
         "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu_threads": torch.get_num_threads(),
     }
@@ -65,7 +67,9 @@ def environment() -> dict:
     return env
 
 
-def sync(device: torch.device) -> None:
+def sync(device) -> None:
+    """Wait for the device's queued work (CUDA); nothing elsewhere."""
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

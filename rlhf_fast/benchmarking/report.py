@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from . import harness
+from .harness import fmt, format_table
 
 COLUMNS = {
     "generation": [
@@ -56,20 +58,6 @@ COLUMNS = {
 }
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "-" if v is None else str(v)
-
-
-def format_table(rows: list[dict], columns: list[str]) -> str:
-    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
-    return "\n".join(lines)
-
-
 def format_report(record: dict) -> str:
     env, cfg, lengths = record["environment"], record["config"], record["prompt_lengths"]
     out = [
@@ -101,23 +89,18 @@ def format_report(record: dict) -> str:
             for name, t in ts.items():
                 verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT met")
                 out.append(
-                    f"{preset:<12} {name:<24} {_fmt(t['value']):>8}  target {t['target']:<7} {verdict}"
+                    f"{preset:<12} {name:<24} {fmt(t['value']):>8}  target {t['target']:<7} {verdict}"
                 )
     return "\n".join(out)
 
 
 def record_stem(record: dict) -> str:
-    env = record["environment"]
-    device = "".join(ch if ch.isalnum() else "-" for ch in env["device"].split(" (")[0]).strip("-").lower()
-    stamp = env["time_utc"].removesuffix("+00:00").replace(":", "").replace("-", "")
-    return f"e2e-{'+'.join(record['config']['presets'])}-{device}-{stamp}"
+    """e2e-<presets>-<device>-<UTC time>."""
+    return harness.record_stem(f"e2e-{'+'.join(record['config']['presets'])}", record["environment"])
 
 
 def write_json(record: dict, out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{record_stem(record)}.json"
-    path.write_text(json.dumps(record, indent=2))
-    return path
+    return harness.write_json(record, Path(out_dir) / f"{record_stem(record)}.json")
 
 
 def write_chart(record: dict, path: Path) -> Path:

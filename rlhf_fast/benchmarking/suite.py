@@ -26,16 +26,18 @@ from types import SimpleNamespace
 import torch
 
 from rlhf_fast import kernels
+from rlhf_fast.config import from_flat, option
+from rlhf_fast.errors import ConfigError
 from rlhf_fast.generation import generate, release_kv_caches
 from rlhf_fast.model import GPT, PRESETS, ScalarHead, add_lora
 from rlhf_fast.trainers.models import PPOModels
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
 
 from .baselines import SeedStyleBaseline, hf_copy, no_cache_generate, separate_copy
-from .monitor import REPO_ROOT, GpuSampler, PhaseMemory, cap_memory, environment, sync
+from .harness import default_out_dir, median, time_fn
+from .monitor import GpuSampler, PhaseMemory, cap_memory, environment, sync
 
 BACKENDS = ("triton", "torch")
-HH_DIRS = (Path("../shared/data/hh-rlhf"), REPO_ROOT.parent / "shared" / "data" / "hh-rlhf")
 BYTES_PER_GPT2_TOKEN = 4.0  # English text; the GPT-2 BPE files are not available offline
 TARGETS = {
     "iteration_x_baseline": (">=", 10.0),
@@ -44,77 +46,83 @@ TARGETS = {
 }
 
 
+# The reference sizes on CUDA; tiny sizes (a smoke run, times meaningless) elsewhere: what a setting left at
+# None becomes on the run's device.
+GPU_DEFAULTS = dict(presets=("gpt2", "gpt2-medium"), batch_size=64, prompt_len=256, new_tokens=128, dtype="bfloat16",
+                    mini_batch_size=8, compile=True)
+CPU_DEFAULTS = dict(presets=("tiny",), batch_size=4, prompt_len=12, new_tokens=6, dtype="float32", mini_batch_size=2,
+                    compile=False)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass(frozen=True)
 class BenchConfig:
-    presets: tuple[str, ...] = ("gpt2", "gpt2-medium")
-    batch_size: int = 64  # prompts per PPO iteration (one response each)
-    prompt_len: int = 256  # left-padded prompt width; real lengths follow HH-RLHF when present
-    new_tokens: int = 128
-    dtype: str = "bfloat16"  # model weights; PPO runs under autocast of the same dtype
-    device: str = "cuda"
-    backends: tuple[str, ...] = BACKENDS
-    mini_batch_size: int = 8
-    ppo_epochs: int = 1
-    lora_rank: int = 8
-    warmup: int = 1  # untimed iterations (compilation, allocator warm-up)
-    iters: int = 2  # timed iterations; the median is reported
-    data: str = "auto"  # auto (HH-RLHF when present, else synthetic), synthetic, or an HH .jsonl(.gz) path
-    compile: bool = True  # time the compiled decode step too
-    hf: bool = True  # time HF generate
-    baseline: bool = True
-    max_vram_gb: float | None = None
-    out_dir: str | None = None  # None: benchmarks/results on CUDA, .benchmarks/smoke on CPU
-    seed: int = 0
+    """`rlhf-fast bench`. Settings left unset take the device's defaults (GPU_DEFAULTS on CUDA, CPU_DEFAULTS
+    elsewhere) when the config is built."""
+
+    presets: tuple[str, ...] | None = option(None, "model preset, repeatable (default: gpt2 and gpt2-medium on "
+                                             "CUDA, tiny on CPU)", flag="--preset", append=True)
+    batch_size: int | None = option(None, "prompts per PPO iteration, one response each (default: 64; CPU 4)")
+    prompt_len: int | None = option(None, "left-padded prompt width in tokens (default: 256; CPU 12)")
+    new_tokens: int | None = option(None, "tokens generated per prompt, no EOS (default: 128; CPU 6)")
+    dtype: str | None = option(None, "model weights; PPO runs under autocast of the same dtype (default: "
+                               "bfloat16; CPU float32)", choices=DTYPES)
+    device: str | None = option(None, "cuda, cuda:1, cpu, ... (default: cuda when available)")
+    backends: tuple[str, ...] = option(BACKENDS, "kernel backend of our PPO rows, repeatable", flag="--backend",
+                                       append=True, choices=BACKENDS)
+    mini_batch_size: int | None = option(None, "sequences per PPO optimizer step; divides --batch-size (default: 8; "
+                                         "CPU 2)")
+    ppo_epochs: int = option(1, "passes over each rollout")
+    lora_rank: int = option(8, "LoRA rank of the policy / value / reward adapters")
+    warmup: int = option(1, "untimed iterations first (compilation, allocator warm-up)")
+    iters: int = option(2, "timed iterations; the median is reported")
+    data: str = option("synthetic", "prompt lengths: synthetic (uniform in [P/2, P]) or an HH-RLHF .jsonl(.gz) file "
+                       "or a directory of them")
+    compile: bool | None = option(None, "also time the compiled decode step (default: on CUDA)")
+    hf: bool = option(True, "time HF generate")
+    baseline: bool = option(True, "time the seed-style baseline iteration")
+    max_vram_gb: float | None = option(None, "emulate a card with this many GiB (CUDA only), e.g. 16")
+    out_dir: str | None = option(None, "record + chart directory (default: benchmarks/results on CUDA, "
+                                 ".benchmarks/smoke elsewhere)")
+    seed: int = option(0, "seed of the random-init weights and prompts")
 
     def __post_init__(self):
-        for name in (
-            "batch_size",
-            "prompt_len",
-            "new_tokens",
-            "mini_batch_size",
-            "ppo_epochs",
-            "lora_rank",
-            "iters",
-        ):
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        object.__setattr__(self, "device", device)
+        try:
+            cuda = torch.device(device).type == "cuda"
+        except RuntimeError as e:
+            raise ConfigError(str(e), "device") from None
+        for name, value in (GPU_DEFAULTS if cuda else CPU_DEFAULTS).items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        object.__setattr__(self, "presets", tuple(self.presets))
+        object.__setattr__(self, "backends", tuple(self.backends))
+        for name in ("batch_size", "prompt_len", "new_tokens", "mini_batch_size", "ppo_epochs", "lora_rank", "iters"):
             if getattr(self, name) < 1:
-                raise ValueError(f"bench: {name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", name)
         if self.warmup < 0:
-            raise ValueError(f"bench: warmup must be >= 0, got {self.warmup}")
-        if self.mini_batch_size > self.batch_size:
-            raise ValueError(
-                f"bench: mini_batch_size ({self.mini_batch_size}) exceeds batch_size ({self.batch_size})"
-            )
+            raise ConfigError(f"must be >= 0, got {self.warmup}", "warmup")
+        if self.batch_size % self.mini_batch_size:
+            raise ConfigError(f"{self.mini_batch_size} does not divide the batch size {self.batch_size} (whole "
+                              "minibatches per PPO epoch)", "mini_batch_size")
         unknown = [p for p in self.presets if p not in PRESETS]
         if unknown or not self.presets:
-            raise ValueError(f"bench: unknown preset(s) {unknown}; known: {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset(s) {unknown}; known: {', '.join(PRESETS)}", "presets")
         bad = [b for b in self.backends if b not in BACKENDS]
         if bad or not self.backends:
-            raise ValueError(f"bench: backends must be among {BACKENDS}, got {list(self.backends)}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"bench: dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+            raise ConfigError(f"must be among {BACKENDS}, got {list(self.backends)}", "backends")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"must be one of {DTYPES}, got {self.dtype!r}", "dtype")
         for p in self.presets:
             if self.prompt_len + self.new_tokens > PRESETS[p].get("n_positions", 1024):
-                raise ValueError(
-                    f"bench: prompt_len + new_tokens = {self.prompt_len + self.new_tokens} exceeds "
-                    f"{p}'s context of {PRESETS[p].get('n_positions', 1024)} positions"
-                )
-
-    @classmethod
-    def for_device(cls, device: str | None = None, **overrides) -> BenchConfig:
-        """The reference sizes on CUDA; tiny sizes (a smoke run, times meaningless) on CPU."""
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if torch.device(device).type == "cpu":
-            small = dict(
-                presets=("tiny",),
-                batch_size=4,
-                prompt_len=12,
-                new_tokens=6,
-                dtype="float32",
-                mini_batch_size=2,
-                compile=False,
-            )
-            overrides = {**small, **overrides}
-        return cls(device=device, **overrides)
+                raise ConfigError(f"prompt_len + new_tokens = {self.prompt_len + self.new_tokens} exceeds {p}'s "
+                                  f"context of {PRESETS[p].get('n_positions', 1024)} positions", "prompt_len")
+        if self.data != "synthetic" and not Path(self.data).exists():
+            raise ConfigError(f"{self.data} not found (an HH-RLHF .jsonl(.gz) file or directory, or synthetic)", "data")
+        if self.max_vram_gb is not None and (not cuda or self.max_vram_gb <= 0):
+            raise ConfigError(f"{self.max_vram_gb:g} emulates a smaller GPU: it needs a CUDA device (this run is on "
+                              f"{device}) and a size > 0", "max_vram_gb")
 
     @property
     def precision(self) -> str:
@@ -127,17 +135,11 @@ class BenchConfig:
 def _hh_file(data: str) -> Path | None:
     if data == "synthetic":
         return None
-    if data != "auto":
-        path = Path(data)
-        if not path.exists():
-            raise FileNotFoundError(f"bench: --data {data} not found")
-        return path if path.is_file() else min(path.glob("*.jsonl*"), default=None)
-    for d in HH_DIRS:
-        if d.is_dir():
-            found = min(d.glob("*.jsonl*"), default=None)
-            if found is not None:
-                return found
-    return None
+    path = Path(data)
+    found = path if path.is_file() else min(path.glob("*.jsonl*"), default=None)
+    if found is None:
+        raise ConfigError(f"{data} holds no .jsonl(.gz) file", "data")
+    return found
 
 
 def prompt_lengths(cfg: BenchConfig) -> tuple[list[int], str]:
@@ -175,24 +177,6 @@ def make_prompts(lengths: list[int], P: int, vocab: int, device, seed: int):
 # --- sections -------------------------------------------------------------------------------------
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
-
-
-def _time(fn, device, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return _median(times)
-
-
 def _oom_row(row: dict, err: Exception) -> dict:
     torch.cuda.empty_cache()
     return {**row, "status": f"out of memory: {str(err).splitlines()[0][:120]}"}
@@ -207,7 +191,7 @@ def bench_generation(cfg, model: GPT, ids, mask, device, tmp) -> list[dict]:
         r = dict(section="generation", impl=impl)
         try:
             with PhaseMemory(device) as mem:
-                t = _time(fn, device, warmup, cfg.iters)
+                t = time_fn(fn, device=device, warmup=warmup, iters=cfg.iters)
         except torch.cuda.OutOfMemoryError as e:
             return rows.append(_oom_row(r, e))
         rows.append(
@@ -276,6 +260,14 @@ def _phase_fields(prefix: str, mem: PhaseMemory, gpu: dict) -> dict:
     }
 
 
+def ppo_config(cfg: BenchConfig, backend: str, device: torch.device, output_dir: str) -> PPOConfig:
+    """The PPOConfig of our rows (the one place this suite builds one)."""
+    return from_flat(PPOConfig, iterations=cfg.warmup + cfg.iters, rollout_batch_size=cfg.batch_size,
+                     mini_batch_size=cfg.mini_batch_size, epochs=cfg.ppo_epochs, max_new_tokens=cfg.new_tokens,
+                     kernel_backend=backend, precision=cfg.precision, device=str(device), seed=cfg.seed,
+                     output_dir=output_dir, log_every=0, progress=False)
+
+
 def bench_ppo(cfg, base: GPT, ids, mask, device, backend: str, sampler: GpuSampler, tmp) -> dict:
     """Warm-up + timed iterations of the real PPOTrainer; median over the timed ones."""
     row = dict(section="ppo", impl=f"ours ({backend} kernels)")
@@ -283,20 +275,7 @@ def bench_ppo(cfg, base: GPT, ids, mask, device, backend: str, sampler: GpuSampl
         return {**row, "status": "skipped (triton needs CUDA or TRITON_INTERPRET=1)"}
     try:
         models = lora_models(base, device, getattr(torch, cfg.dtype), backend, cfg.lora_rank, cfg.seed)
-        pcfg = PPOConfig(
-            iterations=cfg.warmup + cfg.iters,
-            rollout_batch_size=cfg.batch_size,
-            mini_batch_size=cfg.mini_batch_size,
-            epochs=cfg.ppo_epochs,
-            max_new_tokens=cfg.new_tokens,
-            loss_backend=backend,
-            precision=cfg.precision,
-            device=str(device),
-            seed=cfg.seed,
-            output_dir=str(Path(tmp) / f"ppo-{backend}"),
-            log_every=0,
-            progress=False,
-        )
+        pcfg = ppo_config(cfg, backend, device, str(Path(tmp) / f"ppo-{backend}"))
         # No EOS: every response has exactly new_tokens tokens, so all rows do the same work.
         tokenizer = SimpleNamespace(eos_token_id=None, pad_token_id=0)
         trainer = PPOTrainer(
@@ -318,9 +297,7 @@ def bench_ppo(cfg, base: GPT, ids, mask, device, backend: str, sampler: GpuSampl
         torch.compiler.reset()
     except torch.cuda.OutOfMemoryError as e:
         return _oom_row(row, e)
-    total, t0, t1, t2, stats, mem_exp, mem_train, seq_tokens = sorted(timed, key=lambda x: x[0])[
-        len(timed) // 2
-    ]
+    total, t0, t1, t2, stats, mem_exp, mem_train, seq_tokens = median(timed, key=lambda x: x[0])
     B = cfg.batch_size
     out = {
         **row,
@@ -374,7 +351,7 @@ def bench_baseline(cfg, base: GPT, ids, mask, device, sampler: GpuSampler) -> di
         del seed_style
     except torch.cuda.OutOfMemoryError as e:
         return _oom_row(row, e)
-    total, t0, t1, times, mem = sorted(timed, key=lambda x: x[0])[len(timed) // 2]
+    total, t0, t1, times, mem = median(timed, key=lambda x: x[0])
     B = cfg.batch_size
     gpu = sampler.window(t0, t1)
     return {
@@ -462,3 +439,15 @@ def run_bench(cfg: BenchConfig) -> dict:
         "rows": rows,
         "targets": targets(rows, device.type == "cuda"),
     }
+
+
+def bench_command(cfg: BenchConfig) -> int:
+    """`rlhf-fast bench`: run, print the report, write the JSON record and the PNG chart."""
+    from .report import format_report, write_chart, write_json
+
+    record = run_bench(cfg)
+    print(format_report(record))
+    path = write_json(record, Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg.device))
+    chart = write_chart(record, path.with_suffix(".png"))
+    print(f"\nrecord: {path}\nchart:  {chart}")
+    return 0

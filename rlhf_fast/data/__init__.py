@@ -1,5 +1,5 @@
-"""Tokenizers, datasets (HH-RLHF, built-in synthetic task), the length/EOS rule, collators and a resumable
-batch order."""
+"""Tokenizers, datasets (HH-RLHF, prompt files, built-in synthetic task), the length/EOS rule, collators and
+a resumable batch order. Bad data raises `rlhf_fast.errors.DataError` naming the file and line."""
 
 from .arithmetic import (
     ArithmeticProblem,
@@ -20,8 +20,10 @@ from .examples import (
     SFTDataset,
     SFTExample,
 )
-from .hh import BadExampleError, LoadReport, load_hh, parse_hh_record, read_hh_jsonl, split_dialogue
+from .hh import load_hh, parse_hh_record, read_hh_jsonl, split_dialogue
+from .jsonl import BadExampleError, LoadReport, MissingDataError
 from .lengths import EncodedPair, append_eos, encode_pair, fit_response
+from .prompts import load_prompts
 from .sources import load_preference_splits
 from .synthetic import synthetic_preferences, synthetic_prompts, synthetic_split
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
@@ -33,6 +35,7 @@ __all__ = [
     "EncodedPair",
     "HFTokenizer",
     "LoadReport",
+    "MissingDataError",
     "PreferenceCollator",
     "PreferenceDataset",
     "PreferenceExample",
@@ -53,6 +56,7 @@ __all__ = [
     "format_reward",
     "load_hh",
     "load_preference_splits",
+    "load_prompts",
     "load_tokenizer",
     "parse_hh_record",
     "read_hh_jsonl",

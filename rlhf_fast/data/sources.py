@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rlhf_fast.errors import DataError
+
 from .hh import LoadReport, load_hh
 from .synthetic import synthetic_split
 
@@ -21,7 +23,7 @@ def load_preference_splits(source: str, *, subset: str | None = None, eval_size:
     examples, report = load_hh(source, "train", subset=subset, skip_bad_examples=skip_bad_examples)
     if source.endswith((".jsonl", ".jsonl.gz")):  # a single file: hold out its tail
         if len(examples) <= eval_size:
-            raise ValueError(f"{source}: {len(examples)} examples, need more than eval_size={eval_size}")
+            raise DataError(f"{len(examples)} examples, need more than eval_size={eval_size}", source)
         return examples[:-eval_size], examples[-eval_size:], report
     held_out, eval_report = load_hh(source, "test", subset=subset, skip_bad_examples=skip_bad_examples)
     report.kept += eval_report.kept

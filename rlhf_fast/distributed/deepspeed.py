@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .strategy import PRECISIONS, Strategy
+from rlhf_fast.config import option
+
+from .strategy import PRECISIONS, BatchLayout, Strategy
 
 INSTALL_HINT = "pip install 'rlhf_fast[deepspeed]'"
 ZERO_STAGES = (0, 1, 2, 3)
@@ -48,10 +50,13 @@ def import_deepspeed():
 class DeepSpeedSettings:
     """What the generated DeepSpeed config says; `config_file` replaces it with a user's own JSON."""
 
-    zero_stage: int = 2  # 2: optimizer states and gradients partitioned, weights replicated
-    offload_optimizer: bool = False  # optimizer states + step on the CPU (DeepSpeedCPUAdam)
-    offload_params: bool = False  # parameters on the CPU between uses (ZeRO-3 only)
-    config_file: str | None = None  # DeepSpeed JSON used instead of the generated config
+    zero_stage: int = option(2, "DeepSpeed ZeRO stage 0-3 (2: optimizer states and gradients partitioned, weights "
+                             "replicated; RL: 0-2)", choices=ZERO_STAGES)
+    offload_optimizer: bool = option(False, "DeepSpeed: optimizer states and step on the CPU (DeepSpeedCPUAdam; "
+                                     "ZeRO >= 1)")
+    offload_params: bool = option(False, "DeepSpeed: parameters on the CPU between uses (ZeRO-3)")
+    config_file: str | None = option(None, "DeepSpeed JSON used instead of the generated config",
+                                     flag="--deepspeed-config")
 
     def __post_init__(self):
         if self.zero_stage not in ZERO_STAGES:
@@ -127,6 +132,8 @@ def _uses_lora(model: nn.Module) -> bool:
 class DeepSpeedStrategy(Strategy):
     """Trainer strategy backed by DeepSpeed engines (one per prepared model)."""
 
+    kind = "deepspeed"
+
     def __init__(self, settings: DeepSpeedSettings | None = None, precision: str = "fp32",
                  max_grad_norm: float | None = 1.0, micro_batch_size: int = 1, grad_accum_steps: int = 1):
         self.settings = settings or DeepSpeedSettings()
@@ -165,10 +172,6 @@ class DeepSpeedStrategy(Strategy):
     def world_size(self) -> int:
         return torch.distributed.get_world_size()
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
     def barrier(self) -> None:
         torch.distributed.barrier()
 
@@ -180,10 +183,27 @@ class DeepSpeedStrategy(Strategy):
     def all_reduce_mean(self, value: float) -> float:
         return self.all_reduce_sum(value) / self.world_size
 
-    # --- models ---------------------------------------------------------------------------------
+    # --- what a trainer must adapt to -------------------------------------------------------------
     def _stage(self) -> int:
         return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
 
+    @property
+    def partitions_parameters(self) -> bool:
+        return self._stage() == 3
+
+    @property
+    def engine_per_model(self) -> bool:
+        return True
+
+    @property
+    def batch_layout(self) -> BatchLayout:
+        return BatchLayout(self.micro_batch_size, self.grad_accum_steps)
+
+    @property
+    def offloads_optimizer(self) -> bool:
+        return self.ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+
+    # --- models ---------------------------------------------------------------------------------
     def _check_model(self, model: nn.Module) -> None:
         stage = self._stage()
         if stage == 3 and _uses_lora(model):
@@ -203,8 +223,7 @@ class DeepSpeedStrategy(Strategy):
 
     def _optimizer_for_engine(self, optimizer, scheduler):
         """ZeRO-Offload steps on the CPU with DeepSpeedCPUAdam: rebuild a torch Adam(W) as one, same groups."""
-        offload = self.ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device")
-        if offload != "cpu":
+        if not self.offloads_optimizer:
             return optimizer
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -231,7 +250,7 @@ class DeepSpeedStrategy(Strategy):
         the engine passes attribute access through to the model (`engine.model` is `model.model`)."""
         self._check_model(model)
         optimizer = self._optimizer_for_engine(optimizer, scheduler)
-        if self._stage() != 3:  # ZeRO-3 places (and with offload_params, keeps on the CPU) each shard itself
+        if not self.partitions_parameters:  # ZeRO-3 places (with offload_params: keeps on the CPU) each shard
             model.to(self.device)
         engine, ds_optimizer, _, ds_scheduler = self.deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=dict(self.ds_config),

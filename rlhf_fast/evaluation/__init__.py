@@ -1,7 +1,7 @@
 """`rlhf-fast eval`: policies compared on held-out prompts by a reward model, the task's gold reward, KL,
 length and diversity, with pairwise win-rates and reward-hacking alarms."""
 
-from .evaluate import EvalConfig, EvalInputError, resolve_export, run_eval
+from .evaluate import EvalConfig, EvalInputError, eval_command, resolve_export, run_eval
 from .gold import GOLD_DESCRIPTIONS, TASKS, gold_reward
 from .metrics import AlarmThresholds, WinRate, alarms, distinct_n, length_stats, repetition, win_rate
 
@@ -14,6 +14,7 @@ __all__ = [
     "WinRate",
     "alarms",
     "distinct_n",
+    "eval_command",
     "gold_reward",
     "length_stats",
     "repetition",

@@ -10,7 +10,8 @@ gold win-rate where there is a gold reward), and the alarms of `metrics.py` agai
 
 Writes into output_dir: eval.json (everything), eval.md (the table), eval.png (bars) and samples.md (each
 prompt with every policy's greedy and sampled responses next to each other, with their scores).
-Every path is checked before anything is loaded or generated; a bad one is an `EvalInputError` naming it.
+Every path is checked before anything is loaded or generated; a bad one is an `EvalInputError` (a ConfigError)
+naming it, with the setting that gave it as `where`.
 """
 
 from __future__ import annotations
@@ -22,59 +23,69 @@ from pathlib import Path
 
 import torch
 
+from rlhf_fast.config import option
 from rlhf_fast.data import arithmetic_split, load_tokenizer, synthetic_prompts
+from rlhf_fast.errors import ConfigError
 from rlhf_fast.generation import release_kv_caches
 from rlhf_fast.model import GPT
 from rlhf_fast.rl import AdvantageConfig
+from rlhf_fast.trainers.builders import export_tokenizer_name, tokenizer_signature
 from rlhf_fast.trainers.demo import HELD_OUT_SEED_OFFSET
 from rlhf_fast.trainers.experience import ExperienceMaker
 from rlhf_fast.trainers.heldout import held_out_responses
 from rlhf_fast.trainers.models import PPOModels
-from rlhf_fast.trainers.ppo import export_tokenizer_name, load_prompts, tokenizer_signature
+from rlhf_fast.trainers.ppo import load_prompts
 from rlhf_fast.trainers.reward_functions import Scorer, load_reward_model_scorer, score_completions
 
 from .gold import GOLD_DESCRIPTIONS, TASKS, gold_reward
 from .metrics import alarms, distinct_n, length_stats, repetition, win_rate
 
 DEFAULT_MAX_NEW_TOKENS = {"arithmetic": 16}  # others: 48, the RL default (the synthetic answers are <= 48 bytes)
+BUILT_IN_PROMPTS = ("synthetic", "arithmetic")  # tasks with a held-out draw of their own; the others need --prompts
 
 
-class EvalInputError(ValueError):
-    """A path, export or setting `rlhf-fast eval` cannot use; the message names it (the CLI prints one line)."""
+class EvalInputError(ConfigError):
+    """A path, export or setting `rlhf-fast eval` cannot use; `where` is the setting ("policies", ...)."""
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    policies: tuple[str, ...]  # export or run directories; the first is the baseline of win-rates and alarms
-    names: tuple[str, ...] | None = None  # None: from the directory names
-    reward_model: str | None = None  # an `rlhf-fast rm` export; None: no RM score or win-rate
-    reference: str | None = None  # the KL reference; None: the first policy
-    task: str | None = None  # synthetic | arithmetic | sentiment | none; None: synthetic (none with prompts)
-    prompts: str | None = None  # a .jsonl(.gz) prompt or HH file: its held-out tail instead of the task's
-    num_prompts: int = 64
-    samples: int = 4  # sampled responses per prompt (plus one greedy)
-    max_new_tokens: int | None = None  # None: DEFAULT_MAX_NEW_TOKENS of the task, else 48
-    temperature: float = 1.0
-    seed: int = 0  # sampling, bootstrap and the task's held-out draw (seed 0: the demo's held-out prompts)
-    batch_size: int = 32  # prompts per generation batch
-    device: str | None = None  # None: cuda when available
-    output_dir: str = "runs/eval"
+    policies: tuple[str, ...] = option(help="policy exports or run directories (runs/demo/ppo); the first is the "
+                                            "baseline of win-rates and alarms", metavar="DIR")
+    names: tuple[str, ...] | None = option(None, "a name per policy (default: from the directory names)")
+    reward_model: str | None = option(None, "an `rlhf-fast rm` export: scores and win-rates (default: none)",
+                                      metavar="DIR")
+    reference: str | None = option(None, "the KL reference (default: the first policy)", metavar="DIR")
+    task: str | None = option(None, "held-out prompts and gold reward: synthetic (default), arithmetic, sentiment "
+                                    "(with --prompts), none (default with --prompts)", choices=TASKS)
+    prompts: str | None = option(None, "a .jsonl(.gz) file of {\"prompt\": ...} lines or HH records: its last "
+                                       "--num-prompts prompts instead of the task's", metavar="FILE")
+    num_prompts: int = option(64, "held-out prompts")
+    samples: int = option(4, "sampled responses per prompt, plus one greedy")
+    max_new_tokens: int | None = option(None, "response tokens (default: 48; arithmetic 16)")
+    temperature: float = option(1.0, "sampling temperature")
+    seed: int = option(0, "sampling, bootstrap and the task's held-out draw (0: the demo's held-out prompts)")
+    batch_size: int = option(32, "prompts per generation batch")
+    device: str | None = option(None, "cpu, cuda, ... (default: cuda when available, else cpu)")
+    output_dir: str = option("runs/eval", "eval.json, eval.md, eval.png, samples.md")
 
     def __post_init__(self):
         if not self.policies:
-            raise EvalInputError("--policies: give at least one policy directory")
+            raise EvalInputError("give at least one policy directory", "policies")
         if self.names is not None and len(self.names) != len(self.policies):
-            raise EvalInputError(f"--names: {len(self.names)} names for {len(self.policies)} policies")
+            raise EvalInputError(f"{len(self.names)} names for {len(self.policies)} policies", "names")
         if self.names is not None and len(set(self.names)) != len(self.names):
-            raise EvalInputError(f"--names: names must differ, got {list(self.names)}")
-        for flag, value in (("--num-prompts", self.num_prompts), ("--samples", self.samples),
-                            ("--batch-size", self.batch_size), ("--max-new-tokens", self.max_new_tokens or 1)):
-            if value < 1:
-                raise EvalInputError(f"{flag} must be >= 1, got {value}")
+            raise EvalInputError(f"names must differ, got {list(self.names)}", "names")
+        for key in ("num_prompts", "samples", "batch_size", "max_new_tokens"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise EvalInputError(f"must be >= 1, got {value}", key)
         if not self.temperature > 0:
-            raise EvalInputError(f"--temperature must be > 0, got {self.temperature}")
+            raise EvalInputError(f"must be > 0, got {self.temperature}", "temperature")
         if self.task is not None and self.task not in TASKS:
-            raise EvalInputError(f"--task must be one of {TASKS}, got {self.task!r}")
+            raise EvalInputError(f"must be one of {TASKS}, got {self.task!r}", "task")
+        if self.prompts is None and self.task_name not in BUILT_IN_PROMPTS:
+            raise EvalInputError(f"task {self.task_name!r} has no built-in prompts: give a prompt file", "prompts")
 
     @property
     def task_name(self) -> str:
@@ -88,26 +99,26 @@ class EvalConfig:
 # --- inputs: exports, prompts ---------------------------------------------------------------------------
 
 
-def resolve_export(path: str, flag: str) -> Path:
-    """The HF export directory `path` names (itself, or a run directory's export/), checked for a readable
-    config.json and a weights file; EvalInputError naming the path otherwise."""
+def resolve_export(path: str, key: str) -> Path:
+    """The HF export directory `path` (the value of setting `key`) names: itself, or a run directory's export/;
+    checked for a readable config.json and a weights file. EvalInputError naming the path and key otherwise."""
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise EvalInputError(f"{flag} {path}: {'not a directory' if p.exists() else 'no such directory'}")
+        raise EvalInputError(f"{path}: {'not a directory' if p.exists() else 'no such directory'}", key)
     if not (p / "config.json").exists() and (p / "export" / "config.json").is_file():
         p = p / "export"  # a run directory (runs/<stage>)
     config = p / "config.json"
     if not config.is_file():
-        raise EvalInputError(f"{flag} {path}: no config.json or export/config.json (not an HF export or a run "
-                             "directory)")
+        raise EvalInputError(f"{path}: no config.json or export/config.json (not an HF export or a run "
+                             "directory)", key)
     try:
         cfg = json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvalInputError(f"{config}: corrupt export, config.json is not valid JSON ({e})") from e
+        raise EvalInputError(f"{config}: corrupt export, config.json is not valid JSON ({e})", key) from e
     if not isinstance(cfg, dict) or not isinstance(cfg.get("vocab_size"), int):
-        raise EvalInputError(f"{config}: corrupt export, config.json has no integer vocab_size")
+        raise EvalInputError(f"{config}: corrupt export, config.json has no integer vocab_size", key)
     if not any(p.glob("model.safetensors*")) and not (p / "pytorch_model.bin").is_file():
-        raise EvalInputError(f"{p}: corrupt export, no weights (model.safetensors or pytorch_model.bin)")
+        raise EvalInputError(f"{p}: corrupt export, no weights (model.safetensors or pytorch_model.bin)", key)
     if (p / "model.safetensors").is_file():  # its header only: a cheap check before anything is generated
         from safetensors import safe_open
 
@@ -115,7 +126,7 @@ def resolve_export(path: str, flag: str) -> Path:
             with safe_open(str(p / "model.safetensors"), framework="pt"):
                 pass
         except Exception as e:
-            raise EvalInputError(f"{p / 'model.safetensors'}: corrupt export ({type(e).__name__}: {e})") from e
+            raise EvalInputError(f"{p / 'model.safetensors'}: corrupt export ({type(e).__name__}: {e})", key) from e
     return p
 
 
@@ -123,18 +134,18 @@ def _vocab_size(directory: Path) -> int:
     return json.loads((directory / "config.json").read_text())["vocab_size"]
 
 
-def _load_tokenizer(directory: Path):
+def _load_tokenizer(directory: Path, key: str):
     try:
         return load_tokenizer(export_tokenizer_name(directory))
     except Exception as e:  # a corrupt marker, missing tokenizer files: say which export
-        raise EvalInputError(f"{directory}: cannot load its tokenizer ({type(e).__name__}: {e})") from e
+        raise EvalInputError(f"{directory}: cannot load its tokenizer ({type(e).__name__}: {e})", key) from e
 
 
-def _load_model(directory: Path, device) -> GPT:
+def _load_model(directory: Path, device, key: str) -> GPT:
     try:
         model = GPT.from_pretrained(str(directory))
     except Exception as e:  # truncated safetensors, wrong shapes, ...: say which export
-        raise EvalInputError(f"{directory}: cannot load the model ({type(e).__name__}: {e})") from e
+        raise EvalInputError(f"{directory}: cannot load the model ({type(e).__name__}: {e})", key) from e
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -148,13 +159,13 @@ def eval_prompts(cfg: EvalConfig) -> list[str]:
     """The held-out prompts: a prompt file's held-out tail, or the task's own held-out draw."""
     if cfg.prompts is not None:
         if not Path(cfg.prompts).exists():
-            raise EvalInputError(f"--prompts {cfg.prompts}: no such file")
+            raise EvalInputError(f"{cfg.prompts}: no such file", "prompts")
         return load_prompts(cfg.prompts, eval_size=cfg.num_prompts, seed=cfg.seed)[1]
-    if cfg.task_name == "synthetic":  # the demo's held-out draw (the prompt space is small: 32 prompts)
-        return synthetic_prompts(cfg.num_prompts, cfg.seed + HELD_OUT_SEED_OFFSET)
     if cfg.task_name == "arithmetic":  # within GRPO's held-out problems (same seed, same shuffle)
         return [p.prompt for p in arithmetic_split(cfg.num_prompts, cfg.seed)[1]]
-    raise EvalInputError(f"--task {cfg.task_name} has no built-in prompts: give --prompts FILE")
+    # synthetic (EvalConfig refuses the tasks without built-in prompts): the demo's held-out draw (the prompt
+    # space is small: 32 prompts)
+    return synthetic_prompts(cfg.num_prompts, cfg.seed + HELD_OUT_SEED_OFFSET)
 
 
 # --- sampling and scoring -------------------------------------------------------------------------------
@@ -253,15 +264,17 @@ def compare(results: list[PolicyResponses], cfg: EvalConfig) -> tuple[list[dict]
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate the policies of `cfg`; writes eval.json, eval.md, eval.png and samples.md, returns the result."""
-    dirs = [resolve_export(p, "--policies") for p in cfg.policies]
-    ref_dir = resolve_export(cfg.reference, "--reference") if cfg.reference else dirs[0]
-    rm_dir = resolve_export(cfg.reward_model, "--reward-model") if cfg.reward_model else None
-    tokenizer = _load_tokenizer(dirs[0])
-    for d in dirs[1:] + [ref_dir] + ([rm_dir] if rm_dir else []):
-        if tokenizer_signature(_load_tokenizer(d)) != tokenizer_signature(tokenizer) or \
+    dirs = [resolve_export(p, "policies") for p in cfg.policies]
+    ref_key = "reference" if cfg.reference else "policies"  # which setting names each directory, for errors
+    ref_dir = resolve_export(cfg.reference, "reference") if cfg.reference else dirs[0]
+    rm_dir = resolve_export(cfg.reward_model, "reward_model") if cfg.reward_model else None
+    tokenizer = _load_tokenizer(dirs[0], "policies")
+    others = [(d, "policies") for d in dirs[1:]] + [(ref_dir, ref_key)] + ([(rm_dir, "reward_model")] if rm_dir else [])
+    for d, key in others:
+        if tokenizer_signature(_load_tokenizer(d, key)) != tokenizer_signature(tokenizer) or \
                 _vocab_size(d) != _vocab_size(dirs[0]):
             raise EvalInputError(f"{d}: a different tokenizer / vocabulary than {dirs[0]}: policies, reference "
-                                 "and reward model must share one")
+                                 "and reward model must share one", key)
     names = list(cfg.names) if cfg.names else default_names(dirs)
     prompts = eval_prompts(cfg)
     gold_fn = gold_reward(cfg.task_name)
@@ -272,12 +285,12 @@ def run_eval(cfg: EvalConfig) -> dict:
         try:
             scorer = load_reward_model_scorer(rm_dir, tokenizer, _vocab_size(dirs[0]), device)
         except Exception as e:
-            raise EvalInputError(f"--reward-model {rm_dir}: {type(e).__name__}: {e}") from e
-    reference = _load_model(ref_dir, device)
+            raise EvalInputError(f"{rm_dir}: {type(e).__name__}: {e}", "reward_model") from e
+    reference = _load_model(ref_dir, device, ref_key)
     results = []
     for name, d in zip(names, dirs):
         same = d.resolve() == ref_dir.resolve()
-        policy = reference if same else _load_model(d, device)
+        policy = reference if same else _load_model(d, device, "policies")
         out = sample_policy(policy, None if same else reference, tokenizer, prompts, cfg, scorer)
         r = PolicyResponses(name, str(d), **out)
         if gold_fn is not None:
@@ -303,6 +316,14 @@ def run_eval(cfg: EvalConfig) -> dict:
     result["files"] = {k: str(out_dir / f) for k, f in
                        (("json", "eval.json"), ("table", "eval.md"), ("plot", "eval.png"), ("samples", "samples.md"))}
     return result
+
+
+def eval_command(config: EvalConfig) -> int:
+    """`rlhf-fast eval`: run, print the table and the files written."""
+    result = run_eval(config)
+    print(format_markdown(result))
+    print("\nwrote " + ", ".join(result["files"].values()))
+    return 0
 
 
 # --- reports --------------------------------------------------------------------------------------------

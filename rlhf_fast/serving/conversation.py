@@ -126,7 +126,7 @@ def load_chat_model(name: str, *, device=None, dtype: str = "float32", seed: int
 
     from rlhf_fast.data import load_tokenizer
     from rlhf_fast.model import GPT, PRESETS
-    from rlhf_fast.trainers.ppo import export_tokenizer_name
+    from rlhf_fast.trainers.builders import export_tokenizer_name
 
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

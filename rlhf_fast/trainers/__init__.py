@@ -2,22 +2,13 @@
 built objects, not strings to load."""
 
 from .checkpoint import CheckpointManager
-from .common import Trainer, TrainModule
-from .config import (
-    DataSettings,
-    DPOSettings,
-    LoRASettings,
-    ModelSettings,
-    OptimSettings,
-    RLSettings,
-    RunSettings,
-    TrainConfig,
-)
+from .config import DataSettings, DPOSettings, LoRASettings, ModelSettings, OptimSettings, RunSettings, TrainConfig
 from .dpo import DPOTrainer, build_dpo_trainer
 from .experience import ExperienceMaker
-from .grpo import GRPOConfig, GRPOSettings, GRPOTrainer, TaskSettings, build_grpo_trainer
+from .grpo import GRPOTrainer, build_grpo_trainer
+from .loop import Trainer, TrainModule
 from .models import PPOModels
-from .ppo import PPOConfig, PPOTrainer, load_ppo_models
+from .ppo import PPOTrainer, build_ppo_trainer, load_ppo_models
 from .reward import RewardTrainer, build_reward_trainer, load_reward_model
 from .reward_functions import (
     REWARD_FUNCTIONS,
@@ -27,7 +18,8 @@ from .reward_functions import (
     WeightedScorer,
     register_reward_function,
 )
-from .rl_loop import LoopSettings, RLTrainer, build_rl_strategy
+from .rl_config import GRPOConfig, PPOConfig, RLConfig, RLSettings, TaskSettings
+from .rl_loop import LoopSettings, RLTrainer
 from .sft import SFTTrainer, build_sft_trainer
 
 __all__ = [
@@ -38,7 +30,6 @@ __all__ = [
     "ExperienceMaker",
     "FunctionScorer",
     "GRPOConfig",
-    "GRPOSettings",
     "GRPOTrainer",
     "LoRASettings",
     "LoopSettings",
@@ -48,6 +39,7 @@ __all__ = [
     "PPOConfig",
     "PPOModels",
     "PPOTrainer",
+    "RLConfig",
     "REWARD_FUNCTIONS",
     "RLSettings",
     "RLTrainer",
@@ -62,7 +54,7 @@ __all__ = [
     "WeightedScorer",
     "build_dpo_trainer",
     "build_grpo_trainer",
-    "build_rl_strategy",
+    "build_ppo_trainer",
     "build_reward_trainer",
     "build_sft_trainer",
     "load_ppo_models",

@@ -3,16 +3,19 @@
 Layout:
     <run_dir>/config.json
     <run_dir>/checkpoints/step-00000100/{weights.pt, optim.pt, rng.pt, trainer_state.json}
+    <run_dir>/checkpoints/corrupt-step-00000200/...   (an unreadable checkpoint, moved aside on resume)
 
 A checkpoint is written into `checkpoints/.tmp-step-...` and renamed into place only after every file
-is written and flushed; `trainer_state.json` is written last and marks a complete checkpoint. A crash
-mid-save therefore leaves at most a stale temp directory (removed by the next save) and never touches
-the previous checkpoint.
+is written and flushed; `trainer_state.json` is written last, lists the .pt files and marks a complete
+checkpoint. A crash mid-save therefore leaves at most a stale temp directory (removed by the next save)
+and never touches the previous checkpoint. A checkpoint damaged later (a truncated copy, a full disk) is
+moved aside by `load_latest`, which then resumes from the one before.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -21,6 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from rlhf_fast.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
@@ -39,6 +46,21 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file that is missing or cannot be read; `where` is that file."""
+
+
+class IncompleteCheckpointError(CorruptCheckpointError, FileNotFoundError):
+    """A checkpoint file that is not there (also a FileNotFoundError)."""
+
+
+def _brief(e: Exception) -> str:
+    """One line about an exception, short enough for a log line (torch's messages run long)."""
+    lines = str(e).strip().splitlines()
+    text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _fsync_dir(path: Path) -> None:
@@ -94,7 +116,8 @@ class CheckpointManager:
                     f.flush()
                     os.fsync(f.fileno())
             with open(tmp / STATE_FILE, "w") as f:
-                json.dump({**trainer_state, "step": step}, f, indent=1)
+                json.dump({**trainer_state, "step": step, "files": sorted(f"{n}.pt" for n in tensors)}, f,
+                          indent=1)
                 f.flush()
                 os.fsync(f.fileno())
             # Re-saving a step (e.g. the final save right after a periodic one): move the old copy aside
@@ -124,31 +147,120 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
 
     def load_latest(self, stage: str, trainable: dict) -> tuple[Path, dict[str, object], dict] | None:
-        """(path, objects, trainer_state) of the newest complete checkpoint, or None when there is none.
+        """(path, objects, trainer_state) of the newest intact checkpoint, or None when there is none.
 
-        Checks that it was written by `stage` and holds weights for every name in `trainable`.
+        A checkpoint that cannot be read (CorruptCheckpointError) is logged, moved aside to
+        `corrupt-step-...` (never listed, pruned or loaded again) and the one before it is tried. Raises
+        CheckpointError when checkpoints exist but none is intact (now or moved aside by an earlier call):
+        a run never starts over silently. The checkpoint found must be `stage`'s and hold weights for
+        every name in `trainable` (CheckpointError otherwise; it is left in place).
         """
-        path = self.latest()
-        if path is None:
-            return None
-        blobs, state = self.load(path)
-        if state.get("stage") != stage:
-            raise ValueError(f"{path} is a {state.get('stage')!r} checkpoint, not {stage!r}")
-        missing = sorted(set(trainable) - set(blobs["weights"]))
-        if missing:
-            raise ValueError(f"{path} does not fit this model: no weights for {missing[:4]}")
-        return path, blobs, state
+        moved = []
+        for path in reversed(self.checkpoints()):
+            try:
+                blobs, state = self.load(path)
+            except CorruptCheckpointError as e:
+                reason = f"{Path(e.where).name}: {e.what}"
+                aside = self._move_aside(path)
+                log.warning("checkpoint %s cannot be read (%s): moved it aside to %s; trying the one before",
+                            path, reason, aside.name)
+                moved.append(f"{path.name} to {aside.name} ({reason})")
+                continue
+            if state.get("stage") != stage:
+                raise CheckpointError(f"a {state.get('stage')!r} checkpoint, not {stage!r}", str(path))
+            missing = sorted(set(trainable) - set(blobs.get("weights", {})))
+            if missing:
+                raise CheckpointError(f"does not fit this model: no weights for {missing[:4]}", str(path))
+            return path, blobs, state
+        if moved:
+            raise CheckpointError(f"no intact checkpoint: moved aside {'; '.join(moved)}", str(self.dir))
+        earlier = sorted(p.name for p in self.dir.glob("corrupt-step-*")) if self.dir.is_dir() else []
+        if earlier:
+            raise CheckpointError(f"no intact checkpoint, only unreadable ones moved aside earlier "
+                                  f"({', '.join(earlier)}): remove them to start this run over", str(self.dir))
+        return None
+
+    def _move_aside(self, path: Path) -> Path:
+        """Rename a corrupt checkpoint to corrupt-step-XXXXXXXX[-N] (kept for inspection, never loaded)."""
+        base = self.dir / f"corrupt-{path.name}"
+        aside, n = base, 1
+        while aside.exists():
+            aside, n = base.with_name(f"{base.name}-{n}"), n + 1
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:  # another process of the run moved it first
+            pass
+        return aside
 
     @staticmethod
     def load(path) -> tuple[dict[str, object], dict]:
-        """({name: object}, trainer_state) of a checkpoint directory."""
+        """({name: object}, trainer_state) of a checkpoint directory.
+
+        Raises CorruptCheckpointError naming the file that is missing or cannot be read (a directory
+        without trainer_state.json: IncompleteCheckpointError, also a FileNotFoundError).
+        """
         path = Path(path)
         state_path = path / STATE_FILE
         if not state_path.is_file():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
-        trainer_state = json.loads(state_path.read_text())
-        # weights_only=False: optimizer and RNG states hold numpy arrays and tuples; these files are
-        # our own checkpoints, not downloads.
-        tensors = {p.stem: torch.load(p, map_location="cpu", weights_only=False)
-                   for p in sorted(path.glob("*.pt"))}
+            raise IncompleteCheckpointError(f"not a complete checkpoint (no {STATE_FILE})", str(path))
+        try:
+            trainer_state = json.loads(state_path.read_text())
+        except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise CorruptCheckpointError(f"unreadable ({_brief(e)})", str(state_path)) from e
+        if not isinstance(trainer_state, dict) or not isinstance(trainer_state.get("step"), int):
+            raise CorruptCheckpointError("not a trainer state (no integer 'step')", str(state_path))
+        # Older checkpoints do not list their files; every checkpoint has weights.
+        for name in trainer_state.get("files", ["weights.pt"]):
+            if not (path / name).is_file():
+                raise IncompleteCheckpointError(f"{name} is missing", str(path / name))
+        tensors = {}
+        for p in sorted(path.glob("*.pt")):
+            try:
+                # weights_only=False: optimizer and RNG states hold numpy arrays and tuples; these files
+                # are our own checkpoints, not downloads.
+                tensors[p.stem] = torch.load(p, map_location="cpu", weights_only=False)
+            except Exception as e:  # truncated, empty, not a torch file: whatever torch raises
+                raise CorruptCheckpointError(f"unreadable ({_brief(e)})", str(p)) from e
         return tensors, trainer_state
+
+
+# --- the collective checkpoint protocol of every trainer (`strategy`: a rlhf_fast.distributed.Strategy) ---------
+
+
+def strategy_dir(checkpoints: CheckpointManager, step: int) -> Path:
+    """Where a strategy keeps its own (e.g. DeepSpeed's per-engine, sharded) state of checkpoint `step`."""
+    return checkpoints.run_dir / "strategy" / f"step-{step:08d}"
+
+
+def save_collective(strategy, checkpoints: CheckpointManager, step: int, trainable: dict, blobs: dict,
+                    trainer_state: dict) -> Path | None:
+    """The checkpoint protocol of every trainer. Collective: every process calls it. The strategy's own
+    state is written on every rank first; then the main process writes the checkpoint (trainable weights
+    that load without the strategy, the strategy's optimizer state, RNG state, plus `blobs`) and prunes
+    strategy state whose checkpoint is gone. Returns the checkpoint path on the main process, else None."""
+    with strategy.gathered(trainable.values()):
+        weights = {n: p.detach().cpu().clone() for n, p in trainable.items()} if strategy.is_main else None
+    optim = strategy.save_checkpoint(strategy_dir(checkpoints, step))
+    strategy.barrier()
+    path = None
+    if strategy.is_main:
+        path = checkpoints.save(step, {"weights": weights, "optim": optim, "rng": capture_rng_state(), **blobs},
+                                trainer_state)
+        checkpoints.prune_unkept(checkpoints.run_dir / "strategy")
+    strategy.barrier()  # no rank runs ahead (or resumes) before the checkpoint is complete
+    return path
+
+
+def restore_collective(strategy, checkpoints: CheckpointManager, trainable: dict, blobs: dict, step: int) -> None:
+    """Undo `save_collective`'s common part: trainable weights, strategy state, RNG state."""
+    with torch.no_grad(), strategy.gathered(trainable.values(), modify=True):
+        for n, p in trainable.items():
+            p.copy_(blobs["weights"][n])
+    strategy.load_checkpoint(blobs["optim"], strategy_dir(checkpoints, step))
+    restore_rng_state(blobs["rng"])
+
+
+def no_checkpoint_error(directory) -> CheckpointError:
+    """What `--resume` says when there is nothing to continue from."""
+    return CheckpointError("--resume: no checkpoint to continue from (--resume-if-possible starts from step 0 when "
+                           "there is none)", str(directory))

@@ -131,10 +131,11 @@ def run_demo(cfg: DemoConfig) -> dict:
         summary.update(time_s={**times, "total": sum(times.values())}, config=asdict(cfg))
         (root / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
-    ppo_cfg = PPOConfig(iterations=cfg.ppo_iterations, rollout_batch_size=cfg.rollout_batch_size,
-                        mini_batch_size=max(1, cfg.rollout_batch_size // 2), init_kl_coef=cfg.kl_coef,
-                        device=cfg.device, seed=cfg.seed,
-                        output_dir=str(root / "ppo"), progress=cfg.progress)
+    ppo_cfg = PPOConfig.from_dict({
+        "rl": {"iterations": cfg.ppo_iterations, "rollout_batch_size": cfg.rollout_batch_size,
+               "mini_batch_size": max(1, cfg.rollout_batch_size // 2), "init_kl_coef": cfg.kl_coef,
+               "eval_prompts": cfg.eval_prompts},
+        "run": {"device": cfg.device, "seed": cfg.seed, "output_dir": str(root / "ppo"), "progress": cfg.progress}})
     prompts = prompt_batches(synthetic_prompts(64 * cfg.rollout_batch_size, cfg.seed), tokenizer,
                              cfg.rollout_batch_size, 48, cfg.seed)
     ppo = PPOTrainer(ppo_cfg, models, tokenizer, prompts, held_out)
@@ -169,7 +170,7 @@ def _dpo(cfg: DemoConfig, root: Path, sft_dir: Path, models, tokenizer, held_out
     """DPO's `policy` adapter on the SFT export, then judged as PPO's: the same held-out prompts, sampled
     responses scored by the RM adapter on the same base, KL to the SFT policy (adapters off)."""
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    maker = ExperienceMaker(models, max_new_tokens=PPOConfig.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+    maker = ExperienceMaker(models, max_new_tokens=PPOConfig().rl.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, advantage=AdvantageConfig("reinforce_pp"))
 
     def evaluate() -> dict:

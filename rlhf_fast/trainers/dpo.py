@@ -1,5 +1,5 @@
 """Direct preference optimisation: DPO, IPO, robust/conservative DPO, SimPO and ORPO (`rl.PREFERENCE_LOSSES`)
-on the SFT/RM loop (`common.Trainer`: gradient accumulation, checkpoints, exact resume, DeepSpeed).
+on the SFT/RM loop (`loop.Trainer`: gradient accumulation, checkpoints, exact resume, DeepSpeed).
 
 Starts from an SFT export. LoRA (the default) trains the `policy` adapter and the reference is the same
 base with adapters off, so DPO holds one model; full-parameter DPO keeps a frozen reference copy (on the
@@ -22,8 +22,9 @@ from rlhf_fast.data import PreferenceCollator, PreferenceDataset, ResumableBatch
 from rlhf_fast.model import GPT, disable_adapters
 from rlhf_fast.rl import REFERENCE_FREE, preference_loss_fn, preference_metrics
 
-from .common import Trainer, TrainModule, build_model, build_strategy, export_model, resolve_tokenizer_name
+from .builders import build_model, export_model, resolve_tokenizer_name, train_strategy
 from .config import TrainConfig
+from .loop import Trainer, TrainModule
 from .metrics import log
 from .rollout import action_logprobs
 from .sft import check_max_len
@@ -136,7 +137,7 @@ def build_dpo_trainer(config: TrainConfig) -> DPOTrainer:
                          f"{eval_ds.n_identical} whose chosen and rejected responses are identical")
     batches = ResumableBatches(train_ds, config.optim.micro_batch_size, PreferenceCollator(tokenizer),
                                seed=config.run.seed)
-    trainer = DPOTrainer(config, TrainModule(model), tokenizer, batches, eval_ds, build_strategy(config), reference)
+    trainer = DPOTrainer(config, TrainModule(model), tokenizer, batches, eval_ds, train_strategy(config), reference)
     trainer.logger.event(0, data=d.data, train_pairs=len(train_ds), eval_pairs=len(eval_ds),
                          skipped_bad_examples=report.skipped, identical_pairs_dropped=train_ds.n_identical
                          + eval_ds.n_identical, truncated_train_pairs=train_ds.n_truncated)

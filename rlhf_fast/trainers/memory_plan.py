@@ -2,7 +2,8 @@
 
 `rlhf-fast plan` prints it, the trainers check it at start-up on CUDA (`check_trainer_memory`), and the
 numbers of docs/memory.md are generated from it (`rlhf-fast plan --write-docs`; a test checks them).
-Pure arithmetic: nothing is allocated, and this module imports nothing beyond the standard library.
+Pure arithmetic: nothing is allocated, and this module imports nothing beyond the standard library (and the
+leaf modules rlhf_fast.config / rlhf_fast.errors).
 
 An RL iteration runs its phases one after another, so the peak is the largest phase on top of what stays
 resident:
@@ -36,8 +37,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from rlhf_fast.config import option, section
+from rlhf_fast.errors import ConfigError
 
 from .metrics import log
 
@@ -110,45 +115,54 @@ class ModelShape:
 class PlanSettings:
     """A run's memory-relevant settings. Rows are sequences; rm and dpo micro-batches hold pairs (2 rows)."""
 
-    algo: str = "ppo"  # ppo (critic) | grpo (critic-free) | dpo | sft | rm
-    lora: bool = True  # one frozen base with adapters; False: every trained model in full
-    lora_rank: int = 8
-    precision: str = "bf16"  # the autocast dtype (fp32: none)
-    strategy: str = "single"  # single: fp32 master weights under autocast; deepspeed (ZeRO 0-2): 16-bit module
-    weight_dtype: str | None = None  # the weights on the device; None: fp32 (single), the precision's (deepspeed)
-    offload_optimizer: bool = False  # deepspeed: fp32 masters, Adam state and gradients on the CPU
-    rollout_batch_size: int = 64  # RL: prompts per rollout
-    group_size: int = 1  # RL: responses per prompt
-    prompt_len: int = 256
-    response_len: int = 128
-    micro_batch_size: int = 8  # rows (rm, dpo: pairs) per training forward
-    grad_checkpoint: bool = False
-    score_rows: int | None = None  # RL: rows per no-grad scoring pass; None: the whole rollout (the experience maker)
-    separate_updates: bool = False  # PPO: the critic's forward + backward after the policy's; False: one backward
-    fused_logprobs: bool = True  # kernels.linear_logprobs; False: logits and log-softmax materialised
-    reference: bool | None = None  # a reference pass; None: ppo, grpo and dpo have one
-    reward_model: bool | None = None  # a reward-model pass; None: ppo's (grpo scores with a function)
-    separate_frozen: int | None = None  # separate frozen models; None: 0 with LoRA, else reference + RM
-    offload_frozen: bool = False  # separate frozen models on the CPU between their passes
+    algo: str = option("ppo", "ppo (with a critic), grpo (critic-free), dpo, sft or rm", choices=ALGOS)
+    lora: bool = option(True, "LoRA adapters on one frozen base (--no-lora: the trained models in full)")
+    lora_rank: int = option(8, "LoRA rank")
+    precision: str = option("bf16", "fp32, bf16 or fp16 autocast", choices=PRECISIONS)
+    strategy: str = option("single", "single (fp32 master weights under autocast) or deepspeed (ZeRO 0-2: a 16-bit "
+                                     "module)", choices=STRATEGIES)
+    weight_dtype: str | None = option(None, "fp32, bf16 or fp16 weights on the device (default: fp32 on one device, "
+                                            "the --precision dtype under deepspeed)", choices=PRECISIONS)
+    offload_optimizer: bool = option(False, "deepspeed: fp32 masters, Adam state and gradients on the CPU")
+    rollout_batch_size: int = option(64, "RL: prompts per rollout")
+    group_size: int = option(1, "RL: responses per prompt")
+    prompt_len: int = option(256, "prompt tokens (the padded width)")
+    response_len: int = option(128, "response tokens (RL: --max-new-tokens)")
+    micro_batch_size: int = option(8, "rows per training forward (rm, dpo: pairs)")
+    grad_checkpoint: bool = option(False, "activation checkpointing per transformer block")
+    score_rows: int | None = option(None, "RL: rows per no-grad scoring pass; None: the whole rollout (the "
+                                          "experience maker)", cli=False)
+    separate_updates: bool = option(False, "PPO: the critic's forward + backward after the policy's; False: one "
+                                           "backward", cli=False)
+    fused_logprobs: bool = option(True, "the fused lm-head log-prob kernel (--no-fused-logprobs: logits "
+                                        "materialised)")
+    reference: bool | None = option(None, "a reference pass; None: ppo, grpo and dpo have one", cli=False)
+    reward_model: bool | None = option(None, "a reward-model pass; None: ppo's (grpo scores with a function)",
+                                       cli=False)
+    separate_frozen: int | None = option(None, "separate frozen models; None: 0 with LoRA, else reference + RM",
+                                         cli=False)
+    offload_frozen: bool = option(False, "separate frozen models (reference, reward) on the CPU between uses")
 
-    def __post_init__(self):
+    def __post_init__(self):  # ConfigErrors naming the field (`rlhf-fast plan` turns it into the flag)
         for name, allowed in (("algo", ALGOS), ("precision", PRECISIONS), ("strategy", STRATEGIES),
                               ("weight_dtype", PRECISIONS + (None,))):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"memory plan: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ConfigError(f"memory plan: {name} must be one of {allowed}, got {getattr(self, name)!r}", name)
         for name in ("lora_rank", "rollout_batch_size", "group_size", "prompt_len", "response_len",
                      "micro_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"memory plan: {name} must be an int >= 1, got {value!r}")
+                raise ConfigError(f"memory plan: {name} must be an int >= 1, got {value!r}", name)
         if self.score_rows is not None and (not isinstance(self.score_rows, int) or isinstance(self.score_rows, bool)
                                             or self.score_rows < 1):
-            raise ValueError(f"memory plan: score_rows must be None or an int >= 1, got {self.score_rows!r}")
+            raise ConfigError(f"memory plan: score_rows must be None or an int >= 1, got {self.score_rows!r}",
+                              "score_rows")
         if self.offload_optimizer and self.strategy != "deepspeed":
-            raise ValueError("memory plan: offload_optimizer needs strategy='deepspeed' (ZeRO-Offload)")
+            raise ConfigError("memory plan: offload_optimizer needs strategy='deepspeed' (ZeRO-Offload)",
+                              "offload_optimizer")
         if self.rl and self.micro_batch_size > self.rows:
-            raise ValueError(f"memory plan: micro_batch_size {self.micro_batch_size} exceeds the rollout's "
-                             f"{self.rows} rows")
+            raise ConfigError(f"memory plan: micro_batch_size {self.micro_batch_size} exceeds the rollout's "
+                              f"{self.rows} rows", "micro_batch_size")
 
     @property
     def rl(self) -> bool:
@@ -599,11 +613,11 @@ def trainer_plan_settings(trainer, scorer=None) -> tuple[ModelShape, PlanSetting
     reward role) or an SFT / RM / DPO `Trainer`."""
     rl_trainer, strategy = hasattr(trainer, "rl"), trainer.strategy
     model = trainer.models.policy if rl_trainer else trainer.module.model
-    ds = type(strategy).__name__ == "DeepSpeedStrategy"  # casts the module itself when it prepares it
+    ds = strategy.kind == "deepspeed"  # casts the module itself when it prepares it
     dtype = str(model.transformer.wte.weight.dtype).removeprefix("torch.")
-    common = dict(precision=strategy.precision, strategy="deepspeed" if ds else "single",
+    common = dict(precision=strategy.precision, strategy=strategy.kind,
                   weight_dtype=None if ds else {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype],
-                  offload_optimizer=bool(ds and strategy.settings.offload_optimizer),
+                  offload_optimizer=strategy.offloads_optimizer,
                   grad_checkpoint=model.config.grad_checkpoint)
     if rl_trainer:
         m, rl = trainer.models, trainer.rl
@@ -744,3 +758,57 @@ def sync_docs(path=DOC_PATH, check: bool = False) -> bool:
         return new == text
     path.write_text(new, encoding="utf-8")
     return True
+
+
+# --- rlhf-fast plan -------------------------------------------------------------------------------------
+
+DEFAULT_PRESET = "gpt2-xl"
+
+
+@dataclass(frozen=True)
+class PlanCommand:
+    """`rlhf-fast plan`: the plan of a model (a preset, or an HF directory's shape) under a memory budget, or
+    docs/memory.md regenerated / checked."""
+
+    preset: str | None = option(None, f"model preset (default: {DEFAULT_PRESET} unless --model)")
+    model: str | None = option(None, "HF GPT-2 directory: the shape from its config.json (no weights are read)")
+    vram: float = option(16.0, "device memory budget in GiB", metavar="GIB")
+    write_docs: bool = option(False, "regenerate the numbers of docs/memory.md instead")
+    check_docs: bool = option(False, "exit 1 when docs/memory.md's numbers are stale")
+    settings: PlanSettings = section(PlanSettings, "the run's memory-relevant settings")
+
+    def __post_init__(self):
+        if self.preset is not None and self.model is not None:
+            raise ConfigError("give --preset or --model, not both", "model")
+        if self.write_docs and self.check_docs:
+            raise ConfigError("give --write-docs or --check-docs, not both", "check_docs")
+        if not self.vram > 0:
+            raise ConfigError(f"must be > 0 GiB, got {self.vram}", "vram")
+
+    def shape(self) -> ModelShape:
+        if self.model is not None:
+            try:
+                return ModelShape.from_hf_dir(self.model)
+            except (OSError, ValueError) as e:
+                raise ConfigError(str(e), "model") from e
+        try:
+            return ModelShape.from_preset(self.preset or DEFAULT_PRESET)
+        except ValueError as e:
+            raise ConfigError(str(e), "preset") from e
+
+
+def plan_command(config: PlanCommand) -> int:
+    """Print the verdict: 0 when it fits or a proposal does, 2 when nothing does; --write-docs / --check-docs:
+    0, or 1 when docs/memory.md is stale."""
+    if config.write_docs or config.check_docs:
+        if not sync_docs(DOC_PATH, check=config.check_docs):
+            print(f"rlhf-fast plan: {DOC_PATH} is stale: run rlhf-fast plan --write-docs", file=sys.stderr)
+            return 1
+        print(f"{DOC_PATH}: {'written' if config.write_docs else 'up to date'}")
+        return 0
+    verdict = decide(config.shape(), config.settings, config.vram)
+    print(format_verdict(verdict))
+    if verdict.refused:
+        print(f"rlhf-fast plan: {verdict.message()}", file=sys.stderr)
+        return 2
+    return 0

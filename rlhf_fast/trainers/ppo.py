@@ -13,104 +13,63 @@ makes the actor and the critic two engines, and the frozen reference and reward 
 
 from __future__ import annotations
 
-import dataclasses
-import gzip
-import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlhf_fast.data import PromptCollator, PromptDataset, ResumableBatches, load_preference_splits, load_tokenizer
-from rlhf_fast.distributed import PRECISIONS, Strategy
+from rlhf_fast.data import PromptCollator, PromptDataset, ResumableBatches, load_prompts, load_tokenizer
+from rlhf_fast.distributed import Strategy
+from rlhf_fast.errors import ConfigError
 from rlhf_fast.model import GPT, ScalarHead, add_lora, load_adapter
 
-from .common import TOKENIZER_MARKER
-from .config import RLSettings
+from .builders import export_tokenizer_name, tokenizer_signature
 from .metrics import log
 from .models import POLICY, REWARD, VALUE, PPOModels
 from .reward import REWARD_ADAPTER_FILE, REWARD_META_FILE, load_reward_model, weights_fingerprint
-from .rl_loop import LoopSettings, RLTrainer, build_rl_strategy
+from .rl_config import PPOConfig
+from .rl_loop import RLTrainer
 
-
-@dataclass(frozen=True)
-class PPOConfig(RLSettings):
-    """RLSettings (PPO's defaults: gae with a critic, KL in the reward) plus the run's settings."""
-
-    lr: float = 5e-4  # LoRA adapters; ~1e-6..1e-5 for full-parameter PPO of gpt2 sizes
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    offload_frozen: bool = False  # move the separate reference / reward model to the CPU between uses
-    loss_backend: str = "auto"  # kernels backend for gae and ppo_loss
-    grad_checkpoint: bool = False  # recompute the trained models' block activations in backward (less memory)
-    precision: str = "fp32"
-    device: str | None = None  # None: cuda when available
-    seed: int = 0
-    output_dir: str = "runs/ppo"
-    log_every: int = 1
-    eval_every: int = 0  # iterations between held-out evaluations (0: only at the end)
-    save_every: int = 0  # iterations between checkpoints (0: only at the end)
-    keep_last: int = 2
-    resume: bool = False
-    progress: bool = True
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.lr <= 0 or (self.max_grad_norm is not None and self.max_grad_norm <= 0):
-            raise ValueError("ppo: need lr > 0 and max_grad_norm > 0 (or None)")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"ppo.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.keep_last < 1 or min(self.log_every, self.eval_every, self.save_every) < 0:
-            raise ValueError("ppo: need keep_last >= 1 and log_every / eval_every / save_every >= 0")
-
-    @property
-    def rl(self) -> RLSettings:
-        return self
-
-    def loop(self) -> LoopSettings:
-        return LoopSettings(output_dir=self.output_dir, seed=self.seed, lr=self.lr, weight_decay=self.weight_decay,
-                            log_every=self.log_every, eval_every=self.eval_every, save_every=self.save_every,
-                            keep_last=self.keep_last, resume=self.resume, progress=self.progress,
-                            loss_backend=self.loss_backend, offload_frozen=self.offload_frozen)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+__all__ = ["PPOConfig", "PPOTrainer", "build_ppo_trainer", "export_tokenizer_name", "load_ppo_models",
+           "prompt_batches", "tokenizer_signature"]
 
 
 class PPOTrainer(RLTrainer):
     """PPO over built objects: PPOModels, a tokenizer, resumable prompt batches, held-out prompts (ids or
-    texts), optionally a strategy (`build_rl_strategy`; default: one device) and a scorer (default: the
-    models' reward role)."""
+    texts), optionally a strategy (default: the config's, `train_strategy`) and a scorer (default: the models'
+    reward role)."""
 
     stage = "ppo"
 
     def __init__(self, config: PPOConfig, models: PPOModels, tokenizer, prompts: ResumableBatches,
                  eval_prompts=None, strategy: Strategy | None = None, scorer=None):
-        strategy = strategy if strategy is not None else build_rl_strategy(config)
-        if strategy.precision != config.precision:
-            raise ValueError(f"ppo.precision={config.precision!r} but the strategy runs {strategy.precision!r}")
-        if config.device is not None and torch.device(config.device).type != strategy.device.type:
-            raise ValueError(f"ppo.device={config.device!r}, but the strategy's device is {strategy.device}: drop "
-                             "--device (under DeepSpeed set DS_ACCELERATOR=cpu to force the CPU)")
-        super().__init__(config, config, config.loop(), models, tokenizer, prompts, eval_prompts, scorer, strategy)
+        run = config.run
+        if strategy is not None and strategy.precision != run.precision:
+            raise ConfigError(f"{run.precision!r}, but the strategy runs {strategy.precision!r}", "run.precision")
+        if strategy is not None and run.device is not None and torch.device(run.device).type != strategy.device.type:
+            raise ConfigError(f"{run.device!r}, but the strategy's device is {strategy.device}: drop --device (under "
+                              "DeepSpeed set DS_ACCELERATOR=cpu to force the CPU)", "run.device")
+        super().__init__(config, models, tokenizer, prompts, eval_prompts, scorer, strategy)
+
+
+def build_ppo_trainer(config: PPOConfig, strategy: Strategy | None = None) -> PPOTrainer:
+    """`rlhf-fast ppo`: the models from the SFT and RM exports (`load_ppo_models`), prompts from data.data
+    (`load_prompts`), the trainer."""
+    m, lc, d, seed = config.model, config.lora, config.data, config.run.seed
+    for key, what in (("model", "the SFT export directory"), ("reward_model", "the reward-model export directory")):
+        if getattr(m, key) is None:
+            raise ConfigError(f"give {what}", f"model.{key}")
+    models, tokenizer = load_ppo_models(m.model, m.reward_model, lora=lc.enabled, lora_rank=lc.rank,
+                                        lora_alpha=lc.alpha, attn_backend=m.attn_backend,
+                                        kernel_backend=m.kernel_backend, seed=seed, critic=config.rl.critic,
+                                        grad_checkpoint=m.grad_checkpoint)
+    train, held_out = load_prompts(d.data, subset=d.subset, eval_size=d.eval_size, synthetic_size=d.synthetic_size,
+                                   seed=seed, skip_bad_examples=d.skip_bad_examples)
+    prompts = prompt_batches(train, tokenizer, config.rl.rollout_batch_size, d.max_prompt_len, seed)
+    return PPOTrainer(config, models, tokenizer, prompts, held_out, strategy=strategy)
 
 
 # --- builders: PPO models from the SFT and RM exports --------------------------------------------
-
-
-def export_tokenizer_name(directory: Path) -> str:
-    marker = directory / TOKENIZER_MARKER
-    return json.loads(marker.read_text())["tokenizer"] if marker.is_file() else str(directory)
-
-
-def tokenizer_signature(tokenizer) -> str:
-    """A digest of the token -> id mapping (what must agree between policy and reward model)."""
-    if hasattr(tokenizer, "tok"):
-        items = sorted(tokenizer.tok.get_vocab().items())
-    else:
-        items = [("byte", tokenizer.vocab_size, tokenizer.eos_token_id, tokenizer.pad_token_id)]
-    return hashlib.sha256(repr(items).encode()).hexdigest()
 
 
 def _existing_dir(path, what: str, flag: str) -> Path:
@@ -169,36 +128,6 @@ def load_ppo_models(sft_model, reward_model, *, lora: bool = True, lora_rank: in
                  rm_dir, sft_dir)
     policy.set_adapter(POLICY)
     return PPOModels(policy, value_head, reward_head, reward_model=reward_model), tokenizer
-
-
-def load_prompts(source: str, *, subset: str | None = None, eval_size: int = 128, synthetic_size: int = 4000,
-                 seed: int = 0) -> tuple[list[str], list[str]]:
-    """(train, held-out) prompts: a .jsonl(.gz) file of {"prompt": ...} lines (its last `eval_size` held
-    out), or the prompts of any preference source `load_preference_splits` reads (synthetic, HH-RLHF)."""
-    path = Path(source)
-    if path.is_file() and path.name.endswith((".jsonl", ".jsonl.gz")):
-        with (gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path)) as f:
-            first = next((line for line in f if line.strip()), "{}")
-        if "prompt" in json.loads(first) and "chosen" not in json.loads(first):
-            return _prompt_file(path, eval_size)
-    train, held_out, _ = load_preference_splits(source, subset=subset, eval_size=eval_size,
-                                                synthetic_size=synthetic_size, seed=seed)
-    return [ex.prompt for ex in train], [ex.prompt for ex in held_out]
-
-
-def _prompt_file(path: Path, eval_size: int) -> tuple[list[str], list[str]]:
-    prompts = []
-    with gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with a string 'prompt'")
-            prompts.append(record["prompt"])
-    if len(prompts) <= eval_size:
-        raise ValueError(f"{path}: {len(prompts)} prompts, need more than eval_size={eval_size}")
-    return prompts[:-eval_size], prompts[-eval_size:]
 
 
 def prompt_batches(prompts, tokenizer, batch_size: int, max_prompt_len: int, seed: int) -> ResumableBatches:

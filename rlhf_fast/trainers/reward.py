@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from rlhf_fast.data import PreferenceCollator, PreferenceDataset, ResumableBatches, load_preference_splits
 from rlhf_fast.model import GPT, RewardHead, reward_scores, save_adapter
 
-from .common import Trainer, TrainModule, build_model, build_strategy, export_model, resolve_tokenizer_name
+from .builders import build_model, export_model, resolve_tokenizer_name, train_strategy
 from .config import TrainConfig
+from .loop import Trainer, TrainModule
 from .metrics import log
 from .sft import check_max_len
 
@@ -115,7 +116,7 @@ def build_reward_trainer(config: TrainConfig) -> RewardTrainer:
     batches = ResumableBatches(train_ds, config.optim.micro_batch_size, PreferenceCollator(tokenizer),
                                seed=config.run.seed)
     module = TrainModule(model, head)
-    trainer = RewardTrainer(config, module, tokenizer, batches, eval_ds, build_strategy(config))
+    trainer = RewardTrainer(config, module, tokenizer, batches, eval_ds, train_strategy(config))
     trainer.logger.event(0, data=d.data, train_pairs=len(train_ds), eval_pairs=len(eval_ds),
                          skipped_bad_examples=report.skipped, truncated_train_pairs=train_ds.n_truncated,
                          one_side_truncated_train_pairs=train_ds.n_one_side_truncated,

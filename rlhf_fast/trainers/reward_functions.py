@@ -252,7 +252,7 @@ def load_reward_model_scorer(
 ) -> ModelScorer:
     """A ModelScorer from an `rlhf-fast rm` export; clear errors for a missing directory or an RM whose
     tokenizer/vocabulary differs from the policy's."""
-    from .common import TOKENIZER_MARKER
+    from .builders import TOKENIZER_MARKER
     from .reward import load_reward_model
 
     directory = Path(directory)

@@ -4,7 +4,7 @@ Each iteration: rollout (sample `group_size` responses per prompt and score them
 `dynamic_sampling`, drop groups without score spread and sample more prompts), the training passes and
 advantages (`ExperienceMaker`), then `epochs` passes of minibatch optimizer steps (`rl_update.py`).
 
-The loop owns iteration cadence, evaluation, the collective checkpoint protocol (DeepSpeed included), KV
+The loop owns iteration cadence, evaluation, the collective checkpoint protocol (sharded strategies too), KV
 cache release, peak memory, phase timing and precision (the strategy's autocast); algorithms
 (`ppo.py`, `grpo.py`) bring their config, models and scorer. Checkpoints (trainable weights, optimizer,
 KL coefficient, RNG and generator states, prompt order, iteration) resume exactly.
@@ -20,17 +20,18 @@ from pathlib import Path
 
 import torch
 
-from rlhf_fast.distributed import DeepSpeedSettings, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
+from rlhf_fast.distributed import Strategy
 from rlhf_fast.generation import release_kv_caches
 from rlhf_fast.rl import make_kl_controller
 
-from .checkpoint import CheckpointManager
-from .common import TrainModule, adamw, export_model, restore_collective, save_collective
-from .config import RLSettings
+from .builders import export_model, train_strategy
+from .checkpoint import CheckpointManager, no_checkpoint_error, restore_collective, save_collective
 from .experience import ExperienceMaker, PhaseTimer, Rollout, peak_memory_gb
+from .loop import TrainModule, adamw
 from .memory_plan import check_trainer_memory
 from .metrics import MetricsLogger, log
 from .models import POLICY, PPOModels
+from .rl_config import RLConfig
 from .rl_update import PolicyUpdate
 
 
@@ -48,7 +49,8 @@ class LoopSettings:
     eval_every: int = 0  # 0: evaluate only at the end
     save_every: int = 0  # 0: save only at the end
     keep_last: int = 2
-    resume: bool = False
+    resume: bool = False  # continue from the newest checkpoint; an error when there is none
+    resume_if_possible: bool = False  # continue from the newest checkpoint when there is one
     progress: bool = True
     loss_backend: str = "auto"  # kernels backend for gae and ppo_loss
     offload_frozen: bool = False  # separate reference / reward model on the CPU between uses
@@ -57,36 +59,24 @@ class LoopSettings:
     max_prompt_len: int | None = None  # held-out prompt texts keep their last max_prompt_len tokens
 
 
-def build_rl_strategy(config, strategy: str = "single", deepspeed: DeepSpeedSettings | None = None) -> Strategy:
-    """The strategy an RL trainer runs under: 'single' (config.device) or 'deepspeed' (device from its
-    launcher; one optimizer step per minibatch, so micro-batch = mini_batch_size and no accumulation).
-    `config` is an algorithm config (PPOConfig, GRPOConfig): device, precision, max_grad_norm, rl."""
-    if strategy == "single":
-        if deepspeed is not None:
-            raise ValueError("DeepSpeed settings (--zero-stage, --offload-*, --deepspeed-config) need "
-                             "--strategy deepspeed")
-        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return SingleDeviceStrategy(device, config.precision, config.max_grad_norm)
-    if strategy != "deepspeed":
-        raise ValueError(f"strategy must be 'single' or 'deepspeed', got {strategy!r}")
-    return DeepSpeedStrategy(deepspeed or DeepSpeedSettings(), config.precision, config.max_grad_norm,
-                             micro_batch_size=config.rl.mini_batch_size, grad_accum_steps=1)
-
-
 class RLTrainer(PolicyUpdate):
-    """The loop over built objects: RL settings, PPOModels, a tokenizer, resumable prompt batches, held-out
-    prompts (texts or token ids), a scorer (None: the models' reward role) and a strategy."""
+    """The loop over built objects: an RL config (PPOConfig, GRPOConfig), PPOModels, a tokenizer, resumable
+    prompt batches, held-out prompts (texts or token ids; the first rl.eval_prompts are used), a scorer (None:
+    the models' reward role) and a strategy (default: the config's, `train_strategy`)."""
 
     stage = "rl"
 
-    def __init__(self, config, rl: RLSettings, loop: LoopSettings, models: PPOModels, tokenizer, prompts,
-                 eval_prompts, scorer, strategy: Strategy):
+    def __init__(self, config: RLConfig, models: PPOModels, tokenizer, prompts, eval_prompts, scorer,
+                 strategy: Strategy | None = None):
+        strategy = strategy if strategy is not None else train_strategy(config)
+        rl, loop = config.rl, config.loop()
         self.config, self.rl, self.loop, self.models, self.tokenizer = config, rl, loop, models, tokenizer
         self.prompts, self.strategy, self.device = prompts, strategy, strategy.device
         if rl.critic != models.has_critic:
             raise ValueError(f"estimator {rl.estimator!r} {'needs' if rl.critic else 'takes no'} critic, but the "
                              f"models {'have none' if rl.critic else 'have one'}")
         keep = slice(-loop.max_prompt_len if loop.max_prompt_len else None, None)
+        eval_prompts = list(eval_prompts or [])[: rl.eval_prompts]
         self.eval_prompts = [tokenizer.encode(p)[keep] if isinstance(p, str) else list(p) for p in eval_prompts or []]
         self.eval_texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in eval_prompts or []]
         self._check_lengths()
@@ -127,20 +117,20 @@ class RLTrainer(PolicyUpdate):
                              f"{self.rl.max_new_tokens} exceed the model's n_positions={n_positions}: lower one")
 
     def _check_strategy(self) -> None:
-        s = self.strategy
-        if isinstance(s, DeepSpeedStrategy):
-            if int(s.ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
-                raise ValueError("RL under DeepSpeed supports ZeRO stages 0-2: rollouts run the actor outside its "
-                                 "engine (KV-cache generation), which ZeRO-3's partitioned weights do not allow")
-            if (s.micro_batch_size, s.grad_accum_steps) != (self.rl.mini_batch_size, 1) or self.rl.micro_rows != \
-                    self.rl.mini_batch_size:
-                raise ValueError(f"the DeepSpeed strategy's batch layout (micro {s.micro_batch_size} x accumulation "
-                                 f"{s.grad_accum_steps}) must be one step per minibatch (micro "
-                                 f"{self.rl.mini_batch_size} x 1, micro_batch_size unset): build it with "
-                                 "build_rl_strategy")
+        s, minibatch = self.strategy, self.rl.mini_batch_size
+        if s.partitions_parameters:
+            raise ValueError("RL supports ZeRO stages 0-2 only: rollouts run the actor outside its engine (KV-cache "
+                             "generation), which ZeRO-3's partitioned weights do not allow")
+        layout = s.batch_layout  # None: the strategy follows the loop's own minibatch steps
+        if layout is not None and (layout != (minibatch, 1) or self.rl.micro_rows != minibatch):
+            raise ValueError(f"the strategy's batch layout (micro {layout.micro_batch_size} x accumulation "
+                             f"{layout.grad_accum_steps}) must be one step per minibatch (micro {minibatch} x 1, "
+                             "micro_batch_size unset): build it with build_strategy(..., "
+                             "micro_batch_size=mini_batch_size, grad_accum_steps=1)")
 
     def _prepare_models(self):
-        """(actor, critic): the prepared training modules (one and the same unless DeepSpeed full-parameter)."""
+        """(actor, critic): the prepared training modules (one and the same unless full-parameter training under
+        a strategy with an engine per model)."""
         m, loop = self.models, self.loop
 
         def optimizer(params):
@@ -150,7 +140,7 @@ class RLTrainer(PolicyUpdate):
             return torch.optim.lr_scheduler.LambdaLR(opt, loop.lr_lambda) if loop.lr_lambda else None
 
         frozen = [f for f in (m.reference, m.reward_model) if f is not None]
-        if not isinstance(self.strategy, DeepSpeedStrategy) or m.lora:
+        if not self.strategy.engine_per_model or m.lora:
             # One optimizer over every trainable parameter (LoRA: the adapters share one frozen base).
             opt = optimizer(list(self.trainable.values()))
             engine, self.optimizer, self.scheduler = self.strategy.prepare(TrainModule(m), opt, scheduler(opt))
@@ -237,11 +227,13 @@ class RLTrainer(PolicyUpdate):
         """Run to rl.iterations (or stop at `until_iteration`, saving a checkpoint there)."""
         loop, total = self.loop, self.rl.iterations
         stop = total if until_iteration is None else min(until_iteration, total)
+        resumed = (loop.resume or loop.resume_if_possible) and self.resume()
+        if loop.resume and not resumed:
+            raise no_checkpoint_error(self.checkpoints.dir)
+        self.logger.truncate(self.iteration if resumed else -1)  # metrics of re-run (or abandoned) iterations go
         if self.strategy.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
-        if loop.resume:
-            self.resume()
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=self.iteration, desc=self.stage,

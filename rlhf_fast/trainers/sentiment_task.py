@@ -29,8 +29,9 @@ import torch
 from rlhf_fast.data import ResumableBatches, SFTCollator, SFTDataset, SFTExample, load_hh, load_tokenizer
 from rlhf_fast.model import GPT
 
-from .common import adamw, export_model, lr_lambda
+from .builders import export_model
 from .config import OptimSettings
+from .loop import adamw, lr_lambda
 from .metrics import log
 from .models import PPOModels
 from .ppo import PPOConfig, PPOTrainer, prompt_batches
@@ -229,12 +230,14 @@ def build_rl_trainer(cfg: SentimentTaskConfig, model: GPT, tokenizer, train: lis
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     rows = cfg.rollout_batch_size * cfg.group_size
     device = model.transformer.wte.weight.device
-    rl_cfg = PPOConfig(estimator=cfg.estimator, iterations=cfg.rl_iterations,
-                       rollout_batch_size=cfg.rollout_batch_size, group_size=cfg.group_size,
-                       mini_batch_size=min(rows, cfg.rl_mini_batch_size), epochs=cfg.rl_epochs,
-                       max_new_tokens=cfg.max_response_len, init_kl_coef=cfg.kl_coef, lr=cfg.rl_lr,
-                       device=str(device), seed=cfg.seed, output_dir=str(Path(cfg.output_dir) / "rl"),
-                       progress=cfg.progress)
+    rl_cfg = PPOConfig.from_dict({
+        "rl": {"estimator": cfg.estimator, "iterations": cfg.rl_iterations,
+               "rollout_batch_size": cfg.rollout_batch_size, "group_size": cfg.group_size,
+               "mini_batch_size": min(rows, cfg.rl_mini_batch_size), "epochs": cfg.rl_epochs,
+               "max_new_tokens": cfg.max_response_len, "init_kl_coef": cfg.kl_coef, "eval_prompts": cfg.eval_prompts},
+        "optim": {"lr": cfg.rl_lr}, "lora": {"enabled": False},
+        "run": {"device": str(device), "seed": cfg.seed, "output_dir": str(Path(cfg.output_dir) / "rl"),
+                "progress": cfg.progress}})
     prompts = prompt_batches([ex.prompt for ex in train], tokenizer, cfg.rollout_batch_size, cfg.max_prompt_len,
                              cfg.seed)
     eval_ids = [tokenizer.encode(ex.prompt)[-cfg.max_prompt_len:] for ex in held_out]

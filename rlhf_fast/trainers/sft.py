@@ -11,8 +11,9 @@ from rlhf_fast.data import ResumableBatches, SFTCollator, SFTDataset, load_prefe
 from rlhf_fast.model import GPT, set_adapter
 from rlhf_fast.model.lora import adapter_names
 
-from .common import Trainer, TrainModule, build_model, build_strategy, export_model, resolve_tokenizer_name
+from .builders import build_model, export_model, resolve_tokenizer_name, train_strategy
 from .config import TrainConfig
+from .loop import Trainer, TrainModule
 from .metrics import log
 
 
@@ -86,7 +87,7 @@ def build_sft_trainer(config: TrainConfig) -> SFTTrainer:
     eval_ds = SFTDataset(held_out, tokenizer, d.max_prompt_len, d.max_len)
     batches = ResumableBatches(train_ds, config.optim.micro_batch_size, SFTCollator(tokenizer),
                                seed=config.run.seed)
-    trainer = SFTTrainer(config, TrainModule(model), tokenizer, batches, eval_ds, build_strategy(config))
+    trainer = SFTTrainer(config, TrainModule(model), tokenizer, batches, eval_ds, train_strategy(config))
     trainer.logger.event(0, data=d.data, train_examples=len(train_ds), eval_examples=len(eval_ds),
                          skipped_bad_examples=report.skipped, truncated_train_examples=train_ds.n_truncated,
                          truncated_eval_examples=eval_ds.n_truncated)

@@ -17,6 +17,7 @@ from rlhf_fast.data import (
     synthetic_split,
 )
 from rlhf_fast.data.synthetic import POLITE, RUDE, SUBJECTS
+from rlhf_fast.errors import DataError
 
 TOK = ByteTokenizer()
 
@@ -26,6 +27,19 @@ def test_sft_dataset_masks_prompt_and_keeps_eos():
     assert ds[0]["input_ids"] == [97, 98, 99, 120, 121, TOK.eos_token_id]
     assert ds[0]["loss_mask"] == [0, 0, 0, 1, 1, 1]
     assert TOK.decode(ds[1]["input_ids"]) == "pchosen!"  # a preference pair trains on its chosen response
+
+
+def test_an_empty_response_trains_and_scores_its_eos():
+    # real HH pairs can have an empty chosen reply: the target is then "stop here", the EOS alone
+    sft = SFTDataset([SFTExample("abc", "")], TOK, 8, 16)
+    assert sft[0]["input_ids"] == [97, 98, 99, TOK.eos_token_id] and sft[0]["loss_mask"] == [0, 0, 0, 1]
+    assert sft.n_truncated == 0
+    batch = SFTCollator(TOK)([sft[0], SFTDataset([SFTExample("a", "xyz")], TOK, 8, 16)[0]])
+    assert batch["loss_mask"].sum(1).tolist() == [1, 4]
+    pairs = PreferenceDataset([PreferenceExample("abc", "", "no")], TOK, 8, 16)
+    assert pairs[0]["chosen_ids"] == [97, 98, 99, TOK.eos_token_id] and pairs.n_identical == 0
+    batch = PreferenceCollator(TOK)([pairs[0]])
+    assert batch["loss_mask"].sum(1).tolist() == [1, 3]
 
 
 def test_truncation_keeps_prompt_end_and_response_start():
@@ -106,8 +120,9 @@ def test_load_preference_splits_from_single_file_holds_out_tail(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     train, held_out, report = load_preference_splits(str(path), eval_size=2)
     assert [ex.chosen for ex in held_out] == [" a5", " a6"] and len(train) == 5 and report.kept == 7
-    with pytest.raises(ValueError, match="need more than eval_size"):
+    with pytest.raises(DataError, match="need more than eval_size") as info:
         load_preference_splits(str(path), eval_size=7)
+    assert info.value.where == str(path)
 
 
 def test_collated_ids_fit_tiny_vocab():

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_fast.data import BadExampleError, load_hh, parse_hh_record, read_hh_jsonl, split_dialogue
+from rlhf_fast.data import BadExampleError, MissingDataError, load_hh, parse_hh_record, read_hh_jsonl, split_dialogue
+from rlhf_fast.errors import DataError
 
 SINGLE = {
     "chosen": "\n\nHuman: How do I boil an egg?\n\nAssistant: Put it in boiling water for 8 minutes.",
@@ -45,7 +46,6 @@ def test_multi_turn_keeps_earlier_turns_in_the_prompt():
 
 @pytest.mark.parametrize("text, match", [
     ("\n\nHuman: hello there", "no assistant turn"),
-    ("\n\nHuman: hi\n\nAssistant:   ", "empty assistant response"),
     ("\n\nHuman: hi\n\nAssistant: hey\n\nHuman: and?", "ends with a human turn"),
     ("\n\nAssistant: I speak first", "does not start with a human turn"),
 ])
@@ -54,19 +54,42 @@ def test_bad_dialogues(text, match):
         split_dialogue(text)
 
 
-def test_chosen_and_rejected_must_share_the_prompt():
-    bad = {"chosen": SINGLE["chosen"], "rejected": MULTI["rejected"]}
+@pytest.mark.parametrize("ending", ["", " ", "   "])
+def test_an_empty_reply_is_a_valid_response(ending):
+    # real harmless-base pairs whose chosen dialogue ends with a bare "\n\nAssistant:" (or one space)
+    prompt = "\n\nHuman: Can you repeat the address?\n\nAssistant:"
+    ex = parse_hh_record({"chosen": prompt + ending, "rejected": prompt + " Sure, it is 12 Oak Lane."})
+    assert (ex.prompt, ex.chosen, ex.rejected) == (prompt, ending, " Sure, it is 12 Oak Lane.")
+    assert split_dialogue(prompt + ending) == (prompt, ending)
+
+
+def test_a_reply_containing_the_assistant_marker_keeps_the_shared_prompt():
+    # real pairs: the model wrote a turn of its own inside its reply; the pair still differs only there
+    prompt = "\n\nHuman: Isn't that drag kings?\n\nAssistant:"
+    chosen = " No.  Human: Why?\n\nAssistant:  Because."
+    ex = parse_hh_record({"chosen": prompt + chosen, "rejected": prompt + " A drag king is the opposite."})
+    assert (ex.prompt, ex.chosen, ex.rejected) == (prompt, chosen, " A drag king is the opposite.")
+
+
+@pytest.mark.parametrize("chosen, rejected", [
+    (SINGLE["chosen"], MULTI["rejected"]),  # different conversations
+    # the same first question, different earlier assistant replies
+    ("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
+     "\n\nHuman: a\n\nAssistant: x\n\nHuman: c\n\nAssistant: d"),
+])
+def test_chosen_and_rejected_must_share_the_prompt(chosen, rejected):
     with pytest.raises(ValueError, match="share the prompt"):
-        parse_hh_record(bad)
+        parse_hh_record({"chosen": chosen, "rejected": rejected})
 
 
 BAD_LINES = [
     ("{not json", "not valid JSON"),
     (json.dumps({"chosen": SINGLE["chosen"]}), r"missing field\(s\) \['rejected'\]"),
     (json.dumps({"chosen": "\n\nHuman: x", "rejected": "\n\nHuman: x"}), "no assistant turn"),
-    (json.dumps({"chosen": "\n\nHuman: x\n\nAssistant: ", "rejected": "\n\nHuman: x\n\nAssistant: y"}),
-     "empty assistant response"),
+    (json.dumps({"chosen": "\n\nHuman: x\n\nAssistant: y\n\nHuman: z", "rejected": "\n\nHuman: x\n\nAssistant: y"}),
+     "ends with a human turn"),
     (json.dumps([1, 2]), "expected a JSON object"),
+    (json.dumps({"chosen": 3, "rejected": "\n\nHuman: x\n\nAssistant: y"}), "dialogue must be a string"),
 ]
 
 
@@ -78,8 +101,18 @@ def test_bad_line_error_names_file_and_line(tmp_path, suffix, bad, match):
     path = _write(tmp_path / f"data{suffix}", lines)
     with pytest.raises(BadExampleError, match=match) as info:
         read_hh_jsonl(path)
-    assert f"{path}:4:" in str(info.value)
-    assert "--skip-bad-examples" in str(info.value)
+    assert isinstance(info.value, DataError) and info.value.where == f"{path}:4"
+    assert str(info.value).endswith(f"({path}:4)") and "--skip-bad-examples" in info.value.what
+
+
+def test_unreadable_files_are_named(tmp_path):
+    text = tmp_path / "data.jsonl"
+    text.write_bytes(json.dumps(SINGLE).encode() + b"\n\xff\xfe garbage\n")
+    not_gzip = _write(tmp_path / "plain.jsonl", [json.dumps(SINGLE)]).rename(tmp_path / "plain.jsonl.gz")
+    for path in (text, not_gzip):
+        with pytest.raises(DataError, match="unreadable") as info:
+            read_hh_jsonl(path)
+        assert info.value.where == str(path)
 
 
 def test_skip_bad_examples_counts_them(tmp_path, caplog):
@@ -100,14 +133,19 @@ def test_directory_picks_split_and_subset(tmp_path):
     test, _ = load_hh(str(tmp_path), "test", subset="harmless-base")
     every_train, _ = load_hh(str(tmp_path), "train")
     assert (len(train), len(test), len(every_train)) == (3, 2, 4)
-    with pytest.raises(FileNotFoundError, match="no red-team-"):
+    with pytest.raises(MissingDataError, match="no red-team-") as info:
         load_hh(str(tmp_path), "train", subset="red-team")
+    assert info.value.where == str(tmp_path)
 
 
 def test_missing_file_and_unknown_hub_subset(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
-        load_hh(str(tmp_path / "nope.jsonl"))
-    with pytest.raises(ValueError, match="unknown HH-RLHF subset"):
+    missing = str(tmp_path / "nope.jsonl")
+    for error in (FileNotFoundError, DataError):  # a MissingDataError is both
+        with pytest.raises(error, match=f"not found \\({missing}\\)"):
+            load_hh(missing)
+        with pytest.raises(error, match=f"data file not found \\({missing}\\)"):
+            read_hh_jsonl(missing)
+    with pytest.raises(DataError, match="unknown HH-RLHF subset"):
         load_hh("Anthropic/hh-rlhf", subset="harmful-base")
 
 
@@ -116,9 +154,10 @@ SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf" / "
 
 @pytest.mark.skipif(not SHARED.is_file(), reason="shared HH-RLHF sample not present")
 def test_real_hh_sample_parses():
-    examples, report = load_hh(str(SHARED), skip_bad_examples=True)
-    assert report.kept > 2000 and report.skipped < 0.01 * report.kept
-    assert all(ex.prompt.endswith("\n\nAssistant:") and ex.chosen.strip() for ex in examples)
+    examples, report = load_hh(str(SHARED))  # every pair, without skip_bad_examples
+    assert (report.kept, report.skipped) == (2312, 0)
+    assert all(ex.prompt.endswith("\n\nAssistant:") and ex.chosen != ex.rejected for ex in examples)
+    assert sum(not ex.chosen.strip() for ex in examples) == 4  # empty chosen replies load as such
 
 
 def test_hub_loading_goes_through_datasets(monkeypatch):
@@ -130,9 +169,9 @@ def test_hub_loading_goes_through_datasets(monkeypatch):
         return [SINGLE, {"chosen": "\n\nHuman: no answer"}, MULTI]
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    where = r"Anthropic/hh-rlhf \[helpful-base/test\] row 1"
-    with pytest.raises(BadExampleError, match=where + ": missing field"):
+    with pytest.raises(BadExampleError, match="missing field") as info:
         load_hh("Anthropic/hh-rlhf", "test", subset="helpful-base")
+    assert info.value.where == "Anthropic/hh-rlhf [helpful-base/test] row 1"
     examples, report = load_hh("Anthropic/hh-rlhf", "test", subset="helpful-base", skip_bad_examples=True)
     assert len(examples) == 2 and report.skipped == 1
     assert calls[-1] == ("Anthropic/hh-rlhf", "helpful-base", "test")
@@ -141,5 +180,6 @@ def test_hub_loading_goes_through_datasets(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(FileNotFoundError, match="could not be loaded from the dataset hub"):
+    with pytest.raises(FileNotFoundError, match="could not be loaded from the dataset hub") as info:
         load_hh("Anthropic/hh-rlhf")
+    assert info.value.where == "Anthropic/hh-rlhf"

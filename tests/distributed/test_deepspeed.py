@@ -28,8 +28,8 @@ from rlhf_fast.trainers import (
     build_reward_trainer,
     build_sft_trainer,
 )
+from rlhf_fast.trainers.builders import train_strategy
 from rlhf_fast.trainers.checkpoint import CheckpointManager
-from rlhf_fast.trainers.common import build_strategy
 
 REPO = Path(__file__).resolve().parents[2]
 # Parameters with an exactly-zero gradient: Adam turns float noise there into +-lr steps, so their values
@@ -236,26 +236,25 @@ def test_incompatible_models_are_refused(tmp_path, ds_env):
     with pytest.raises(ValueError, match="fp16.*CUDA"):
         DeepSpeedStrategy(precision="fp16")
     with pytest.raises(ValueError, match="accelerator is cpu"):
-        build_strategy(_config(tmp_path, strategy="deepspeed", device="cuda"))
+        train_strategy(_config(tmp_path, strategy="deepspeed", device="cuda"))
 
 
 # --- bad input and CLI plumbing; no DeepSpeed needed ------------------------------------------------
 
 
 def test_cli_flags_reach_the_deepspeed_section(tmp_path):
-    from rlhf_fast.cli import _train_config, build_parser
+    from rlhf_fast.cli import parse
 
     user = tmp_path / "ds.json"
     user.write_text("{}")
-    args = build_parser().parse_args(["--local_rank=1", "sft", "--strategy", "deepspeed", "--zero-stage", "3",
-                                      "--offload-optimizer", "--offload-params", "--deepspeed-config", str(user)])
-    cfg = _train_config(args, "sft")
+    _, cfg, _ = parse(["--local_rank=1", "sft", "--strategy", "deepspeed", "--zero-stage", "3", "--offload-optimizer",
+                       "--offload-params", "--deepspeed-config", str(user)])
     assert cfg.run.strategy == "deepspeed"
     assert cfg.deepspeed == DeepSpeedSettings(zero_stage=3, offload_optimizer=True, offload_params=True,
                                               config_file=str(user))
-    assert _train_config(build_parser().parse_args(["rm"]), "rm").run.strategy == "single"
+    assert parse(["rm"])[1].run.strategy == "single"
     with pytest.raises(ValueError, match="offload_params needs zero_stage=3"):
-        _train_config(build_parser().parse_args(["sft", "--offload-params"]), "sft")
+        parse(["sft", "--offload-params"])
 
 
 def test_missing_deepspeed_names_the_extra(monkeypatch, tmp_path):
@@ -263,8 +262,8 @@ def test_missing_deepspeed_names_the_extra(monkeypatch, tmp_path):
     with pytest.raises(ImportError, match=r"pip install 'rlhf_fast\[deepspeed\]'"):
         import_deepspeed()
     with pytest.raises(ImportError, match=r"rlhf_fast\[deepspeed\]"):
-        build_strategy(_config(tmp_path, strategy="deepspeed"))
-    assert isinstance(build_strategy(_config(tmp_path)), SingleDeviceStrategy)  # the default needs none
+        train_strategy(_config(tmp_path, strategy="deepspeed"))
+    assert isinstance(train_strategy(_config(tmp_path)), SingleDeviceStrategy)  # the default needs none
 
 
 def test_settings_validation_and_generated_config(tmp_path):
@@ -274,7 +273,7 @@ def test_settings_validation_and_generated_config(tmp_path):
         DeepSpeedSettings(zero_stage=2, offload_params=True)
     with pytest.raises(ValueError, match="offload_optimizer needs zero_stage >= 1"):
         DeepSpeedSettings(zero_stage=0, offload_optimizer=True)
-    with pytest.raises(ValueError, match="run.strategy"):
+    with pytest.raises(ValueError, match=r"\(strategy\)"):
         RunSettings(strategy="fsdp")
     cfg = DeepSpeedSettings(zero_stage=3, offload_optimizer=True, offload_params=True).ds_config(
         micro_batch_size=3, grad_accum_steps=5, precision="bf16", max_grad_norm=0.7)

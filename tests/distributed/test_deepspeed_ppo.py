@@ -14,11 +14,10 @@ import torch
 
 from rlhf_fast.cli import main
 from rlhf_fast.data import synthetic_prompts
-from rlhf_fast.distributed import DeepSpeedSettings
+from rlhf_fast.distributed import DeepSpeedSettings, build_strategy
 from rlhf_fast.model import GPT
 from rlhf_fast.trainers import build_reward_trainer, build_sft_trainer
 from rlhf_fast.trainers.checkpoint import CheckpointManager
-from rlhf_fast.trainers.rl_loop import build_rl_strategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainers"))
 from ppo_testing import stage_config, tiny_full_models, tiny_models, tiny_trainer  # noqa: E402
@@ -54,7 +53,9 @@ def ds_env():
 
 
 def deepspeed(settings=ZERO2_OFFLOAD):
-    return lambda config: build_rl_strategy(config, "deepspeed", settings)
+    return lambda config: build_strategy("deepspeed", precision=config.run.precision,
+                                         max_grad_norm=config.optim.max_grad_norm, deepspeed=settings,
+                                         micro_batch_size=config.rl.mini_batch_size)
 
 
 def _params(trainer) -> dict[str, torch.Tensor]:
@@ -138,14 +139,14 @@ def test_deepspeed_ppo_rejects_zero3_and_foreign_batch_layouts(tmp_path, ds_env)
 
     with pytest.raises(ValueError, match="batch layout"):
         tiny_trainer(tmp_path, tiny_full_models(), strategy=lambda c: DeepSpeedStrategy(
-            DeepSpeedSettings(zero_stage=2), micro_batch_size=c.mini_batch_size, grad_accum_steps=2))
+            DeepSpeedSettings(zero_stage=2), micro_batch_size=c.rl.mini_batch_size, grad_accum_steps=2))
     with pytest.raises(ValueError, match="precision"):
         tiny_trainer(tmp_path, tiny_full_models(), strategy=lambda c: DeepSpeedStrategy(
-            DeepSpeedSettings(zero_stage=2), precision="bf16", micro_batch_size=c.mini_batch_size))
+            DeepSpeedSettings(zero_stage=2), precision="bf16", micro_batch_size=c.rl.mini_batch_size))
 
 
 @pytest.mark.slow
-def test_cli_ppo_full_parameter_under_deepspeed(tmp_path, ds_env, capsys):
+def test_cli_ppo_full_parameter_under_deepspeed(tmp_path, ds_env, capsys, user_error):
     # untrained exports are enough here: the flags and the engines are what is tested
     sft_dir = build_sft_trainer(stage_config(tmp_path / "sft", "sft", steps=1)).export(tmp_path / "sft" / "export")
     rm = build_reward_trainer(stage_config(tmp_path / "rm", "rm", steps=1, model=str(sft_dir)))
@@ -161,19 +162,16 @@ def test_cli_ppo_full_parameter_under_deepspeed(tmp_path, ds_env, capsys):
     assert "exported PPO policy" in capsys.readouterr().out
     assert GPT.from_pretrained(str(out / "export")).config.vocab_size == 320
     assert {p.name for p in (out / "strategy" / "step-00000001").iterdir() if p.is_dir()} == {"engine0", "engine1"}
-    with pytest.raises(SystemExit, match="need --strategy deepspeed"):
-        main([*common, "--zero-stage", "2"])
-    with pytest.raises(SystemExit, match="ZeRO stages 0-2"):
-        main([*common, "--strategy", "deepspeed", "--zero-stage", "3", "--offload-params"])
+    assert "need --strategy deepspeed" in user_error([*common, "--zero-stage", "2"])
+    zero3 = ["--strategy", "deepspeed", "--zero-stage", "3", "--offload-params"]
+    assert "ZeRO stages 0-2" in user_error([*common, *zero3])
 
 
 def test_build_ppo_strategy_rejects_bad_input():
-    from rlhf_fast.trainers.ppo import PPOConfig
-
     with pytest.raises(ValueError, match="'single' or 'deepspeed'"):
-        build_rl_strategy(PPOConfig(device="cpu"), "fsdp")
+        build_strategy("fsdp", device="cpu")
     with pytest.raises(ValueError, match="need --strategy deepspeed"):
-        build_rl_strategy(PPOConfig(device="cpu"), "single", DeepSpeedSettings(zero_stage=1))
+        build_strategy("single", device="cpu", deepspeed=DeepSpeedSettings(zero_stage=1))
 
 
 @pytest.mark.slow
@@ -190,7 +188,8 @@ def test_grpo_resume_under_deepspeed_is_exact(tmp_path, ds_env):
         config = grpo_config(path, iterations=3, kl_coef=0.05, epochs=2, micro=16, prompts=4, group_size=4, **run)
         model = GPT.from_preset("tiny", attn_backend="sdpa")
         model.load_state_dict(warmed_up_state(60))
-        strategy = build_rl_strategy(config, "deepspeed", DeepSpeedSettings(zero_stage=2))
+        strategy = build_strategy("deepspeed", precision=config.run.precision, max_grad_norm=config.optim.max_grad_norm,
+                                  deepspeed=DeepSpeedSettings(zero_stage=2), micro_batch_size=config.rl.mini_batch_size)
         return GRPOTrainer(config, model, ByteTokenizer(), [p.prompt for p in TRAIN], [p.prompt for p in HELD_OUT],
                            reward_function("arithmetic"), strategy)
 

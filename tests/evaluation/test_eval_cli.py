@@ -12,7 +12,7 @@ from rlhf_fast.cli import main
 from rlhf_fast.data import load_tokenizer
 from rlhf_fast.evaluation import EvalConfig, run_eval
 from rlhf_fast.model import GPT, RewardHead
-from rlhf_fast.trainers.common import export_model
+from rlhf_fast.trainers.builders import export_model
 from rlhf_fast.trainers.reward import REWARD_HEAD_FILE
 
 SMALL = ["--num-prompts", "5", "--samples", "2", "--max-new-tokens", "10", "--batch-size", "3", "--device", "cpu"]
@@ -83,20 +83,19 @@ def _one_error_line(capsys) -> str:
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
-    assert lines[0].startswith("rlhf-fast eval: error: ")
+    assert lines[0].startswith("rlhf-fast: error: ")
     return lines[0]
 
 
-def test_missing_policy_dir_is_one_line_and_exit_2(exports, tmp_path, capsys):
+def test_missing_policy_dir_is_one_line_and_exit_2(exports, tmp_path, user_error):
     missing = tmp_path / "no-such-run"
-    assert main(["eval", "--policies", str(exports / "sft"), str(missing), "--output-dir", str(tmp_path), *SMALL]) == 2
-    line = _one_error_line(capsys)
+    line = user_error(["eval", "--policies", str(exports / "sft"), str(missing), "--output-dir", str(tmp_path), *SMALL])
     assert str(missing) in line and "no such directory" in line
     assert not (tmp_path / "eval.json").exists()
 
 
 @pytest.mark.parametrize("damage", ["config_not_json", "no_weights", "corrupt_weights", "no_export"])
-def test_corrupt_export_is_one_line_and_exit_2(exports, tmp_path, capsys, damage):
+def test_corrupt_export_is_one_line_and_exit_2(exports, tmp_path, user_error, damage):
     bad = tmp_path / "bad"
     shutil.copytree(exports / "ppo" / "export", bad)
     if damage == "config_not_json":
@@ -107,22 +106,20 @@ def test_corrupt_export_is_one_line_and_exit_2(exports, tmp_path, capsys, damage
         (bad / "model.safetensors").write_bytes(b"\x00garbage" * 8)
     else:
         (bad / "config.json").unlink()
-    assert main(["eval", "--policies", str(exports / "sft"), str(bad), "--output-dir", str(tmp_path / "o"),
-                 *SMALL]) == 2
-    line = _one_error_line(capsys)
+    line = user_error(["eval", "--policies", str(exports / "sft"), str(bad), "--output-dir", str(tmp_path / "o"),
+                       *SMALL])
     assert str(bad) in line, line
 
 
-def test_bad_reward_model_and_names_are_one_line(exports, tmp_path, capsys):
+def test_bad_reward_model_and_names_are_one_line(exports, tmp_path, user_error):
     policies = ["--policies", str(exports / "sft"), str(exports / "ppo")]
-    assert main(["eval", *policies, "--reward-model", str(exports / "sft"), *SMALL]) == 2
-    assert str(exports / "sft" / "export") in _one_error_line(capsys)  # no reward head: not an RM export
-    assert main(["eval", *policies, "--names", "only-one", *SMALL]) == 2
-    assert "--names" in _one_error_line(capsys)
+    line = user_error(["eval", *policies, "--reward-model", str(exports / "sft"), *SMALL])
+    assert str(exports / "sft" / "export") in line  # no reward head: not an RM export
+    assert "--names" in user_error(["eval", *policies, "--names", "only-one", *SMALL])
 
 
 def test_console_script_exits_2_without_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "rlhf_fast.cli", "eval", "--policies", str(tmp_path / "nope")],
                          capture_output=True, text=True)
     assert out.returncode == 2
-    assert out.stderr.strip() == f"rlhf-fast eval: error: --policies {tmp_path / 'nope'}: no such directory"
+    assert out.stderr.strip() == f"rlhf-fast: error: {tmp_path / 'nope'}: no such directory (--policies)"

@@ -1,6 +1,5 @@
 """`rlhf-fast generate`: prompts from flags and a file, seeded output, clear errors."""
 
-import pytest
 
 from rlhf_fast.cli import main
 
@@ -19,8 +18,7 @@ def test_cli_generate_preset(tmp_path, capsys):
     assert capsys.readouterr().out == out  # seeded
 
 
-def test_cli_generate_bad_args():
-    with pytest.raises(SystemExit, match="exceeds the model's n_positions"):
-        main(["generate", "--model", "tiny", "--prompt", "x", "--max-new-tokens", "500", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="give --prompt"):
-        main(["generate", "--model", "tiny", "--device", "cpu"])
+def test_cli_generate_bad_args(user_error):
+    line = user_error(["generate", "--model", "tiny", "--prompt", "x", "--max-new-tokens", "500", "--device", "cpu"])
+    assert "exceeds the model's n_positions" in line
+    assert "give --prompt" in user_error(["generate", "--model", "tiny", "--device", "cpu"])

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf_fast.cli import _grpo_config, _train_config, build_parser, main
+from rlhf_fast.cli import main, parse
 from rlhf_fast.model import GPT, GPTConfig, RewardHead, ScalarHead, add_lora
 from rlhf_fast.trainers import ModelSettings, RunSettings, TrainConfig
-from rlhf_fast.trainers.common import TOKENIZER_MARKER, build_model
+from rlhf_fast.trainers.builders import TOKENIZER_MARKER, build_model
 from rlhf_fast.trainers.models import PPOModels
 from rlhf_fast.trainers.ppo import load_ppo_models
 from rlhf_fast.trainers.reward import REWARD_HEAD_FILE
@@ -228,12 +228,9 @@ def test_build_model_applies_the_model_setting(tmp_path):
 
 
 def test_cli_flags_set_the_config(monkeypatch):
-    parser = build_parser()
-    for stage in ("sft", "rm", "dpo"):
-        assert _train_config(parser.parse_args([stage, "--grad-checkpoint"]), stage).model.grad_checkpoint is True
-        assert _train_config(parser.parse_args([stage]), stage).model.grad_checkpoint is False
-    assert _grpo_config(parser.parse_args(["grpo", "--grad-checkpoint"])).model.grad_checkpoint is True
-    assert _grpo_config(parser.parse_args(["grpo"])).model.grad_checkpoint is False
+    for command in ("sft", "rm", "dpo", "grpo"):
+        assert parse([command, "--grad-checkpoint"])[1].model.grad_checkpoint is True
+        assert parse([command])[1].model.grad_checkpoint is False
 
     class Loaded(Exception):
         pass

@@ -2,6 +2,7 @@
 
 import torch
 
+from rlhf_fast.config import from_flat
 from rlhf_fast.data import ByteTokenizer, synthetic_prompts
 from rlhf_fast.model import GPT, ScalarHead, add_lora
 from rlhf_fast.trainers import DataSettings, LoRASettings, ModelSettings, OptimSettings, RunSettings, TrainConfig
@@ -44,9 +45,9 @@ def tiny_full_models(seed: int = 0) -> PPOModels:
 def tiny_trainer(tmp_path, models=None, strategy=None, scorer=None, n_eval: int = 8, **overrides) -> PPOTrainer:
     config = dict(iterations=3, rollout_batch_size=6, mini_batch_size=4, epochs=2, max_new_tokens=9,
                   device="cpu", output_dir=str(tmp_path), progress=False, lr=3e-3)
-    config = PPOConfig(**{**config, **overrides})
+    config = from_flat(PPOConfig, **{**config, **overrides})
     tok = ByteTokenizer()
-    prompts = prompt_batches(synthetic_prompts(30, 0), tok, config.rollout_batch_size, 48, config.seed)
+    prompts = prompt_batches(synthetic_prompts(30, 0), tok, config.rl.rollout_batch_size, 48, config.run.seed)
     held_out = [tok.encode(p) for p in synthetic_prompts(n_eval, 99)]
     return PPOTrainer(config, models if models is not None else tiny_models(), tok, prompts, held_out,
                       strategy=strategy(config) if strategy is not None else None, scorer=scorer)

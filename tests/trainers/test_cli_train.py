@@ -6,21 +6,23 @@ import sys
 
 import pytest
 
-from rlhf_fast.cli import _TRAIN_FLAGS, build_parser, main
+from rlhf_fast.cli import build_parser, main
+from rlhf_fast.config import load_config_file
 from rlhf_fast.data import BadExampleError
 from rlhf_fast.trainers import TrainConfig
-from rlhf_fast.trainers.config import load_config_file
 
 COMMON = ["--preset", "tiny", "--attn-backend", "sdpa", "--device", "cpu", "--max-steps", "3",
           "--micro-batch-size", "4", "--eval-size", "8", "--synthetic-size", "32", "--no-progress"]
 
 
 def test_every_flag_has_help():
-    parser = build_parser()
+    parser, flags = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     for name in ("sft", "rm"):
         actions = [a for a in sub.choices[name]._actions if a.dest != "help"]
-        assert len(actions) == len(_TRAIN_FLAGS) + 9  # + --offload-optimizer, --offload-params
+        assert len(actions) == len(flags[name]) + 1  # + --config
+        assert {"run.resume", "run.resume_if_possible", "data.skip_bad_examples", "deepspeed.offload_params"} <= \
+            set(flags[name])
         for a in actions:
             assert a.help and len(a.help) > 10, a.option_strings
 
@@ -58,9 +60,9 @@ def test_bad_data_through_cli(tmp_path):
     good = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}
     data.write_text("\n".join([json.dumps(good)] * 12 + ["{broken"] + [json.dumps(good)] * 12) + "\n")
     args = ["sft", *COMMON, "--data", str(data), "--output-dir", str(tmp_path / "run"), "--no-export"]
-    with pytest.raises(SystemExit, match=rf"rlhf-fast sft: {data}:13: not valid JSON"):
+    with pytest.raises(SystemExit, match="2"):
         main(args)
-    with pytest.raises(BadExampleError, match=rf"{data}:13: not valid JSON"):
+    with pytest.raises(BadExampleError, match=rf"^not valid JSON .*\({data}:13\)$"):
         main(["--debug", *args])
     assert main([*args, "--skip-bad-examples"]) == 0
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
@@ -68,9 +70,9 @@ def test_bad_data_through_cli(tmp_path):
 
 
 def test_config_validation_and_files(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lrr'\] in config section 'optim'"):
+    with pytest.raises(ValueError, match=r"unknown setting optim.lrr; known in optim: betas, "):
         TrainConfig.from_dict({"optim": {"lrr": 1}})
-    with pytest.raises(ValueError, match="unknown config section"):
+    with pytest.raises(ValueError, match="unknown setting optimizer"):
         TrainConfig.from_dict({"optimizer": {}})
     with pytest.raises(ValueError, match="micro_batch_size"):
         TrainConfig.from_dict({"optim": {"micro_batch_size": 0}})
@@ -83,7 +85,7 @@ def test_config_validation_and_files(tmp_path):
     bad.write_text("{nope")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_config_file(bad)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="config file not found"):
         load_config_file(tmp_path / "missing.json")
     pytest.importorskip("yaml")
     y = tmp_path / "c.yaml"
@@ -98,6 +100,6 @@ def test_console_reports_bad_data_in_one_line(tmp_path):
     data.write_text(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b"}) + "\n")
     proc = subprocess.run([sys.executable, "-m", "rlhf_fast.cli", "rm", *COMMON, "--data", str(data),
                            "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"rlhf-fast rm: {data}:1: missing field(s) ['rejected'] (pass --skip-bad-examples to skip such lines)"]
+        f"rlhf-fast: error: missing field(s) ['rejected']; pass --skip-bad-examples to skip such lines ({data}:1)"]

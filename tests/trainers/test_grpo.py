@@ -8,8 +8,7 @@ import torch
 
 from rlhf_fast.data import ByteTokenizer, arithmetic_split
 from rlhf_fast.model import GPT, add_lora
-from rlhf_fast.trainers.config import LoRASettings, ModelSettings, OptimSettings, RunSettings
-from rlhf_fast.trainers.grpo import GRPOConfig, GRPOSettings, GRPOTrainer, TaskSettings
+from rlhf_fast.trainers.grpo import GRPOConfig, GRPOTrainer, TaskSettings
 from rlhf_fast.trainers.reward_functions import FunctionScorer, reward_function
 from rlhf_fast.trainers.sft import cold_start
 
@@ -31,40 +30,16 @@ def grpo_config(
     options=None,
     **run,
 ) -> GRPOConfig:
-    return GRPOConfig(
-        model=ModelSettings(preset="tiny", attn_backend="sdpa"),
-        lora=LoRASettings(enabled=lora, rank=4),
-        grpo=GRPOSettings(
-            **{
-                **dict(
-                    group_size=group_size,
-                    rollout_batch_size=prompts,
-                    iterations=iterations,
-                    epochs=epochs,
-                    kl_loss_coef=kl_coef,
-                    max_new_tokens=10,
-                    eval_prompts=32,
-                    eval_samples=4,
-                    mini_batch_size=micro * accum,
-                    micro_batch_size=micro,
-                ),
-                **(options or {}),
-            }
-        ),
-        optim=OptimSettings(lr=lr, warmup_steps=0, schedule="constant"),
-        run=RunSettings(
-            **{
-                "output_dir": str(tmp_path),
-                "device": "cpu",
-                "compile": False,
-                "progress": False,
-                "eval_every": 0,
-                "save_every": 0,
-                "log_every": 1,
-                **run,
-            }
-        ),
-    )
+    return GRPOConfig.from_dict({
+        "model": {"preset": "tiny", "attn_backend": "sdpa"},
+        "lora": {"enabled": lora, "rank": 4},
+        "rl": {"group_size": group_size, "rollout_batch_size": prompts, "iterations": iterations, "epochs": epochs,
+               "kl_loss_coef": kl_coef, "max_new_tokens": 10, "eval_prompts": 32, "eval_samples": 4,
+               "mini_batch_size": micro * accum, "micro_batch_size": micro, **(options or {})},
+        "optim": {"lr": lr, "warmup_steps": 0, "schedule": "constant"},
+        "run": {"output_dir": str(tmp_path), "device": "cpu", "compile": False, "progress": False, "eval_every": 0,
+                "save_every": 0, "log_every": 1, **run},
+    })
 
 
 @functools.cache
@@ -161,7 +136,7 @@ def test_full_parameter_mode_keeps_a_frozen_reference_copy(tmp_path):
 def test_advantages_are_group_normalised_scores(tmp_path):
     trainer = make_trainer(grpo_config(tmp_path))
     exp, first, _ = rollout(trainer)
-    G = trainer.config.grpo.group_size
+    G = trainer.config.rl.group_size
     scores = exp.scores.view(-1, G)
     want = ((scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + 1e-4)).reshape(-1)
     m = exp.action_mask
@@ -253,19 +228,18 @@ def test_resume_in_the_middle_continues_exactly(tmp_path):
 
 
 def test_bad_configs_are_named():
-    with pytest.raises(ValueError, match="group_size must be >= 2"):
-        GRPOSettings(group_size=1)
+    with pytest.raises(ValueError, match="group_size >= 2") as e:
+        GRPOConfig.from_dict({"rl": {"group_size": 1}})
+    assert e.value.where == "rl.estimator"
     with pytest.raises(ValueError, match="whole minibatches"):
-        GRPOConfig(
-            grpo=GRPOSettings(group_size=3, rollout_batch_size=3, mini_batch_size=4)
-        )
-    with pytest.raises(ValueError, match="exactly one reward source"):
-        TaskSettings(task="arithmetic", reward_model="rm_dir")
-    with pytest.raises(ValueError, match="exactly one reward source"):
-        TaskSettings(task=None)
+        GRPOConfig.from_dict({"rl": {"group_size": 3, "rollout_batch_size": 3, "mini_batch_size": 4}})
+    with pytest.raises(ValueError, match="a built-in --task or a --reward-model, not both"):
+        GRPOConfig.from_dict({"task": {"task": "arithmetic"}, "model": {"reward_model": "rm_dir"}})
+    assert GRPOConfig().task.task == "arithmetic"  # the built-in task unless a reward model is given
+    assert GRPOConfig.from_dict({"model": {"reward_model": "rm_dir"}}).task.task is None
     with pytest.raises(ValueError, match="unknown reward function"):
         TaskSettings(reward="nope")
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(ValueError, match="unknown setting grpo"):
         GRPOConfig.from_dict({"grpo": {"group": 4}})
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from rlhf_fast.cli import _GRPO_FLAGS, build_parser, main
+from rlhf_fast.cli import build_parser, main
 from rlhf_fast.data import ByteTokenizer
 from rlhf_fast.model import GPT, RewardHead, reward_scores
 from rlhf_fast.trainers.experience import Rollout
@@ -46,9 +46,10 @@ def fake_rm_export(directory, vocab_size=320, seed=0):
 
 
 def test_every_grpo_flag_has_help():
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    parser, flags = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
     actions = [a for a in sub.choices["grpo"]._actions if a.dest != "help"]
-    assert len(actions) == len(_GRPO_FLAGS) + 5
+    assert len(actions) == len(flags["grpo"]) + 1  # + --config
     for a in actions:
         assert a.help and len(a.help) > 10, a.option_strings
 
@@ -58,7 +59,7 @@ def test_grpo_cli_cold_start_then_resume(tmp_path, capsys):
     args = ["grpo", *COMMON, "--cold-start-steps", "30", "--output-dir", str(out), "--save-every", "2"]
     assert main([*args, "--iterations", "3"]) == 0
     saved = json.loads((out / "config.json").read_text())
-    assert saved["task"]["task"] == "arithmetic" and saved["grpo"]["group_size"] == 4
+    assert saved["task"]["task"] == "arithmetic" and saved["rl"]["group_size"] == 4
     assert saved["lora"]["enabled"] is False and saved["optim"]["max_steps"] == 3 * 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
     assert (out / "cold_start.pt").is_file() and (out / "export" / "config.json").is_file()
@@ -124,7 +125,7 @@ def test_grpo_cli_with_a_reward_model(tmp_path):
         == 0
     )
     saved = json.loads((out / "config.json").read_text())
-    assert saved["task"]["task"] is None and saved["task"]["reward_model"] == str(rm_dir)
+    assert saved["task"]["task"] is None and saved["model"]["reward_model"] == str(rm_dir)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["train/score"] for r in records if "train/score" in r]
     assert len(rewards) == 2 and all(r not in (0.0, 0.5, 1.5) for r in rewards)  # RM scores, not the task's

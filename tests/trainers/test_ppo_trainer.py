@@ -6,13 +6,14 @@ import torch
 from ppo_testing import stage_config, tiny_models, tiny_trainer
 
 from rlhf_fast.cli import main
-from rlhf_fast.data import synthetic_prompts
+from rlhf_fast.config import from_flat
+from rlhf_fast.data import load_prompts, synthetic_prompts
 from rlhf_fast.model import GPT, ScalarHead
 from rlhf_fast.model.lora import adapter_names
 from rlhf_fast.trainers import build_reward_trainer, build_sft_trainer, load_reward_model
-from rlhf_fast.trainers.common import TOKENIZER_MARKER
+from rlhf_fast.trainers.builders import TOKENIZER_MARKER
 from rlhf_fast.trainers.models import use_adapter
-from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer, load_ppo_models, load_prompts, prompt_batches
+from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer, load_ppo_models, prompt_batches
 from rlhf_fast.trainers.reward import REWARD_HEAD_FILE
 
 
@@ -40,8 +41,8 @@ def _ppo_on_exports(tmp_path, exports, **overrides):
                                   critic=overrides.get("estimator", "gae") == "gae")
     config = dict(iterations=16, rollout_batch_size=32, mini_batch_size=16, max_new_tokens=40, lr=3e-3,
                   init_kl_coef=0.02, device="cpu", output_dir=str(tmp_path), progress=False)
-    config = PPOConfig(**{**config, **overrides})
-    prompts = prompt_batches(synthetic_prompts(256, 0), tok, config.rollout_batch_size, 48, 0)
+    config = from_flat(PPOConfig, **{**config, **overrides})
+    prompts = prompt_batches(synthetic_prompts(256, 0), tok, config.rl.rollout_batch_size, 48, 0)
     held_out = [tok.encode(p) for p in synthetic_prompts(64, 99)]
     return PPOTrainer(config, models, tok, prompts, held_out)
 
@@ -118,7 +119,7 @@ def test_resume_in_the_middle_of_ppo_continues_exactly(tmp_path):
     assert resumed.eval_history == straight.eval_history
 
 
-def test_bad_paths_and_mismatched_reward_models_give_clear_errors(tmp_path, exports):
+def test_bad_paths_and_mismatched_reward_models_give_clear_errors(tmp_path, exports, user_error):
     sft_dir, rm_dir, _ = exports
     with pytest.raises(FileNotFoundError, match="SFT model directory not found.*--sft-model"):
         load_ppo_models(tmp_path / "nope", rm_dir)
@@ -146,21 +147,21 @@ def test_bad_paths_and_mismatched_reward_models_give_clear_errors(tmp_path, expo
     mismatch = r"different tokenizer \(.*bpe, \d+ tokens\) than the SFT policy .* \(byte, 258 tokens\)"
     with pytest.raises(ValueError, match=mismatch):
         load_ppo_models(sft_dir, other)
-    with pytest.raises(SystemExit, match="rlhf-fast ppo: SFT model directory not found"):
-        main(["ppo", "--sft-model", str(tmp_path / "nope"), "--reward-model", str(rm_dir)])
+    assert "SFT model directory not found" in user_error(["ppo", "--sft-model", str(tmp_path / "nope"),
+                                                          "--reward-model", str(rm_dir)])
 
 
 def test_ppo_config_rejects_impossible_settings():
     with pytest.raises(ValueError, match="mini_batch_size"):
-        PPOConfig(rollout_batch_size=4, mini_batch_size=8)
+        from_flat(PPOConfig, rollout_batch_size=4, mini_batch_size=8)
     with pytest.raises(ValueError, match="iterations"):
-        PPOConfig(iterations=0)
+        from_flat(PPOConfig, iterations=0)
     with pytest.raises(ValueError, match="kl_estimator"):
-        PPOConfig(kl_estimator="k9")
+        from_flat(PPOConfig, kl_estimator="k9")
     with pytest.raises(ValueError, match="gamma and lam"):
-        PPOConfig(lam=1.5)
+        from_flat(PPOConfig, lam=1.5)
     with pytest.raises(ValueError, match="kl_target"):
-        PPOConfig(kl_target=0.0)
+        from_flat(PPOConfig, kl_target=0.0)
 
 
 def test_cli_ppo_runs_on_exports(tmp_path, exports, capsys):
@@ -174,7 +175,7 @@ def test_cli_ppo_runs_on_exports(tmp_path, exports, capsys):
                  "--output-dir", str(out), "--no-progress", "--attn-backend", "sdpa"]) == 0
     assert "exported PPO policy" in capsys.readouterr().out
     assert GPT.from_pretrained(str(out / "export")).config.vocab_size == 320
-    assert json.loads((out / "config.json").read_text())["iterations"] == 1
+    assert json.loads((out / "config.json").read_text())["rl"]["iterations"] == 1
 
 
 def test_prompt_files_split_and_reject_bad_lines(tmp_path):
@@ -185,13 +186,13 @@ def test_prompt_files_split_and_reject_bad_lines(tmp_path):
         load_prompts(str(good), eval_size=7)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": 3}) + "\n")
-    with pytest.raises(ValueError, match="bad.jsonl:2: expected a JSON object with a string 'prompt'"):
+    with pytest.raises(ValueError, match=r"expected a string 'prompt', got int; .*\(.*bad.jsonl:2\)$"):
         load_prompts(str(bad), eval_size=1)
     train, held_out = load_prompts("synthetic", eval_size=3, synthetic_size=10)
     assert len(train) == 10 and len(held_out) == 3 and all("Human:" in p for p in train)
 
 
-def test_cli_ppo_with_a_critic_free_estimator(tmp_path, exports):
+def test_cli_ppo_with_a_critic_free_estimator(tmp_path, exports, user_error):
     sft_dir, rm_dir, _ = exports
     out = tmp_path / "run"
     assert main(["ppo", "--sft-model", str(sft_dir), "--reward-model", str(rm_dir), "--estimator", "rloo",
@@ -200,7 +201,8 @@ def test_cli_ppo_with_a_critic_free_estimator(tmp_path, exports):
                  "--lora-rank", "2", "--device", "cpu", "--output-dir", str(out), "--no-progress",
                  "--attn-backend", "sdpa"]) == 0
     saved = json.loads((out / "config.json").read_text())
-    assert (saved["estimator"], saved["micro_batch_size"], saved["clip_eps_high"]) == ("rloo", 2, 0.28)
+    rl = saved["rl"]
+    assert (rl["estimator"], rl["micro_batch_size"], rl["clip_eps_high"]) == ("rloo", 2, 0.28)
     assert not (out / "export" / "value_head.pt").exists()
-    with pytest.raises(SystemExit, match="top_k / top_p are not allowed"):
-        main(["ppo", "--sft-model", str(sft_dir), "--reward-model", str(rm_dir), "--top-k", "5"])
+    assert "top_k / top_p are not allowed" in user_error(["ppo", "--sft-model", str(sft_dir), "--reward-model",
+                                                          str(rm_dir), "--top-k", "5"])

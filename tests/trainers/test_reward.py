@@ -4,7 +4,6 @@ import random
 import pytest
 import torch
 
-from rlhf_fast.cli import main
 from rlhf_fast.data import (
     ByteTokenizer,
     PreferenceCollator,
@@ -15,7 +14,8 @@ from rlhf_fast.data import (
 )
 from rlhf_fast.model import RewardHead
 from rlhf_fast.trainers import build_reward_trainer, load_reward_model
-from rlhf_fast.trainers.common import TrainModule, build_model, build_strategy
+from rlhf_fast.trainers.builders import build_model, train_strategy
+from rlhf_fast.trainers.loop import TrainModule
 from rlhf_fast.trainers.reward import RewardTrainer, pairwise_loss_terms
 
 
@@ -62,14 +62,12 @@ def test_lora_reward_model_export_round_trip(tmp_path, make_config):
         load_reward_model(tmp_path)
 
 
-def test_max_len_beyond_the_context_fails_before_step_1(tmp_path, make_config):
+def test_max_len_beyond_the_context_fails_before_step_1(tmp_path, make_config, user_error):
     with pytest.raises(ValueError, match=r"^--max-len 200 exceeds the model's n_positions=128 \(tiny\)"):
         build_reward_trainer(make_config(tmp_path, "rm", max_len=200))
-    with pytest.raises(SystemExit) as info:
-        main(["rm", "--preset", "tiny", "--device", "cpu", "--max-len", "2048", "--no-progress",
-              "--output-dir", str(tmp_path)])
-    message = "rlhf-fast rm: --max-len 2048 exceeds the model's n_positions=128 (tiny): lower --max-len"
-    assert str(info.value) == message
+    line = user_error(["rm", "--preset", "tiny", "--device", "cpu", "--max-len", "2048", "--no-progress",
+                       "--output-dir", str(tmp_path)])
+    assert line == "rlhf-fast: error: --max-len 2048 exceeds the model's n_positions=128 (tiny): lower --max-len"
 
 
 # --- a reward model must not learn "kept its EOS => chosen" from truncation alone ----------------------
@@ -104,7 +102,7 @@ def held_out_accuracy(tmp_path, make_config, train_items, eval_items) -> float:
     model, tok = build_model(cfg, adapter="reward")
     batches = ResumableBatches(train_items, 16, PreferenceCollator(tok), seed=0)
     trainer = RewardTrainer(cfg, TrainModule(model, RewardHead(model.config.n_embd)), tok, batches, eval_items,
-                            build_strategy(cfg))
+                            train_strategy(cfg))
     trainer.train()
     return trainer.evaluate()["accuracy"]
 

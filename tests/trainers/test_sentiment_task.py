@@ -97,8 +97,8 @@ def test_demo_task_sentiment_runs_end_to_end(hh_file, tmp_path, capsys):
     assert (out / "rl" / "metrics.jsonl").is_file()
 
 
-def test_demo_task_flags_belong_to_their_task(hh_file, tmp_path):
-    with pytest.raises(SystemExit, match="--ppo-iterations apply to --task synthetic"):
-        main(["demo", "--task", "sentiment", "--ppo-iterations", "3", "--data", str(hh_file)])
-    with pytest.raises(SystemExit, match="--data and --rl-iterations apply to --task sentiment"):
-        main(["demo", "--data", str(hh_file), "--output-dir", str(tmp_path)])
+def test_demo_task_flags_belong_to_their_task(hh_file, tmp_path, user_error):
+    line = user_error(["demo", "--task", "sentiment", "--ppo-iterations", "3", "--data", str(hh_file)])
+    assert line == "rlhf-fast: error: applies to --task synthetic (--ppo-iterations)"
+    line = user_error(["demo", "--data", str(hh_file), "--output-dir", str(tmp_path)])
+    assert line == "rlhf-fast: error: applies to --task sentiment (--data)"

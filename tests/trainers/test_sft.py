@@ -89,13 +89,11 @@ def test_max_len_beyond_the_context_fails_before_step_1(tmp_path, make_config):
     build_sft_trainer(make_config(tmp_path / "ok", max_len=128))  # exactly the context: fine
 
 
-def test_max_len_error_through_cli(tmp_path):
+def test_max_len_error_through_cli(tmp_path, user_error):
     args = ["sft", "--preset", "tiny", "--device", "cpu", "--max-len", "2048", "--no-progress",
             "--output-dir", str(tmp_path)]
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    message = "rlhf-fast sft: --max-len 2048 exceeds the model's n_positions=128 (tiny): lower --max-len"
-    assert str(info.value) == message
+    line = user_error(args)
+    assert line == "rlhf-fast: error: --max-len 2048 exceeds the model's n_positions=128 (tiny): lower --max-len"
     with pytest.raises(ValueError, match="n_positions"):
         main(["--debug", *args])
 

@@ -49,7 +49,7 @@ def test_ppo_fp16_through_the_triton_kernels(tmp_path):
         if hasattr(m, "kernel_backend"):
             m.kernel_backend = "triton"
     trainer = tiny_trainer(tmp_path, models=models, n_eval=1, iterations=1, rollout_batch_size=2, mini_batch_size=2,
-                           epochs=1, max_new_tokens=3, precision="fp16", loss_backend="triton")
+                           epochs=1, max_new_tokens=3, precision="fp16", kernel_backend="triton")
     trainer.train()
     assert _finite(trainer.history, "train/loss", "train/policy_loss", "train/value_loss", "kl", "score")
 

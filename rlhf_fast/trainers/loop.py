@@ -1,4 +1,4 @@
-"""The loop shared by the SFT and reward-model trainers, and the builders the CLI uses.
+"""The loop shared by the SFT, reward-model and DPO trainers, and what every trainer builds its optimizer from.
 
 `Trainer.train()` runs optimizer steps of `grad_accum_steps` micro-batches. Each micro-batch loss is a
 *sum* divided by the count (tokens or pairs) of the whole optimizer step, so 4 x 2 accumulates exactly
@@ -17,16 +17,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from rlhf_fast.data import ResumableBatches, load_tokenizer
-from rlhf_fast.distributed import DeepSpeedStrategy, SingleDeviceStrategy, Strategy
-from rlhf_fast.model import GPT, add_lora
+from rlhf_fast.data import ResumableBatches
+from rlhf_fast.distributed import Strategy
+from rlhf_fast.model import GPT
 
-from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from .checkpoint import CheckpointManager, no_checkpoint_error, restore_collective, save_collective
 from .config import TrainConfig
 from .memory_plan import check_trainer_memory
 from .metrics import MetricsLogger, log
-
-TOKENIZER_MARKER = "rlhf_fast_tokenizer.json"  # written into exports of byte-tokenizer models
 
 
 class TrainModule(nn.Module):
@@ -142,11 +140,13 @@ class Trainer:
         """Train to optim.max_steps (or stop early at `until_step`, saving a checkpoint there)."""
         run, max_steps = self.config.run, self.config.optim.max_steps
         stop = max_steps if until_step is None else min(until_step, max_steps)
+        resumed = run.resuming and self.resume()
+        if run.resume and not resumed:
+            raise no_checkpoint_error(self.checkpoints.dir)
+        self.logger.truncate(self.step if resumed else -1)  # metrics of re-run (or abandoned) steps go
         if self.strategy.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
-        if run.resume:
-            self.resume()
         from tqdm.auto import tqdm
 
         show = run.progress and self.strategy.is_main
@@ -201,101 +201,3 @@ class Trainer:
         self.step = int(state["step"])
         log.info("resumed from %s at step %d", path, self.step)
         return True
-
-
-# --- builders (used by the CLI and tests) ---------------------------------------------------------
-
-
-def strategy_dir(checkpoints: CheckpointManager, step: int) -> Path:
-    """Where a strategy keeps its own (e.g. DeepSpeed's per-engine, sharded) state of checkpoint `step`."""
-    return checkpoints.run_dir / "strategy" / f"step-{step:08d}"
-
-
-def save_collective(strategy: Strategy, checkpoints: CheckpointManager, step: int, trainable: dict,
-                    blobs: dict, trainer_state: dict) -> Path | None:
-    """The checkpoint protocol of every trainer. Collective: every process calls it. The strategy's own
-    state is written on every rank first; then the main process writes the checkpoint (trainable weights
-    that load without the strategy, the strategy's optimizer state, RNG state, plus `blobs`) and prunes
-    strategy state whose checkpoint is gone. Returns the checkpoint path on the main process, else None."""
-    with strategy.gathered(trainable.values()):
-        weights = {n: p.detach().cpu().clone() for n, p in trainable.items()} if strategy.is_main else None
-    optim = strategy.save_checkpoint(strategy_dir(checkpoints, step))
-    strategy.barrier()
-    path = None
-    if strategy.is_main:
-        path = checkpoints.save(step, {"weights": weights, "optim": optim, "rng": capture_rng_state(), **blobs},
-                                trainer_state)
-        checkpoints.prune_unkept(checkpoints.run_dir / "strategy")
-    strategy.barrier()  # no rank runs ahead (or resumes) before the checkpoint is complete
-    return path
-
-
-def restore_collective(strategy: Strategy, checkpoints: CheckpointManager, trainable: dict, blobs: dict,
-                       step: int) -> None:
-    """Undo `save_collective`'s common part: trainable weights, strategy state, RNG state."""
-    with torch.no_grad(), strategy.gathered(trainable.values(), modify=True):
-        for n, p in trainable.items():
-            p.copy_(blobs["weights"][n])
-    strategy.load_checkpoint(blobs["optim"], strategy_dir(checkpoints, step))
-    restore_rng_state(blobs["rng"])
-
-
-def resolve_device(config: TrainConfig) -> torch.device:
-    if config.run.device is not None:
-        return torch.device(config.run.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def build_strategy(config: TrainConfig) -> Strategy:
-    """SingleDeviceStrategy, or DeepSpeedStrategy for run.strategy='deepspeed' (device from its launcher)."""
-    run, optim = config.run, config.optim
-    if run.strategy == "deepspeed":
-        strategy = DeepSpeedStrategy(config.deepspeed, run.precision, optim.max_grad_norm,
-                                     optim.micro_batch_size, optim.grad_accum_steps)
-        if run.device is not None and torch.device(run.device).type != strategy.device.type:
-            raise ValueError(f"run.device={run.device!r}, but DeepSpeed's accelerator is {strategy.device.type}: "
-                             "drop --device (set DS_ACCELERATOR=cpu to force the CPU)")
-        return strategy
-    return SingleDeviceStrategy(resolve_device(config), run.precision, optim.max_grad_norm)
-
-
-def build_model(config: TrainConfig, adapter: str) -> tuple[GPT, object]:
-    """(model, tokenizer) from the model settings, with LoRA adapter `adapter` added in LoRA mode."""
-    m = config.model
-    overrides = dict(attn_backend=m.attn_backend, kernel_backend=m.kernel_backend, grad_checkpoint=m.grad_checkpoint)
-    torch.manual_seed(config.run.seed)  # random init of presets, LoRA A matrices and heads
-    if m.model is not None:
-        model = GPT.from_pretrained(m.model, **overrides)
-    else:
-        model = GPT.from_preset(m.preset, **overrides)
-    tokenizer = load_tokenizer(resolve_tokenizer_name(config))
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model's vocab_size is only "
-                         f"{model.config.vocab_size}: pick a matching --tokenizer")
-    if config.lora.enabled:
-        lc = config.lora
-        add_lora(model, adapter, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout)
-    return model, tokenizer
-
-
-def resolve_tokenizer_name(config: TrainConfig) -> str:
-    m = config.model
-    if m.tokenizer is not None:
-        return m.tokenizer
-    if m.model is None:
-        return "byte" if m.preset in ("tiny", "demo") else "gpt2"
-    marker = Path(m.model) / TOKENIZER_MARKER
-    if marker.is_file():
-        return json.loads(marker.read_text())["tokenizer"]
-    return m.model
-
-
-def export_model(model: GPT, tokenizer, tokenizer_name: str, directory, merge_adapter: str | None) -> Path:
-    """HF GPT-2 directory with the adapter merged in, plus what is needed to load its tokenizer."""
-    directory = Path(directory)
-    model.save_pretrained(directory, merge_adapter=merge_adapter)
-    if hasattr(tokenizer, "tok"):
-        tokenizer.tok.save_pretrained(directory)
-    else:
-        (directory / TOKENIZER_MARKER).write_text(json.dumps({"tokenizer": tokenizer_name}))
-    return directory

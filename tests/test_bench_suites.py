@@ -1,0 +1,185 @@
+"""Every suite under benchmarks/ at its --smoke sizes on CPU, in this process (`main([...])`, as
+`python -m benchmarks.<name> --smoke` runs it): the record is written where --out-dir says, holds the baseline
+rows timed in the same run and the ratios against them. Speed is never judged here: on CPU the Triton kernels
+run through the interpreter and every ratio is meaningless."""
+
+import json
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _record(tmp_path, pattern: str) -> dict:
+    records = list(tmp_path.glob(pattern))
+    assert len(records) == 1, sorted(p.name for p in tmp_path.iterdir())
+    rec = json.loads(records[0].read_text())
+    env = rec["environment"]
+    assert env["device"].startswith("cpu") and env["torch"] and env["commit"] and env["time_utc"]
+    return rec
+
+
+def _ratio(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+    """torch.compile'd baselines run eagerly (a CPU inductor compile takes minutes; this checks plumbing)."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+
+
+def test_lora_linear_groups_have_baseline_floor_and_ratios(tmp_path, capsys):
+    from benchmarks import bench_lora_linear
+
+    assert bench_lora_linear.main(["--smoke", "--rounds", "1", "--out-dir", str(tmp_path)]) == 0
+    rec = _record(tmp_path, "lora_linear-cpu-*.json")
+    assert f"record: {next(tmp_path.iterdir())}" in capsys.readouterr().out
+    groups = {}
+    for r in rec["rows"]:
+        groups.setdefault(r["group"], {})[r["impl"]] = r
+    assert len(groups) == 3 and {g.split()[0] for g in groups} == {"fwd", "bwd", "fwdbwd"}
+    for rows in groups.values():
+        assert set(rows) == {"triton", "eager_peft", "plain_linear"}
+        base, floor, ours = rows["eager_peft"], rows["plain_linear"], rows["triton"]
+        assert base["baseline"] and not ours["baseline"] and floor["floor"]
+        assert base["speedup_vs_baseline"] == 1.0 and floor["x_floor"] == 1.0
+        assert ours["speedup_vs_baseline"] == pytest.approx(base["median_ms"] / ours["median_ms"])
+        assert ours["x_floor"] == pytest.approx(ours["median_ms"] / floor["median_ms"])
+    assert rec["targets"] == []  # judged at GPT-2 XL's shape on CUDA only
+
+
+def test_attention_rows_compare_every_method_to_the_triton_kernel(tmp_path):
+    from benchmarks import bench_attention
+
+    assert bench_attention.main(["--smoke", "--out-dir", str(tmp_path)]) == 0
+    rec = _record(tmp_path, "attention-cpu-*.json")
+    train = [r for r in rec["rows"] if "T" in r]  # decode rows have T_max
+    ours = [r for r in train if r["method"] == "triton"]
+    assert ours and all(r["vs_triton"] == 1.0 for r in ours)
+    baseline = [r for r in train if r["method"] == "sdpa_mask"]
+    assert len(baseline) == len(ours) and all(_ratio(r["vs_triton"]) and _ratio(r["fwd_vs_triton"]) for r in baseline)
+    assert all(r.get("note") for r in train if "fwd_ms" not in r)  # a missing baseline says why
+    decode = [r for r in rec["rows"] if "GBps" in r]
+    assert {r["method"] for r in decode} == {"triton", "triton_1split", "sdpa_mask"}
+    assert _ratio(rec["copy_bandwidth_GBps"])
+
+
+def test_ppo_kernels_against_the_loop_and_eager_baselines(tmp_path, no_compile):
+    from benchmarks import bench_ppo
+
+    assert bench_ppo.main(["--smoke", "--out-dir", str(tmp_path)]) == 0
+    rec = _record(tmp_path, "ppo-cpu-*.json")
+    rows = {r["bench"]: r for r in rec["rows"]}
+    assert set(rows) == {"gae", "ppo_loss fwd+bwd"}
+    gae, loss = rows["gae"], rows["ppo_loss fwd+bwd"]
+    assert gae["x_loop"] == pytest.approx(gae["loop_ms"] / gae["triton_ms"]) and _ratio(gae["x_compiled"])
+    assert loss["x_eager"] == pytest.approx(loss["eager_ms"] / loss["triton_ms"]) and _ratio(loss["x_compiled"])
+    assert rec["interpreter"] is True and rec["targets"] == []  # B=256, T=512 targets: not at smoke sizes
+
+
+def test_generation_against_the_no_kv_cache_baseline(tmp_path):
+    from benchmarks import bench_generation
+
+    assert bench_generation.main(["--smoke", "--out-dir", str(tmp_path)]) == 0
+    (row,) = _record(tmp_path, "generation-cpu-*.json")["rows"]
+    assert (row["preset"], row["B"], row["P"], row["N"]) == ("tiny", 2, 8, 4)
+    assert _ratio(row["ours_tok_s"]) and _ratio(row["nocache_tok_s"])
+    assert row["x_nocache"] == pytest.approx(row["ours_tok_s"] / row["nocache_tok_s"])
+    assert "x_hf" not in row  # --smoke leaves HF out
+
+
+def test_train_step_compiled_rows_against_their_eager_baseline(tmp_path, no_compile):
+    from benchmarks import bench_train_step
+
+    assert bench_train_step.main(["--smoke", "--compile", "--out-dir", str(tmp_path)]) == 0
+    rows = _record(tmp_path, "train_step-cpu-*.json")["rows"]
+    assert {(r["stage"], r["mode"], r["compile"]) for r in rows} == {
+        (s, m, c) for s in ("sft", "rm") for m in ("lora", "full") for c in (False, True)}
+    by = {(r["group"], r["compile"]): r for r in rows}
+    for (group, compiled), r in by.items():
+        base = by[group, False]
+        assert r["baseline"] is not compiled and _ratio(r["tokens_per_s"])
+        assert r["speedup_vs_baseline"] == pytest.approx(base["median_ms"] / r["median_ms"])
+
+
+def test_memory_16gb_lora_xl_runs_the_real_trainer(tmp_path):
+    from benchmarks import bench_memory_16gb
+
+    assert bench_memory_16gb.main(["--smoke", "--config", "lora-xl", "--iters", "1", "--out-dir", str(tmp_path)]) == 0
+    rec = _record(tmp_path, "memory_16gb-smoke-cpu-*.json")
+    (row,) = rec["rows"]
+    assert row["status"] == "ok" and row["config"] == "lora-xl" and row["model"] == "tiny", row
+    for k in ("iter_s", "generate_s", "score_s", "train_s", "peak_experience_gib", "peak_iter_gib",
+              "predicted_peak_gib", "predicted_experience_gib", "predicted_update_gib", "peak_vs_plan"):
+        assert _ratio(row[k]), (k, row[k])
+    assert row["peak_vs_plan"] == pytest.approx(row["peak_iter_gib"] / row["predicted_peak_gib"])
+    assert row["plan_fits"] and row["plan_micro_batch"] == 2 and row["plan_grad_checkpoint"] is False
+    assert rec["comparison"] == {"offload_peak_saving_x": None, "offload_time_x": None}  # no baseline row run
+
+
+@pytest.mark.slow
+def test_memory_16gb_every_configuration_with_the_baseline(tmp_path):
+    """The three configurations, each in its own subprocess (DeepSpeed's CPU accelerator for the full ones)."""
+    pytest.importorskip("deepspeed", reason="deepspeed not installed (pip install 'rlhf_fast[deepspeed]')")
+    from benchmarks import bench_memory_16gb
+
+    assert bench_memory_16gb.main(["--smoke", "--iters", "1", "--out-dir", str(tmp_path)]) == 0
+    rec = _record(tmp_path, "memory_16gb-smoke-cpu-*.json")
+    rows = {r["config"]: r for r in rec["rows"]}
+    assert list(rows) == list(bench_memory_16gb.CONFIGS)
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert rows["full-large-gpu"]["baseline"] and not rows["full-large-offload"]["baseline"]
+    comparison = rec["comparison"]
+    assert comparison["offload_peak_saving_x"] == pytest.approx(
+        rows["full-large-gpu"]["peak_iter_gib"] / rows["full-large-offload"]["peak_iter_gib"])
+    assert comparison["offload_time_x"] == pytest.approx(
+        rows["full-large-offload"]["iter_s"] / rows["full-large-gpu"]["iter_s"])
+
+
+def test_suites_refuse_gpu_sizes_without_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU refusal")
+    from benchmarks import bench_lora_linear, bench_memory_16gb
+
+    for module in (bench_lora_linear, bench_memory_16gb):
+        with pytest.raises(SystemExit) as e:
+            module.main([])
+        assert e.value.code == 2
+    assert "--smoke" in capsys.readouterr().err
+
+
+def test_rl_algorithms_every_option_from_the_same_start(tmp_path):
+    from benchmarks import rl_algorithms
+
+    assert rl_algorithms.main(["--smoke", "--task", "arithmetic", "--out-dir", str(tmp_path)]) == 0
+    rows = _record(tmp_path, "rl_algorithms-smoke-cpu-*.json")["rows"]
+    assert [r["option"] for r in rows] == list(rl_algorithms.ARITHMETIC)
+    assert len({r["reward_before"] for r in rows if r["option"] != "dapo"}) == 1  # one starting policy
+    assert all(r["iterations"] == 1 and math.isfinite(r["reward_after"]) for r in rows)
+
+
+def test_hh_rm_probe_needs_a_data_file_and_scores_every_rule(tmp_path, capsys):
+    from benchmarks import hh_rm_probe
+
+    with pytest.raises(SystemExit) as e:
+        hh_rm_probe.main(["--smoke"])
+    assert e.value.code == 2 and "--data PATH" in capsys.readouterr().err
+    data = tmp_path / "hh.jsonl"
+    with open(data, "w") as f:
+        for i in range(60):
+            turn = f"\n\nHuman: question {i}?\n\nAssistant:"
+            pair = {"chosen": turn + " a short kind answer", "rejected": turn + " no" * (1 + i % 7)}
+            f.write(json.dumps(pair) + "\n")
+    out = tmp_path / "out"
+    assert hh_rm_probe.main(["--smoke", "--data", str(data), "--tokenizer", "byte", "--preset", "tiny",
+                             "--out-dir", str(out)]) == 0
+    rec = _record(out, "hh_rm_probe-cpu-*.json")
+    methods = [r["method"] for r in rec["rows"]]
+    assert methods[:4] == ["chance", "shorter reply wins", "longer reply wins", "kept EOS wins (old rule)"]
+    assert methods[4].startswith("RM")
+    assert rec["pairs"]["held_out"] == 16 and all(0 <= r["accuracy"] <= 1 for r in rec["rows"])

@@ -1,0 +1,204 @@
+"""`rlhf-fast` on bad input, in-process through `cli.main`.
+
+A user error (bad data line, config value or file, missing or corrupt checkpoint) exits 2 with exactly one stderr
+line, `rlhf-fast: error: <what> (<where>)`, naming the place to fix (file:line, flag, config file, directory) and
+no traceback; `--debug` before the subcommand lets the exception (a ValueError) propagate. Resuming: `--resume`
+needs a checkpoint (`--resume-if-possible` starts fresh without one), a corrupt newest checkpoint is moved aside
+and the previous one used, and metrics.jsonl holds each train step once after a resume. Also: HH records with an
+empty chosen reply train, and `ppo --skip-bad-examples` skips a bad prompt line.
+"""
+
+import json
+import shutil
+import time
+
+import pytest
+import torch
+
+from rlhf_fast.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+COMMON = ["--attn-backend", "sdpa", "--device", "cpu", "--micro-batch-size", "4", "--eval-size", "8",
+          "--synthetic-size", "32", "--no-progress"]
+SFT = ["--preset", "tiny", *COMMON]
+# the tiny SFT run (module fixture) and its resumes: checkpoints at steps 2 and 4, every step in metrics.jsonl
+RUN4 = [*SFT, "--max-steps", "4", "--save-every", "2", "--keep-last", "3", "--log-every", "1"]
+
+
+def hh(prompt: str, chosen: str, rejected: str) -> str:
+    head = f"\n\nHuman: {prompt}\n\nAssistant:"
+    return json.dumps({"chosen": head + chosen, "rejected": head + rejected})
+
+
+GOOD_HH = [hh(f"what is {i} plus {i}?", f" It is {2 * i}. Thanks!", " go away") for i in range(24)]
+PROMPTS = [json.dumps({"prompt": f"\n\nHuman: tell me about {w}\n\nAssistant:"})
+           for w in ("cats", "dogs", "tea", "rain", "maps", "jazz", "bread", "ships", "trees")]
+BAD_LINE = '{"prompt": oops'
+
+
+def write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def assert_user_error(capsys, argv, *names) -> str:
+    """`main(argv)` exits 2 with one stderr line `rlhf-fast: error: ...` naming each of `names`, no traceback;
+    with --debug first, the ValueError itself propagates. Returns the line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, (exit_info.value.code, err)
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{err}"
+    assert lines[0].startswith("rlhf-fast: error: "), lines[0]
+    for name in names:
+        assert str(name) in lines[0], f"{name!r} not named in: {lines[0]}"
+    with pytest.raises(ValueError):
+        main(["--debug", *argv])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny SFT run (checkpoints at steps 2 and 4, export) and a tiny RM run on its export."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        root = tmp_path_factory.mktemp("runs")
+        sft, rm = root / "sft", root / "rm"
+        assert main(["sft", *RUN4, "--output-dir", str(sft)]) == 0
+        assert main(["rm", *COMMON, "--model", str(sft / "export"), "--lora-rank", "2", "--max-steps", "2",
+                     "--output-dir", str(rm)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert {"step-00000002", "step-00000004"} <= {p.name for p in (sft / "checkpoints").iterdir()}
+    return {"sft": sft, "sft_export": sft / "export", "rm_export": rm / "export"}
+
+
+@pytest.fixture
+def files(tmp_path):
+    good = GOOD_HH
+    return {
+        "bad_hh": write(tmp_path / "bad.jsonl", good[:12] + ['{"chosen": "\\n\\nHuman: hi", broken'] + good[12:]),
+        "unknown_cfg": write(tmp_path / "unknown.json", [json.dumps({"optim": {"lrr": 0.01}})]),
+        "invalid_cfg": write(tmp_path / "invalid.json", ['{"optim": {"lr": 0.01,}']),
+        "bad_prompts": write(tmp_path / "prompts.jsonl", PROMPTS[:4] + [BAD_LINE] + PROMPTS[4:]),
+        "bad_first_prompt": write(tmp_path / "first.jsonl", [BAD_LINE, *PROMPTS]),
+        # chosen reply empty: the dialogue ends with "\n\nAssistant:"
+        "empty_chosen": write(tmp_path / "empty_chosen.jsonl", good[:10] + [hh("say nothing", "", " no")] * 3
+                              + good[10:]),
+    }
+
+
+def ppo_args(runs, out) -> list[str]:
+    return ["ppo", "--sft-model", str(runs["sft_export"]), "--reward-model", str(runs["rm_export"]),
+            "--iterations", "1", "--rollout-batch-size", "2", "--mini-batch-size", "2", "--max-new-tokens", "4",
+            "--eval-size", "2", "--device", "cpu", "--attn-backend", "sdpa", "--no-progress", "--output-dir", str(out)]
+
+
+# --- user errors: one line, the place named, exit 2 --------------------------------------------------------
+
+def test_sft_bad_data_line(tmp_path, files, capsys):
+    assert_user_error(capsys, ["sft", *SFT, "--max-steps", "1", "--data", str(files["bad_hh"]),
+                               "--output-dir", str(tmp_path / "run")], "bad.jsonl:13")
+
+
+def test_rm_bad_data_line(tmp_path, files, runs, capsys):
+    assert_user_error(capsys, ["rm", *COMMON, "--model", str(runs["sft_export"]), "--max-steps", "1",
+                               "--data", str(files["bad_hh"]), "--output-dir", str(tmp_path / "run")],
+                      "bad.jsonl:13")
+
+
+def test_sft_bad_config_value_names_the_flag(tmp_path, capsys):
+    assert_user_error(capsys, ["sft", *SFT, "--lr", "-1", "--output-dir", str(tmp_path / "run")], "--lr")
+
+
+@pytest.mark.parametrize("which, names", [("unknown_cfg", ("unknown.json", "lrr")),
+                                          ("invalid_cfg", ("invalid.json",))])
+def test_sft_bad_config_file_names_the_file(tmp_path, files, capsys, which, names):
+    assert_user_error(capsys, ["sft", *SFT, "--config", str(files[which]), "--output-dir", str(tmp_path / "run")],
+                      *names)
+
+
+def test_grpo_bad_config_value_names_the_flag(tmp_path, capsys):
+    assert_user_error(capsys, ["grpo", "--preset", "tiny", "--device", "cpu", "--iterations", "1",
+                               "--rollout-batch-size", "2", "--max-new-tokens", "4", "--no-progress",
+                               "--group-size", "0", "--output-dir", str(tmp_path / "run")], "--group-size")
+
+
+def test_ppo_bad_config_value_names_the_flag(tmp_path, runs, capsys):
+    assert_user_error(capsys, [*ppo_args(runs, tmp_path / "run"), "--rollout-batch-size", "0"],
+                      "--rollout-batch-size")
+
+
+@pytest.mark.parametrize("which, place", [("bad_prompts", "prompts.jsonl:5"), ("bad_first_prompt", "first.jsonl:1")])
+def test_ppo_bad_prompt_line(tmp_path, files, runs, capsys, which, place):
+    assert_user_error(capsys, [*ppo_args(runs, tmp_path / "run"), "--data", str(files[which])], place)
+
+
+def test_ppo_skip_bad_examples(tmp_path, files, runs):
+    out = tmp_path / "run"
+    assert main([*ppo_args(runs, out), "--data", str(files["bad_prompts"]), "--skip-bad-examples"]) == 0
+    assert (out / "export").is_dir()
+
+
+# --- resume --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("exists", [True, False], ids=["empty-dir", "new-dir"])
+def test_resume_without_checkpoint(tmp_path, capsys, exists):
+    out = tmp_path / "run"
+    if exists:
+        out.mkdir()
+    argv = ["sft", *SFT, "--max-steps", "2", "--no-export", "--output-dir", str(out)]
+    assert_user_error(capsys, [*argv, "--resume"], out, "--resume-if-possible")
+    assert main([*argv, "--resume-if-possible"]) == 0  # starts fresh
+    assert (out / "checkpoints" / "step-00000002").is_dir()
+
+
+def train_records(run_dir, since: float = 0.0) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in records if "train/loss" in r and r["time"] >= since]
+
+
+@pytest.mark.parametrize("corruption", ["truncated-weights", "empty-optim", "garbage-state"])
+def test_corrupt_newest_checkpoint_moved_aside(tmp_path, runs, capsys, caplog, corruption):
+    run = shutil.copytree(runs["sft"], tmp_path / "run")
+    newest = run / "checkpoints" / "step-00000004"
+    if corruption == "truncated-weights":
+        (newest / "weights.pt").write_bytes((newest / "weights.pt").read_bytes()[:100])
+    elif corruption == "empty-optim":
+        (newest / "optim.pt").write_bytes(b"")
+    else:
+        (newest / "trainer_state.json").write_text("{garbage")
+    capsys.readouterr()
+    started = time.time() - 0.01
+    assert main(["sft", *RUN4, "--no-export", "--output-dir", str(run), "--resume"]) == 0
+    captured = capsys.readouterr()
+    aside = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("corrupt-")]
+    assert any("step-00000004" in name for name in aside), sorted(p.name for p in (run / "checkpoints").iterdir())
+    # resumed from the intact step-2 checkpoint: this run trained steps 3 and 4 only
+    assert [r["step"] for r in train_records(run, since=started)] == [3, 4]
+    warned = [line for line in captured.err.splitlines() if "step-00000004" in line]
+    warned += [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "step-00000004" in r.getMessage()]
+    assert warned, f"no warning naming the corrupt checkpoint; stderr:\n{captured.err}"
+
+
+def test_metrics_hold_each_step_once_after_resume(tmp_path, runs):
+    run = shutil.copytree(runs["sft"], tmp_path / "run")
+    shutil.rmtree(run / "checkpoints" / "step-00000004")  # as if the run died after logging steps 3 and 4
+    assert main(["sft", *RUN4, "--no-export", "--output-dir", str(run), "--resume"]) == 0
+    steps = [r["step"] for r in train_records(run)]
+    assert sorted(steps) == [1, 2, 3, 4], steps
+
+
+# --- valid input that used to be refused ------------------------------------------------------------------
+
+def test_hh_records_with_empty_chosen_reply_train(tmp_path, files, runs):
+    data = str(files["empty_chosen"])
+    assert main(["sft", *SFT, "--max-steps", "5", "--no-export", "--data", data,
+                 "--output-dir", str(tmp_path / "sft")]) == 0
+    assert main(["rm", *COMMON, "--model", str(runs["sft_export"]), "--lora-rank", "2", "--max-steps", "5",
+                 "--no-export", "--data", data, "--output-dir", str(tmp_path / "rm")]) == 0
