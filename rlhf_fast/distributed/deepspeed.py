@@ -50,8 +50,8 @@ def import_deepspeed():
 class DeepSpeedSettings:
     """What the generated DeepSpeed config says; `config_file` replaces it with a user's own JSON."""
 
-    zero_stage: int = option(2, "DeepSpeed ZeRO stage 0-3 (2: optimizer states and gradients partitioned, weights "
-                             "replicated; RL: 0-2)", choices=ZERO_STAGES)
+    zero_stage: int | None = option(None, "DeepSpeed ZeRO stage 0-3 (default 2: optimizer states and gradients "
+                                    "partitioned, weights replicated; RL: 0-2)", choices=ZERO_STAGES)
     offload_optimizer: bool = option(False, "DeepSpeed: optimizer states and step on the CPU (DeepSpeedCPUAdam; "
                                      "ZeRO >= 1)")
     offload_params: bool = option(False, "DeepSpeed: parameters on the CPU between uses (ZeRO-3)")
@@ -59,20 +59,25 @@ class DeepSpeedSettings:
                                      flag="--deepspeed-config")
 
     def __post_init__(self):
-        if self.zero_stage not in ZERO_STAGES:
+        if self.zero_stage is not None and self.zero_stage not in ZERO_STAGES:
             raise ValueError(f"deepspeed.zero_stage must be one of {ZERO_STAGES}, got {self.zero_stage!r}")
-        if self.offload_params and self.zero_stage != 3:
+        if self.offload_params and self.stage != 3:
             raise ValueError("deepspeed.offload_params needs zero_stage=3 (only ZeRO-3 partitions parameters)")
-        if self.offload_optimizer and self.zero_stage == 0:
+        if self.offload_optimizer and self.stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs zero_stage >= 1 (ZeRO-Offload)")
+
+    @property
+    def stage(self) -> int:
+        """The ZeRO stage (zero_stage, 2 when unset: None tells "not given" from an explicit 2)."""
+        return 2 if self.zero_stage is None else self.zero_stage
 
     def ds_config(self, *, micro_batch_size: int, grad_accum_steps: int, precision: str,
                   max_grad_norm: float | None) -> dict:
         """The DeepSpeed config dict for these settings and the trainer's batch / precision / clipping."""
         if self.config_file is not None:
             return self._user_config(micro_batch_size, grad_accum_steps)
-        zero: dict = {"stage": self.zero_stage}
-        if self.zero_stage in (1, 2):
+        zero: dict = {"stage": self.stage}
+        if self.stage in (1, 2):
             # 5e7-element buckets: ~100 MB of bf16 gradient buffers on the GPU instead of DeepSpeed's 5e8
             # (~1 GB each for reduce and all-gather), which the 16 GB plan (docs/memory.md) cannot spare.
             zero.update(reduce_bucket_size=BUCKET_ELEMENTS, allgather_bucket_size=BUCKET_ELEMENTS)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from rlhf_fast.config import option
-from rlhf_fast.data import arithmetic_split, load_tokenizer, synthetic_prompts
+from rlhf_fast.data import arithmetic_split, load_prompts, load_tokenizer, synthetic_prompts
 from rlhf_fast.errors import ConfigError
 from rlhf_fast.generation import release_kv_caches
 from rlhf_fast.model import GPT
@@ -34,7 +34,6 @@ from rlhf_fast.trainers.demo import HELD_OUT_SEED_OFFSET
 from rlhf_fast.trainers.experience import ExperienceMaker
 from rlhf_fast.trainers.heldout import held_out_responses
 from rlhf_fast.trainers.models import PPOModels
-from rlhf_fast.trainers.ppo import load_prompts
 from rlhf_fast.trainers.reward_functions import Scorer, load_reward_model_scorer, score_completions
 
 from .gold import GOLD_DESCRIPTIONS, TASKS, gold_reward
@@ -60,6 +59,8 @@ class EvalConfig:
                                     "(with --prompts), none (default with --prompts)", choices=TASKS)
     prompts: str | None = option(None, "a .jsonl(.gz) file of {\"prompt\": ...} lines or HH records: its last "
                                        "--num-prompts prompts instead of the task's", metavar="FILE")
+    skip_bad_examples: bool = option(False, "skip (and count in the log) --prompts lines that cannot be parsed, "
+                                     "instead of failing")
     num_prompts: int = option(64, "held-out prompts")
     samples: int = option(4, "sampled responses per prompt, plus one greedy")
     max_new_tokens: int | None = option(None, "response tokens (default: 48; arithmetic 16)")
@@ -160,7 +161,8 @@ def eval_prompts(cfg: EvalConfig) -> list[str]:
     if cfg.prompts is not None:
         if not Path(cfg.prompts).exists():
             raise EvalInputError(f"{cfg.prompts}: no such file", "prompts")
-        return load_prompts(cfg.prompts, eval_size=cfg.num_prompts, seed=cfg.seed)[1]
+        return load_prompts(cfg.prompts, eval_size=cfg.num_prompts, seed=cfg.seed,
+                            skip_bad_examples=cfg.skip_bad_examples)[1]
     if cfg.task_name == "arithmetic":  # within GRPO's held-out problems (same seed, same shuffle)
         return [p.prompt for p in arithmetic_split(cfg.num_prompts, cfg.seed)[1]]
     # synthetic (EvalConfig refuses the tasks without built-in prompts): the demo's held-out draw (the prompt

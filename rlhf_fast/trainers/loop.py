@@ -141,8 +141,10 @@ class Trainer:
         run, max_steps = self.config.run, self.config.optim.max_steps
         stop = max_steps if until_step is None else min(until_step, max_steps)
         resumed = run.resuming and self.resume()
-        if run.resume and not resumed:
-            raise no_checkpoint_error(self.checkpoints.dir)
+        if run.resuming and not resumed:
+            if run.resume:
+                raise no_checkpoint_error(self.checkpoints.dir)
+            log.info("no checkpoint in %s: starting from step 0", self.checkpoints.dir)
         self.logger.truncate(self.step if resumed else -1)  # metrics of re-run (or abandoned) steps go
         if self.strategy.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +195,6 @@ class Trainer:
         """Load the newest complete checkpoint of the run directory; False when there is none."""
         loaded = self.checkpoints.load_latest(self.stage, self.trainable)
         if loaded is None:
-            log.info("no checkpoint in %s: starting from step 0", self.checkpoints.dir)
             return False
         path, blobs, state = loaded
         restore_collective(self.strategy, self.checkpoints, self.trainable, blobs, int(state["step"]))

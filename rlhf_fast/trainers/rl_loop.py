@@ -227,9 +227,12 @@ class RLTrainer(PolicyUpdate):
         """Run to rl.iterations (or stop at `until_iteration`, saving a checkpoint there)."""
         loop, total = self.loop, self.rl.iterations
         stop = total if until_iteration is None else min(until_iteration, total)
-        resumed = (loop.resume or loop.resume_if_possible) and self.resume()
-        if loop.resume and not resumed:
-            raise no_checkpoint_error(self.checkpoints.dir)
+        resuming = loop.resume or loop.resume_if_possible
+        resumed = resuming and self.resume()
+        if resuming and not resumed:
+            if loop.resume:
+                raise no_checkpoint_error(self.checkpoints.dir)
+            log.info("no checkpoint in %s: %s starts at iteration 0", self.checkpoints.dir, self.stage)
         self.logger.truncate(self.iteration if resumed else -1)  # metrics of re-run (or abandoned) iterations go
         if self.strategy.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -284,7 +287,6 @@ class RLTrainer(PolicyUpdate):
         """Continue from the newest complete checkpoint of the run directory; False when there is none."""
         loaded = self.checkpoints.load_latest(self.stage, self.trainable)
         if loaded is None:
-            log.info("no checkpoint in %s: %s starts at iteration 0", self.checkpoints.dir, self.stage)
             return False
         path, blobs, state = loaded
         restore_collective(self.strategy, self.checkpoints, self.trainable, blobs, int(state["step"]))

@@ -123,3 +123,15 @@ def test_console_script_exits_2_without_traceback(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip() == f"rlhf-fast: error: {tmp_path / 'nope'}: no such directory (--policies)"
+
+
+def test_prompt_file_bad_lines_are_named_or_skipped(tmp_path):
+    from rlhf_fast.evaluation.evaluate import eval_prompts
+
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "a"}) + "\n{bad\n" + "".join(json.dumps({"prompt": f"q{i}"}) + "\n"
+                                                                 for i in range(5)))
+    with pytest.raises(ValueError, match=r"p.jsonl:2\)$"):
+        eval_prompts(EvalConfig(policies=("x",), prompts=str(f), num_prompts=2))
+    config = EvalConfig(policies=("x",), prompts=str(f), num_prompts=2, skip_bad_examples=True)
+    assert eval_prompts(config) == ["q3", "q4"]
