@@ -18,8 +18,8 @@ from .reward_functions import (
     WeightedScorer,
     register_reward_function,
 )
-from .rl_config import GRPOConfig, PPOConfig, RLConfig, RLSettings, TaskSettings
-from .rl_loop import LoopSettings, RLTrainer
+from .rl_config import GRPOConfig, LoopSettings, PPOConfig, RLConfig, RLSettings, TaskSettings
+from .rl_loop import RLTrainer
 from .sft import SFTTrainer, build_sft_trainer
 
 __all__ = [

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,30 +31,6 @@ from .metrics import MetricsLogger, log
 from .models import POLICY, PPOModels
 from .rl_config import RLConfig
 from .rl_update import PolicyUpdate
-
-
-@dataclass(frozen=True)
-class LoopSettings:
-    """Run-level settings of the RL loop (each algorithm's config provides them)."""
-
-    output_dir: str
-    seed: int = 0
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    lr_lambda: Callable[[int], float] | None = None  # LR schedule by optimizer step (None: constant)
-    log_every: int = 1
-    eval_every: int = 0  # 0: evaluate only at the end
-    save_every: int = 0  # 0: save only at the end
-    keep_last: int = 2
-    resume: bool = False  # continue from the newest checkpoint; an error when there is none
-    resume_if_possible: bool = False  # continue from the newest checkpoint when there is one
-    progress: bool = True
-    loss_backend: str = "auto"  # kernels backend for gae and ppo_loss
-    offload_frozen: bool = False  # separate reference / reward model on the CPU between uses
-    compile: bool | None = None  # generation's compiled decode step (None: on CUDA)
-    eval_samples: int = 1  # sampled responses per held-out prompt (plus one greedy)
-    max_prompt_len: int | None = None  # held-out prompt texts keep their last max_prompt_len tokens
 
 
 class RLTrainer(PolicyUpdate):
