@@ -128,9 +128,21 @@ def _where(e: Exception, flags: dict[str, str]) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+class _Std(logging.StreamHandler):
+    """A handler writing to sys.stdout or sys.stderr as they are when a record comes (not when it was made)."""
+
+    def __init__(self, name: str):
+        super().__init__(getattr(sys, name))
+        self.std = name
+
+    def emit(self, record):
+        self.stream = getattr(sys, self.std)
+        super().emit(record)
+
+
 def _setup_logging() -> None:
     """INFO lines to stdout, warnings and errors to stderr (where the one-line error goes)."""
-    out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    out, err = _Std("stdout"), _Std("stderr")
     out.addFilter(lambda r: r.levelno < logging.WARNING)
     err.setLevel(logging.WARNING)
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[out, err], force=True)

@@ -26,11 +26,13 @@ def _ratio(value) -> bool:
 
 
 @pytest.fixture
-def no_compile(monkeypatch):
-    """torch.compile'd baselines run eagerly (a CPU inductor compile takes minutes; this checks plumbing)."""
+def no_compile():
+    """torch.compile'd baselines run eagerly (a CPU inductor compile takes minutes; this checks plumbing). Through
+    dynamo's own config.patch: a monkeypatched attribute of its config module can vanish (seen with torch 2.13)."""
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    with torch._dynamo.config.patch(disable=True):
+        yield
 
 
 def test_lora_linear_groups_have_baseline_floor_and_ratios(tmp_path, capsys):
