@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from rlhf_fast.config import Config, option
@@ -86,6 +87,16 @@ class DemoCommand(Config):
 
 
 def demo_command(cmd: DemoCommand) -> int:
+    quiet = logging.getLogger("rlhf_fast")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # no progress lines of the stages: the summary says it all
+    try:
+        return _demo(cmd)
+    finally:
+        quiet.setLevel(level)
+
+
+def _demo(cmd: DemoCommand) -> int:
     sizes = {k: getattr(cmd, k) for k in ("sft_steps", "rm_steps", "ppo_iterations", "dpo_steps", "rl_iterations",
                                           "data") if getattr(cmd, k) is not None}
     common = dict(device=cmd.device, seed=cmd.seed, progress=cmd.progress, **sizes)
