@@ -18,7 +18,7 @@ from .reward_functions import (
     WeightedScorer,
     register_reward_function,
 )
-from .rl_config import GRPOConfig, LoopSettings, PPOConfig, RLConfig, RLSettings, TaskSettings
+from .rl_config import GRPOConfig, PPOConfig, RLConfig, RLSettings, TaskSettings
 from .rl_loop import RLTrainer
 from .sft import SFTTrainer, build_sft_trainer
 
@@ -32,7 +32,6 @@ __all__ = [
     "GRPOConfig",
     "GRPOTrainer",
     "LoRASettings",
-    "LoopSettings",
     "ModelScorer",
     "ModelSettings",
     "OptimSettings",

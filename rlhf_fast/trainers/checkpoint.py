@@ -260,7 +260,15 @@ def restore_collective(strategy, checkpoints: CheckpointManager, trainable: dict
     restore_rng_state(blobs["rng"])
 
 
-def no_checkpoint_error(directory) -> CheckpointError:
-    """What `--resume` says when there is nothing to continue from."""
-    return CheckpointError("--resume: no checkpoint to continue from (--resume-if-possible starts from step 0 when "
-                           "there is none)", str(directory))
+def resume_or_start(resume, run, checkpoints: CheckpointManager) -> bool:
+    """A trainer's start: whether `resume()` (the trainer's own, True when it loaded a checkpoint) continued the
+    run. `run` is the run section: --resume without a checkpoint is an error, --resume-if-possible starts over."""
+    if not run.resuming:
+        return False
+    if resume():
+        return True
+    if run.resume:
+        raise CheckpointError("--resume: no checkpoint to continue from (--resume-if-possible starts from step 0 "
+                              "when there is none)", str(checkpoints.dir))
+    log.info("no checkpoint in %s: starting from step 0", checkpoints.dir)
+    return False

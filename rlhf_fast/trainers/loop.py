@@ -21,7 +21,7 @@ from rlhf_fast.data import ResumableBatches
 from rlhf_fast.distributed import Strategy
 from rlhf_fast.model import GPT
 
-from .checkpoint import CheckpointManager, no_checkpoint_error, restore_collective, save_collective
+from .checkpoint import CheckpointManager, restore_collective, resume_or_start, save_collective
 from .config import TrainConfig
 from .memory_plan import check_trainer_memory
 from .metrics import MetricsLogger, log
@@ -140,11 +140,7 @@ class Trainer:
         """Train to optim.max_steps (or stop early at `until_step`, saving a checkpoint there)."""
         run, max_steps = self.config.run, self.config.optim.max_steps
         stop = max_steps if until_step is None else min(until_step, max_steps)
-        resumed = run.resuming and self.resume()
-        if run.resuming and not resumed:
-            if run.resume:
-                raise no_checkpoint_error(self.checkpoints.dir)
-            log.info("no checkpoint in %s: starting from step 0", self.checkpoints.dir)
+        resumed = resume_or_start(self.resume, run, self.checkpoints)
         self.logger.truncate(self.step if resumed else -1)  # metrics of re-run (or abandoned) steps go
         if self.strategy.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -632,7 +632,7 @@ def trainer_plan_settings(trainer, scorer=None) -> tuple[ModelShape, PlanSetting
             micro_batch_size=min(rl.micro_rows, rl.rows),
             reference=bool(rl.init_kl_coef or rl.kl_target or rl.kl_loss_coef),
             reward_model=scorer is None or reward is not None, separate_frozen=len(frozen),
-            offload_frozen=trainer.loop.offload_frozen, **common)
+            offload_frozen=trainer.rl.offload_frozen, **common)
     else:
         c = trainer.config
         settings = PlanSettings(

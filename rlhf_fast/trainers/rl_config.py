@@ -10,7 +10,6 @@ per forward); optim.max_steps is derived from it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from rlhf_fast.config import Config, option, section
@@ -18,7 +17,6 @@ from rlhf_fast.distributed import DeepSpeedSettings
 from rlhf_fast.errors import ConfigError
 
 from .config import DataSettings, LoRASettings, ModelSettings, OptimSettings, RunSettings, resolve_defaults
-from .loop import lr_lambda
 
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum")  # as rl.loss_weights defines them
 ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")
@@ -165,30 +163,6 @@ class TaskSettings(Config):
             raise ConfigError(f"must be > 0, got {self.cold_start_lr}", "cold_start_lr")
 
 
-@dataclass(frozen=True)
-class LoopSettings:
-    """Run-level settings of the RL loop (each algorithm's config provides them)."""
-
-    output_dir: str
-    seed: int = 0
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    lr_lambda: Callable[[int], float] | None = None  # LR schedule by optimizer step (None: constant)
-    log_every: int = 1
-    eval_every: int = 0  # 0: evaluate only at the end
-    save_every: int = 0  # 0: save only at the end
-    keep_last: int = 2
-    resume: bool = False  # continue from the newest checkpoint; an error when there is none
-    resume_if_possible: bool = False  # continue from the newest checkpoint when there is one
-    progress: bool = True
-    loss_backend: str = "auto"  # kernels backend for gae and ppo_loss
-    offload_frozen: bool = False  # separate reference / reward model on the CPU between uses
-    compile: bool | None = None  # generation's compiled decode step (None: on CUDA)
-    eval_samples: int = 1  # sampled responses per held-out prompt (plus one greedy)
-    max_prompt_len: int | None = None  # held-out prompt texts keep their last max_prompt_len tokens
-
-
 def _rl_optim() -> OptimSettings:
     return OptimSettings(lr=1e-4, warmup_steps=0, schedule="constant")
 
@@ -221,17 +195,6 @@ class RLConfig(Config):
         steps = self.rl.iterations * self.rl.epochs * -(-self.rl.rows // self.rl.mini_batch_size)
         object.__setattr__(self, "optim", dataclasses.replace(o, max_steps=steps))
         resolve_defaults(self, self.output_dir)
-
-    def loop(self):
-        """The run-level settings the RL loop reads."""
-        o, r = self.optim, self.run
-        return LoopSettings(output_dir=r.output_dir, seed=r.seed, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas,
-                            lr_lambda=lr_lambda(o), log_every=r.log_every, eval_every=r.eval_every,
-                            save_every=r.save_every, keep_last=r.keep_last, resume=r.resume,
-                            resume_if_possible=r.resume_if_possible, progress=r.progress,
-                            loss_backend=self.model.kernel_backend, compile=r.compile,
-                            offload_frozen=self.rl.offload_frozen, eval_samples=self.rl.eval_samples,
-                            max_prompt_len=self.data.max_prompt_len)
 
 
 def _ppo_model() -> ModelSettings:

@@ -23,9 +23,9 @@ from rlhf_fast.generation import release_kv_caches
 from rlhf_fast.rl import make_kl_controller
 
 from .builders import export_model, train_strategy
-from .checkpoint import CheckpointManager, no_checkpoint_error, restore_collective, save_collective
+from .checkpoint import CheckpointManager, restore_collective, resume_or_start, save_collective
 from .experience import ExperienceMaker, PhaseTimer, Rollout, peak_memory_gb
-from .loop import TrainModule, adamw
+from .loop import TrainModule, adamw, lr_lambda
 from .memory_plan import check_trainer_memory
 from .metrics import MetricsLogger, log
 from .models import POLICY, PPOModels
@@ -43,20 +43,20 @@ class RLTrainer(PolicyUpdate):
     def __init__(self, config: RLConfig, models: PPOModels, tokenizer, prompts, eval_prompts, scorer,
                  strategy: Strategy | None = None):
         strategy = strategy if strategy is not None else train_strategy(config)
-        rl, loop = config.rl, config.loop()
-        self.config, self.rl, self.loop, self.models, self.tokenizer = config, rl, loop, models, tokenizer
+        rl, run = config.rl, config.run
+        self.config, self.rl, self.models, self.tokenizer = config, rl, models, tokenizer
         self.prompts, self.strategy, self.device = prompts, strategy, strategy.device
         if rl.critic != models.has_critic:
             raise ValueError(f"estimator {rl.estimator!r} {'needs' if rl.critic else 'takes no'} critic, but the "
                              f"models {'have none' if rl.critic else 'have one'}")
-        keep = slice(-loop.max_prompt_len if loop.max_prompt_len else None, None)
+        keep = slice(-config.data.max_prompt_len, None)  # held-out prompt texts keep their last tokens
         eval_prompts = list(eval_prompts or [])[: rl.eval_prompts]
         self.eval_prompts = [tokenizer.encode(p)[keep] if isinstance(p, str) else list(p) for p in eval_prompts or []]
         self.eval_texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in eval_prompts or []]
         self._check_lengths()
         self._check_strategy()
         check_trainer_memory(self, scorer)  # CUDA: refuse a run whose memory plan does not fit
-        self.run_dir = Path(loop.output_dir)
+        self.run_dir = Path(run.output_dir)
         self.trainable = models.trainable_parameters()
         if not self.trainable:
             raise ValueError(f"{self.stage}: nothing to train (no parameter of the policy/critic requires grad)")
@@ -64,17 +64,17 @@ class RLTrainer(PolicyUpdate):
         self.kl_ctl = make_kl_controller(rl.init_kl_coef, rl.kl_target, rl.kl_horizon)
         self.maker = ExperienceMaker(
             models, max_new_tokens=rl.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, advantage=rl.advantage_config(loop.loss_backend),
+            pad_token_id=tokenizer.pad_token_id, advantage=rl.advantage_config(config.model.kernel_backend),
             temperature=rl.temperature, kl_estimator=rl.kl_estimator, scorer=scorer,
             reference=rl.init_kl_coef > 0 or rl.kl_target is not None or rl.kl_loss_coef > 0,
-            overlong_buffer=rl.overlong_buffer, overlong_penalty=rl.overlong_penalty, compile=loop.compile,
+            overlong_buffer=rl.overlong_buffer, overlong_penalty=rl.overlong_penalty, compile=run.compile,
             frozen_on_device=self.frozen_on_device)
         # the fused kernel computes exactly this case; the weighted free functions every other one
         self.fused = rl.loss_aggregation == "token_mean" and rl.clip_eps_high in (None, rl.clip_eps)
         # Own generators: rollouts and minibatch order are reproducible and saved with checkpoints.
-        self.rollout_gen = torch.Generator(self.device).manual_seed(loop.seed)
-        self.shuffle_gen = torch.Generator().manual_seed(loop.seed + 1)
-        self.checkpoints = CheckpointManager(self.run_dir, loop.keep_last)
+        self.rollout_gen = torch.Generator(self.device).manual_seed(run.seed)
+        self.shuffle_gen = torch.Generator().manual_seed(run.seed + 1)
+        self.checkpoints = CheckpointManager(self.run_dir, run.keep_last)
         self.logger = MetricsLogger(self.run_dir, enabled=strategy.is_main)
         self.iteration = 0
         self.history: list[dict] = []  # per-iteration metrics of this process
@@ -105,13 +105,13 @@ class RLTrainer(PolicyUpdate):
     def _prepare_models(self):
         """(actor, critic): the prepared training modules (one and the same unless full-parameter training under
         a strategy with an engine per model)."""
-        m, loop = self.models, self.loop
+        m, o = self.models, self.config.optim
 
         def optimizer(params):
-            return adamw(params, loop.lr, loop.weight_decay, loop.betas)
+            return adamw(params, o.lr, o.weight_decay, o.betas)
 
         def scheduler(opt):
-            return torch.optim.lr_scheduler.LambdaLR(opt, loop.lr_lambda) if loop.lr_lambda else None
+            return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o))
 
         frozen = [f for f in (m.reference, m.reward_model) if f is not None]
         if not self.strategy.engine_per_model or m.lora:
@@ -133,7 +133,7 @@ class RLTrainer(PolicyUpdate):
             for f in frozen:
                 self.strategy.prepare_frozen(f)
         for f in frozen:
-            if loop.offload_frozen:
+            if self.rl.offload_frozen:
                 f.to("cpu")
         return engine, critic
 
@@ -141,7 +141,7 @@ class RLTrainer(PolicyUpdate):
         """Context for a pass of a separate frozen model (reference, reward model; None: nothing to place)."""
         if model is None:
             return contextlib.nullcontext()
-        return self.strategy.on_device(model, offload=self.loop.offload_frozen)
+        return self.strategy.on_device(model, offload=self.rl.offload_frozen)
 
     # --- the steps ------------------------------------------------------------------------------------
     def _next_prompts(self) -> dict:
@@ -194,19 +194,14 @@ class RLTrainer(PolicyUpdate):
             return {}
         return self.maker.evaluate(self.tokenizer, self.eval_prompts, self.eval_texts,
                                    batch_size=batch_size or self.rl.rollout_batch_size,
-                                   samples=self.loop.eval_samples, seed=seed, autocast=self.strategy.autocast)
+                                   samples=self.rl.eval_samples, seed=seed, autocast=self.strategy.autocast)
 
     # --- the loop -------------------------------------------------------------------------------------
     def train(self, until_iteration: int | None = None) -> list[dict]:
         """Run to rl.iterations (or stop at `until_iteration`, saving a checkpoint there)."""
-        loop, total = self.loop, self.rl.iterations
+        run, total = self.config.run, self.rl.iterations
         stop = total if until_iteration is None else min(until_iteration, total)
-        resuming = loop.resume or loop.resume_if_possible
-        resumed = resuming and self.resume()
-        if resuming and not resumed:
-            if loop.resume:
-                raise no_checkpoint_error(self.checkpoints.dir)
-            log.info("no checkpoint in %s: %s starts at iteration 0", self.checkpoints.dir, self.stage)
+        resumed = resume_or_start(self.resume, run, self.checkpoints)
         self.logger.truncate(self.iteration if resumed else -1)  # metrics of re-run (or abandoned) iterations go
         if self.strategy.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -214,7 +209,7 @@ class RLTrainer(PolicyUpdate):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=self.iteration, desc=self.stage,
-                   disable=not (loop.progress and self.strategy.is_main), dynamic_ncols=True)
+                   disable=not (run.progress and self.strategy.is_main), dynamic_ncols=True)
         while self.iteration < stop:
             metrics = self.step()
             self.iteration += 1
@@ -222,11 +217,11 @@ class RLTrainer(PolicyUpdate):
             bar.update(1)
             bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.3f}",
                             gap=f"{metrics['gen_logprob_gap_max']:.1e}")
-            if loop.log_every and self.iteration % loop.log_every == 0:
+            if run.log_every and self.iteration % run.log_every == 0:
                 self.logger.log(self.iteration, metrics)
-            if loop.eval_every and self.iteration % loop.eval_every == 0 and self.iteration < total:
+            if run.eval_every and self.iteration % run.eval_every == 0 and self.iteration < total:
                 self.log_eval()
-            if loop.save_every and self.iteration % loop.save_every == 0 and self.iteration < stop:
+            if run.save_every and self.iteration % run.save_every == 0 and self.iteration < stop:
                 self.save()
         bar.close()
         release_kv_caches(self.models.policy)

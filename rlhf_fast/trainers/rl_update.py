@@ -59,7 +59,7 @@ class PolicyUpdate:
             values = torch.zeros_like(logprobs)
         vf = rl.vf_coef if critic else 0.0
         kw = dict(clip_eps=rl.clip_eps, value_clip_eps=rl.value_clip_eps, ref_logprobs=exp.ref_logprobs,
-                  kl_coef=rl.kl_loss_coef, backend=self.loop.loss_backend)
+                  kl_coef=rl.kl_loss_coef, backend=self.config.model.kernel_backend)
         old = (exp.values if critic else values, exp.returns, exp.action_mask)
         if self.fused:
             two_engines = self.critic is not None and self.critic is not self.actor
