@@ -68,7 +68,8 @@ def cmd_info() -> int:
     import torch
 
     from rlhf_fast import __version__, kernels
-    from rlhf_fast.model.gpt2 import resolve_attn_backend
+    from rlhf_fast.kernels import dispatch
+    from rlhf_fast.model.gpt2 import PRESETS
 
     print(f"rlhf_fast     {__version__}")
     print(f"python        {platform.python_version()} ({sys.executable})")
@@ -88,12 +89,17 @@ def cmd_info() -> int:
         state = "not built"
         if built:
             state = "usable" if cuda or interp else "built, needs CUDA or TRITON_INTERPRET=1"
-        print(f"  {name:<17} triton {state}; auto -> {kernels.resolve_backend(name, 'auto', device)}")
+        recorded = name in dispatch.WINNERS and device.type == "cuda"
+        how = f"per recorded winner ({len(dispatch.load_rows())} rows in the table)" if recorded else \
+            kernels.resolve_backend(name, "auto", device)
+        print(f"  {name:<17} triton {state}; auto -> {how}")
+    print("auto for the gpt2 presets (bf16):")
+    presets = {n: (p["n_embd"], p["n_head"]) for n, p in PRESETS.items() if n.startswith("gpt2")}
+    for text in dispatch.describe_auto(device, torch.bfloat16, presets):
+        print(f"  {text}")
     flash = importlib.util.find_spec("flash_attn") is not None
-    print("attention backends: torch, sdpa"
-          + (", triton" if kernels.triton_implemented("masked_attention") else "")
-          + (", flash" if flash and cuda else "")
-          + f"; auto -> {resolve_attn_backend('auto', device)}")
+    print("attention backends: torch (= sdpa)" + (", triton" if kernels.triton_implemented("masked_attention") else "")
+          + (", flash" if flash and cuda else "") + "; auto -> the recorded winner, else torch")
     return 0
 
 

@@ -1,7 +1,13 @@
 """The one timer and record format of every benchmark: `rlhf-fast bench` (suite.py) and the suites under
 benchmarks/ (`python -m benchmarks.<name>`).
 
-    timed_calls / time_fn   seconds per call after warm-up, CUDA-synchronised around each call; the median
+    timed_calls / time_fn   wall seconds per call after warm-up (host + GPU: CUDA-synchronised around each
+                            call); the median. What end-to-end numbers (tokens/s, steps/s) are made of
+    time_kernels            GPU seconds per call by CUDA events with the host's launch cost hidden (the
+                            stream is held by a calibrated sleep while the call is queued), and wall seconds
+                            beside it: what kernel comparisons are judged on; CPU: wall for both
+    time_interleaved        several calls compared with one another: time_kernels each on CUDA, round-robin
+                            wall times on CPU (a passing load weighs on all alike)
     copy_bandwidth          measured device-to-device copy bytes/s (the yardstick of memory-bound kernels)
     compare                 per group of rows timing the same thing: speed-up over the group's baseline row
                             and slow-down against its floor row
@@ -52,8 +58,9 @@ def median(xs, key=None):
 
 def timed_calls(fn: Callable, *, device="cpu", warmup: int = 3, iters: int = 10,
                 keep: bool = True) -> tuple[list[float], list]:
-    """(seconds, return value) of each of `iters` calls of fn() after `warmup` untimed ones; CUDA is
-    synchronised before and after every timed call, so its time is the GPU work's, not the launch's.
+    """(wall seconds, return value) of each of `iters` calls of fn() after `warmup` untimed ones. CUDA is
+    synchronised before and after every timed call, so a time is the host's work (Python, launches) and
+    the GPU's together, whichever is longer per kernel: wall time, not kernel time (see `time_kernels`).
     keep=False drops each return value at once (outputs kept alive would make the allocator grow mid-run)."""
     device = torch.device(device)
     for _ in range(warmup):
@@ -72,8 +79,72 @@ def timed_calls(fn: Callable, *, device="cpu", warmup: int = 3, iters: int = 10,
 
 
 def time_fn(fn: Callable, *, device="cpu", warmup: int = 3, iters: int = 10) -> float:
-    """Median seconds per call of fn() (see `timed_calls`; return values are dropped)."""
+    """Median wall seconds per call of fn() (see `timed_calls`; return values are dropped)."""
     return median(timed_calls(fn, device=device, warmup=warmup, iters=iters, keep=False)[0])
+
+
+_SLEEP_CYCLES_PER_S: dict[int, float] = {}
+
+
+def _sleep_cycles_per_s(device: torch.device) -> float:
+    """torch.cuda._sleep's cycles per second on this device, measured once with CUDA events."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SLEEP_CYCLES_PER_S:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cycles = 10_000_000
+        torch.cuda._sleep(cycles // 10)  # warm the path
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        _SLEEP_CYCLES_PER_S[index] = cycles / (start.elapsed_time(end) / 1e3)
+    return _SLEEP_CYCLES_PER_S[index]
+
+
+def time_kernels(fn: Callable, *, device="cpu", warmup: int = 3, iters: int = 10) -> tuple[float, float]:
+    """(median GPU seconds, median wall seconds) per call of fn().
+
+    GPU seconds: CUDA events recorded around each call while the stream is held by a sleep kernel longer
+    than the call's measured wall time, so every launch is queued before the first kernel starts and the
+    events see the kernels back to back: kernel time without the host's share (a call that synchronises
+    inside falls back to including it). Wall seconds: `time_fn`'s. On CPU both are the wall time.
+    """
+    device = torch.device(device)
+    wall = time_fn(fn, device=device, warmup=warmup, iters=iters)
+    if device.type != "cuda":
+        return wall, wall
+    sleep = int(min(2 * wall + 1e-3, 0.2) * _sleep_cycles_per_s(device))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    gpu = []
+    for _ in range(iters):
+        torch.cuda.synchronize(device)
+        torch.cuda._sleep(sleep)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        gpu.append(start.elapsed_time(end) / 1e3)
+    return median(gpu), wall
+
+
+def time_interleaved(calls: dict[str, Callable], *, device="cpu", warmup: int = 3,
+                     iters: int = 10) -> dict[str, tuple[float, float]]:
+    """{name: (GPU seconds, wall seconds)} per call of each of `calls`, compared with one another. CUDA:
+    `time_kernels` per call. CPU: round-robin, one call of each per round, median over `iters` rounds, so
+    a load that comes and goes (a shared machine) weighs on every call alike."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {name: time_kernels(fn, device=device, warmup=warmup, iters=iters) for name, fn in calls.items()}
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(iters):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (median(ts), median(ts)) for name, ts in times.items()}
 
 
 def copy_bandwidth(device="cuda", nbytes: int = 1 << 30) -> float:

@@ -2,10 +2,14 @@
 `linear_logprobs`.
 
 Every function takes `backend=`:
-  "torch"  - the pure-PyTorch reference in `reference.py` (any device);
+  "torch"  - the best PyTorch arrangement, any device: for `lora_linear` the cuBLAS-first autograd
+             Function and for `masked_attention` SDPA (`library.py`); for the others the formulas of
+             `reference.py`, which is also every kernel's correctness oracle;
   "triton" - the Triton kernel (CUDA tensors; CPU tensors too when TRITON_INTERPRET=1 was set
              before triton was imported, which is how kernel tests run without a GPU);
-  "auto"   - triton on CUDA when a Triton implementation of that kernel exists, torch elsewhere.
+  "auto"   - `lora_linear` and `masked_attention`: the backend a recorded GPU run measured fastest for
+             this device, dtype and shape bucket (`dispatch.py`), else torch; `gae`, `ppo_loss` and
+             `linear_logprobs`: triton on CUDA when built, torch elsewhere.
 
 Inputs are validated here, once, so every backend sees the same checked shapes and dtypes and a bad
 call fails with a message naming the argument. This package imports only torch (triton lazily).
@@ -25,7 +29,7 @@ import os
 
 import torch
 
-from . import reference
+from . import dispatch, library, reference
 from .reference import LOGPROB_CHUNK_BYTES, LinearLogprobsOutput, PPOLossOutput
 
 __all__ = [
@@ -85,14 +89,18 @@ MAX_LORA_RANK = 128  # R_PAD = 128 keeps the LoRA seed tiles in registers (kerne
 HEAD_DIM_RANGE = (16, 128)  # attention tiles hold one head (kernels/attention.py)
 
 
-def resolve_backend(name: str, backend: str, device: torch.device, supported: bool = True) -> str:
+def resolve_backend(name: str, backend: str, device: torch.device, supported: bool = True, recorded=None) -> str:
     """Turn `backend` ("auto" | "torch" | "triton") into the concrete backend for kernel `name`.
 
-    supported=False: these shapes are outside the Triton kernel's range, so "auto" picks torch."""
+    supported=False: these shapes are outside the Triton kernel's range, so "auto" picks torch.
+    recorded: a thunk giving the dispatch table's winner for this call (kernels whose "auto" follows
+    the records); without it "auto" means triton on CUDA."""
     if backend not in BACKENDS:
         raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and supported and triton_implemented(name) else "torch"
+        if device.type != "cuda" or not supported or not triton_implemented(name):
+            return "torch"
+        return "triton" if recorded is None else recorded()
     if backend == "triton":
         if not triton_implemented(name):
             raise ValueError(f"{name}: backend='triton' is not available (no Triton implementation "
@@ -175,9 +183,10 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale: float, *, backend: str =
     if bias is not None and tuple(bias.shape) != (out_f,):
         raise ValueError(f"{name}: bias must be ({out_f},), got {tuple(bias.shape)}")
     scale = float(scale)
-    if resolve_backend(name, backend, x.device, supported=r <= MAX_LORA_RANK) == "triton":
+    recorded = lambda: dispatch.lora_backend(x, weight, r)  # noqa: E731
+    if resolve_backend(name, backend, x.device, supported=r <= MAX_LORA_RANK, recorded=recorded) == "triton":
         return _triton_fn(name)(x, weight, bias, lora_a, lora_b, scale)
-    return reference.lora_linear(x, weight, bias, lora_a, lora_b, scale)
+    return library.lora_linear_cublas(x, weight, bias, lora_a, lora_b, scale)
 
 
 def masked_attention(q, k, v, key_padding_mask=None, causal: bool = True, sm_scale: float | None = None,
@@ -206,9 +215,10 @@ def masked_attention(q, k, v, key_padding_mask=None, causal: bool = True, sm_sca
         if key_padding_mask.device != q.device:
             raise ValueError(f"{name}: key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
     lo, hi = HEAD_DIM_RANGE
-    if resolve_backend(name, backend, q.device, supported=lo <= D <= hi) == "triton":
+    recorded = lambda: dispatch.attention_backend(q, k, key_padding_mask is not None)  # noqa: E731
+    if resolve_backend(name, backend, q.device, supported=lo <= D <= hi, recorded=recorded) == "triton":
         return _triton_fn(name)(q, k, v, key_padding_mask, causal, sm_scale)
-    return reference.masked_attention(q, k, v, key_padding_mask, causal, sm_scale)
+    return library.masked_attention_sdpa(q, k, v, key_padding_mask, causal, sm_scale)
 
 
 def _check_bt(name: str, **tensors):

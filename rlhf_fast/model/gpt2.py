@@ -36,17 +36,6 @@ ATTN_BACKENDS = ("auto", "torch", "sdpa", "triton", "flash")
 # apply bottom-right causal masking, and return (B, H, Tq, D) with zeros for rows that see no key.
 
 
-def _sdpa_attention(q, k, v, key_padding_mask):
-    """SDPA in the input dtype. Fully masked rows are given a dummy visible set, then zeroed."""
-    tq, tk = q.shape[2], k.shape[2]
-    if key_padding_mask is None and tq == tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    visible = kernels.reference.attention_visibility(tq, tk, key_padding_mask, True, q.device)
-    has_key = visible.any(dim=-1, keepdim=True)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~has_key)
-    return torch.where(has_key, out, 0.0)
-
-
 def _flash_attention(q, k, v, key_padding_mask):
     """flash-attn (CUDA, fp16/bf16). Padded batches go through the varlen kernel on unpadded tokens."""
     from flash_attn import flash_attn_func, flash_attn_varlen_func
@@ -86,22 +75,12 @@ def _flash_decode(qt, kt, vt, key_padding_mask):
 
 
 def attention(q, k, v, key_padding_mask, backend: str):
-    if backend in ("torch", "triton"):
-        return kernels.masked_attention(q, k, v, key_padding_mask, causal=True, backend=backend)
-    if backend == "sdpa":
-        return _sdpa_attention(q, k, v, key_padding_mask)
+    if backend in ("auto", "torch", "sdpa", "triton"):  # "sdpa" is the kernels' torch backend
+        kernel_backend = "torch" if backend == "sdpa" else backend
+        return kernels.masked_attention(q, k, v, key_padding_mask, causal=True, backend=kernel_backend)
     if backend == "flash":
         return _flash_attention(q, k, v, key_padding_mask)
     raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTN_BACKENDS}")
-
-
-def resolve_attn_backend(backend: str, device: torch.device) -> str:
-    """Concrete backend for "auto": the Triton kernel on CUDA when built, else SDPA (torch on CPU)."""
-    if backend != "auto":
-        return backend
-    if device.type == "cuda":
-        return "triton" if kernels.triton_implemented("masked_attention") else "sdpa"
-    return "torch"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,8 +105,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if layer_cache is not None:  # decode: k, v become the whole cache (B, nh, T_max, hs)
             k, v = layer_cache.update(k, v, input_pos)
-        backend = resolve_attn_backend(self.attn_backend, x.device)
-        y = attention(q, k, v, key_padding_mask, backend)  # (B, nh, T, hs)
+        y = attention(q, k, v, key_padding_mask, self.attn_backend)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -225,7 +203,7 @@ class GPTConfig:
     dropout: float = 0.0  # 0 for RLHF: PPO's first-epoch ratio must be exactly 1
     bias: bool = True
     layer_norm_epsilon: float = 1e-5
-    attn_backend: str = "auto"  # auto | torch | sdpa | triton | flash
+    attn_backend: str = "auto"  # auto (recorded winner, else SDPA) | torch = sdpa (SDPA) | triton | flash
     kernel_backend: str = "auto"  # auto | torch | triton (LoRA linears and other fused kernels)
     grad_checkpoint: bool = False  # recompute each block's activations in backward: memory for ~1/3 more compute
 
