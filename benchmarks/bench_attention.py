@@ -9,7 +9,15 @@ H in {12, 25}, D = 64, ~20% left padding (per-row padding uniform in [0, 0.4 T])
 TFLOP/s counts the work each method has to do: 4*D flops per visible (query, key) pair forward, 2.5x
 that backward (5 matmuls instead of 2); masked methods count only visible pairs, sdpa_causal every
 causal pair of the unpadded batch. vs_triton = the method's forward+backward time / the Triton
-kernel's (2.0: Triton is twice as fast); fwd_vs_triton the same for the forward alone.
+kernel's (2.0: Triton is twice as fast); fwd_vs_triton the same for the forward alone. On a GPU every time is
+a CUDA-event kernel time with the host's launch cost hidden (harness.time_kernels), wall time beside it
+(fwdbwd_wall_ms, decode wall_us). The fp32 reference is a correctness oracle, never timed here.
+
+Targets (GPU, T=512, H=25, D=64, left padding, forward+backward): Triton >= 1.2x sdpa_mask, >= 1.0x flex,
+>= 0.7x flash_varlen (where installed).
+
+--write-dispatch (GPU): per shape the faster of triton and sdpa_mask (the torch backend) becomes a row of
+rlhf_fast/kernels/dispatch_table.json; the record carries the rows too.
 
 Decode: one query per sequence over a static KV cache (batch 64, context 512, and small-batch cases
 where the split-KV path matters): achieved GB/s over the live (non-padding) K/V bytes, against a
@@ -34,8 +42,9 @@ from rlhf_fast.benchmarking.harness import (
     describe,
     environment,
     print_table,
+    print_targets,
     suite_parser,
-    time_fn,
+    time_kernels,
     use_interpreter_without_cuda,
     write_record,
 )
@@ -43,7 +52,7 @@ from rlhf_fast.benchmarking.harness import (
 use_interpreter_without_cuda()  # before triton is imported: without CUDA the kernels run interpreted
 
 from rlhf_fast import kernels  # noqa: E402
-from rlhf_fast.kernels import reference  # noqa: E402
+from rlhf_fast.kernels import dispatch, reference  # noqa: E402
 from rlhf_fast.kernels.attention import masked_attention as triton_attention  # noqa: E402
 
 
@@ -68,13 +77,8 @@ def method_triton(kpm):
 
 
 def method_sdpa_mask(kpm):
-    def run(q, k, v):
-        visible = reference.attention_visibility(q.shape[2], k.shape[2], kpm, True, q.device)
-        has_key = visible.any(dim=-1, keepdim=True)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~has_key)
-        return torch.where(has_key, out, 0.0)
-
-    return run
+    """The torch backend (kernels/library.py): SDPA with the boolean causal + padding mask."""
+    return lambda q, k, v: kernels.masked_attention(q, k, v, kpm, backend="torch")
 
 
 def method_flex(kpm, device):
@@ -125,20 +129,23 @@ def method_flash_varlen(kpm):
 
 
 def time_fwd_bwd(fn, q, k, v, device, timing: dict):
-    """Median seconds of forward, backward, forward+backward (the last two None, with the reason, where
-    the method has no backward on this device, e.g. FlexAttention on CPU)."""
+    """Median kernel seconds of forward, backward, forward+backward and the wall seconds of the last (the
+    last three None, with the reason, where the method has no backward on this device, e.g. FlexAttention
+    on CPU)."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     try:
         out = fn(*leaves)
     except NotImplementedError as e:
         with torch.no_grad():
-            return time_fn(lambda: fn(q, k, v), device=device, **timing), None, None, f"backward n/a: {e}"
+            t_fwd = time_kernels(lambda: fn(q, k, v), device=device, **timing)[0]
+        return t_fwd, None, None, None, f"backward n/a: {e}"
     do = torch.randn_like(out)
-    t_fwd = time_fn(lambda: fn(*leaves), device=device, **timing)
+    with torch.no_grad():
+        t_fwd = time_kernels(lambda: fn(*leaves), device=device, **timing)[0]
     bwd = lambda: torch.autograd.grad(out, leaves, do, retain_graph=True)  # noqa: E731
-    t_bwd = time_fn(bwd, device=device, **timing)
-    t_both = time_fn(lambda: torch.autograd.grad(fn(*leaves), leaves, do), device=device, **timing)
-    return t_fwd, t_bwd, t_both, None
+    t_bwd = time_kernels(bwd, device=device, **timing)[0]
+    t_both, wall = time_kernels(lambda: torch.autograd.grad(fn(*leaves), leaves, do), device=device, **timing)
+    return t_fwd, t_bwd, t_both, wall, None
 
 
 def training_methods(kpm, device, fwd_flops, causal_flops):
@@ -162,14 +169,14 @@ def bench_training(shapes, dtype, device, timing: dict):
             try:
                 unpad, fn, flops = build()
                 args = [unpad(t) for t in (q, k, v)] if unpad else (q, k, v)
-                t_fwd, t_bwd, t_both, note = time_fwd_bwd(fn, *args, device, timing)
+                t_fwd, t_bwd, t_both, wall, note = time_fwd_bwd(fn, *args, device, timing)
             except Exception as e:  # a baseline missing on this device is reported, never silently dropped
                 shape_rows.append({**row, "note": f"n/a on this device: {type(e).__name__}: {str(e)[:80]}"})
                 continue
             row.update(fwd_ms=1e3 * t_fwd, fwd_tflops=flops / t_fwd / 1e12, note=note and note[:100])
             if t_both is not None:
-                row.update(bwd_ms=1e3 * t_bwd, fwdbwd_ms=1e3 * t_both, bwd_tflops=2.5 * flops / t_bwd / 1e12,
-                           fwdbwd_tflops=3.5 * flops / t_both / 1e12)
+                row.update(bwd_ms=1e3 * t_bwd, fwdbwd_ms=1e3 * t_both, fwdbwd_wall_ms=1e3 * wall,
+                           bwd_tflops=2.5 * flops / t_bwd / 1e12, fwdbwd_tflops=3.5 * flops / t_both / 1e12)
             shape_rows.append(row)
         ours = shape_rows[0]
         for r in shape_rows:
@@ -200,19 +207,59 @@ def bench_decode(cases, dtype, device, timing: dict, copy_bw):
         live_bytes = int(kpm.sum()) * H * D * 2 * k.element_size()
         for name, fn in decode_methods(kpm).items():
             with torch.no_grad():
-                t = time_fn(functools.partial(fn, q, k, v), device=device, **timing)
+                t, wall = time_kernels(functools.partial(fn, q, k, v), device=device, **timing)
             bw = live_bytes / t
-            rows.append(dict(B=B, H=H, context=context, T_max=T_max, method=name, us=1e6 * t,
+            rows.append(dict(B=B, H=H, context=context, T_max=T_max, method=name, us=1e6 * t, wall_us=1e6 * wall,
                              GBps=bw / 1e9, frac_of_copy=bw / copy_bw))
     return rows
+
+
+TARGETS = {"sdpa_mask": 1.2, "flex": 1.0, "flash_varlen": 0.7}  # Triton's fwd+bwd speed-up over each, at least
+TARGET_SHAPE = (512, 25)  # (T, H)
+
+
+def judge(train_rows: list[dict], on_cuda: bool) -> list[dict]:
+    """The issue's targets at T=512, H=25 (met None off CUDA, or where a baseline is missing)."""
+    out = []
+    for r in train_rows:
+        if (r["T"], r["H"]) != TARGET_SHAPE or r["method"] not in TARGETS:
+            continue
+        value = r.get("vs_triton")
+        met = value >= TARGETS[r["method"]] if on_cuda and value is not None else None
+        out.append(dict(what=f"triton fwd+bwd vs {r['method']} (T=512, H=25)", value=value,
+                        target=f">= {TARGETS[r['method']]}", met=met))
+    return out
+
+
+def dispatch_rows(train_rows, decode_rows, env, device, dtype) -> list[dict]:
+    """Per shape, the faster of triton and the torch backend (sdpa_mask): rows of the dispatch table."""
+    meta = dict(device=env["device"], torch=env["torch"], triton=env["triton"], commit=env["commit"],
+                source="bench_attention")
+    out, dev = [], torch.device(device)
+    for rows, time_col, shape in ((train_rows, "fwdbwd_ms", lambda r: (r["T"], r["T"])),
+                                  (decode_rows, "us", lambda r: (1, r["T_max"]))):
+        shapes = {}
+        for r in rows:
+            if r["method"] in ("triton", "sdpa_mask") and r.get(time_col):
+                shapes.setdefault((r["H"], *shape(r)), {})["torch" if r["method"] == "sdpa_mask" else "triton"] = \
+                    r[time_col] / (1e3 if time_col == "us" else 1)
+        for (H, tq, tk), ms in shapes.items():
+            if len(ms) == 2:
+                key = dispatch.attention_key(dev, dtype, H, 64, tq, tk, padded=True)
+                out.append(dict(kernel="masked_attention", key=key, winner=min(ms, key=ms.get), ms=ms, **meta))
+    return out
 
 
 def main(argv=None) -> int:
     p = suite_parser(__doc__)
     p.add_argument("--iters", type=int, default=None, help="timed calls per number (default 20; --smoke 1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; --smoke 0)")
+    p.add_argument("--write-dispatch", action="store_true", help="GPU: write the triton-vs-torch winners into "
+                   "rlhf_fast/kernels/dispatch_table.json")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.write_dispatch and device != "cuda":
+        p.error("--write-dispatch needs a CUDA GPU (the table holds GPU measurements only)")
     env = environment()
     print(f"# attention: {describe(env)}")
     smoke = args.smoke or device == "cpu"
@@ -228,16 +275,22 @@ def main(argv=None) -> int:
     train_rows = bench_training(shapes, dtype, device, timing)
     print(f"\nmasked attention, training ({dtype}, D=64, ~20% left padding)")
     print_table(train_rows, ["T", "H", "B", "pad", "method", "fwd_ms", "bwd_ms", "fwdbwd_ms", "fwd_tflops",
-                             "bwd_tflops", "fwdbwd_tflops", "fwd_vs_triton", "vs_triton", "note"])
+                             "bwd_tflops", "fwdbwd_tflops", "fwdbwd_wall_ms", "fwd_vs_triton", "vs_triton", "note"])
 
     copy_bw = copy_bandwidth(device)
     decode_rows = bench_decode(decode_cases, dtype, device, timing, copy_bw)
     print(f"\nmasked attention, decode (one query row; measured copy bandwidth {copy_bw / 1e9:.1f} GB/s)")
     print_table(decode_rows)
+    targets = judge(train_rows, device == "cuda")
+    print_targets(targets)
+    table_rows = dispatch_rows(train_rows, decode_rows, env, device, dtype) if device == "cuda" else []
+    if args.write_dispatch:
+        path = dispatch.write_rows(dispatch.merge_rows(dispatch.load_rows(), table_rows))
+        print(f"dispatch table: {len(table_rows)} rows written to {path}")
     path = write_record("attention", train_rows + decode_rows,
                         extra={"copy_bandwidth_GBps": copy_bw / 1e9, "smoke": smoke, "dtype": str(dtype),
-                               "targets": {"fwdbwd_vs_sdpa_mask": 2.0, "fwdbwd_vs_flex": 1.0,
-                                           "decode_frac_of_copy_B64_ctx512": 0.7}},
+                               "clock": "cuda_events" if device == "cuda" else "wall", "targets": targets,
+                               "dispatch_rows": table_rows},
                         out_dir=args.out_dir, env=env)
     print(f"\nrecord: {path}")
     return 0

@@ -93,6 +93,26 @@ def test_attention_rows_compare_every_method_to_the_triton_kernel(tmp_path):
     decode = [r for r in rec["rows"] if "GBps" in r]
     assert {r["method"] for r in decode} == {"triton", "triton_1split", "sdpa_mask"}
     assert _ratio(rec["copy_bandwidth_GBps"])
+    assert rec["targets"] == [] and rec["dispatch_rows"] == []  # smoke: not the target shape; the table is GPU-only
+
+
+def test_attention_targets_and_dispatch_rows_from_a_gpu_like_record(monkeypatch):
+    from benchmarks import bench_attention as b
+    from rlhf_fast.kernels import launch
+
+    monkeypatch.setattr(launch, "arch", lambda device: 89)
+    monkeypatch.setattr(launch, "num_sms", lambda device: 76)
+    train = [dict(T=512, H=25, method="triton", fwdbwd_ms=1.0, vs_triton=1.0),
+             dict(T=512, H=25, method="sdpa_mask", fwdbwd_ms=1.3, vs_triton=1.3),
+             dict(T=512, H=25, method="flex", fwdbwd_ms=0.9, vs_triton=0.9),
+             dict(T=512, H=25, method="flash_varlen", note="n/a on this device")]
+    decode = [dict(H=25, T_max=1024, method="triton", us=30.0), dict(H=25, T_max=1024, method="sdpa_mask", us=20.0)]
+    assert [(t["what"].split(" vs ")[1], t["met"]) for t in b.judge(train, True)] == [
+        ("sdpa_mask (T=512, H=25)", True), ("flex (T=512, H=25)", False), ("flash_varlen (T=512, H=25)", None)]
+    env = dict(device="NVIDIA GeForce RTX 4080", torch="2.13", triton="3.9", commit="abc")
+    rows = b.dispatch_rows(train, decode, env, "cuda", torch.bfloat16)
+    assert [(r["key"], r["winner"]) for r in rows] == [("sm89x76|bfloat16|h25|d64|q512k512|pad", "triton"),
+                                                       ("sm89x76|bfloat16|h25|d64|q1k1024|pad", "torch")]
 
 
 def test_ppo_kernels_against_the_loop_and_eager_baselines(tmp_path, no_compile):
