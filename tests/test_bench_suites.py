@@ -229,3 +229,30 @@ def test_hh_rm_probe_needs_a_data_file_and_scores_every_rule(tmp_path, capsys):
     assert methods[:4] == ["chance", "shorter reply wins", "longer reply wins", "kept EOS wins (old rule)"]
     assert methods[4].startswith("RM")
     assert rec["pairs"]["held_out"] == 16 and all(0 <= r["accuracy"] <= 1 for r in rec["rows"])
+
+
+def test_dispatch_table_merges_a_gpu_runs_rows_and_refuses_cpu_ones(tmp_path, capsys):
+    """`python -m benchmarks.dispatch_table --merge`: a gpu_check directory's dispatch_rows.json and suite records
+    with "dispatch_rows" go into the table, replacing rows of the same key; a row without a GPU is refused."""
+    from benchmarks import dispatch_table
+
+    def row(key, winner, device="NVIDIA H100 80GB HBM3"):
+        return dict(kernel="lora_linear", key=key, winner=winner, ms={"torch": 1.0, "triton": 2.0}, device=device)
+
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps({"rows": [row("sm90x132|bfloat16|1600|4800|r8|t4096", "triton")]}))
+    run = tmp_path / "gpu_check-x"
+    run.mkdir()
+    (run / "dispatch_rows.json").write_text(json.dumps({"rows": [row("sm90x132|bfloat16|1600|4800|r8|t4096",
+                                                                      "torch")]}))
+    (run / "kernel_benchmarks.json").write_text(json.dumps({"bench_lora": {"rows": [], "dispatch_rows": [
+        row("sm90x132|bfloat16|6400|1600|r16|t4096", "torch")]}}))
+    (run / "summary.json").write_text(json.dumps({"overall": "PASS"}))
+    assert dispatch_table.main(["--merge", str(run), "--table", str(table)]) == 0
+    rows = json.loads(table.read_text())["rows"]
+    assert [(r["key"].split("|")[2], r["winner"]) for r in rows] == [("1600", "torch"), ("6400", "torch")]
+    assert "merged 2 row(s)" in capsys.readouterr().out
+    bad = tmp_path / "cpu.json"
+    bad.write_text(json.dumps({"dispatch_rows": [row("cpu|float32|1|1|r8|t256", "torch", device="cpu")]}))
+    with pytest.raises(SystemExit, match="not a GPU dispatch row"):
+        dispatch_table.main(["--merge", str(bad), "--table", str(table)])
