@@ -159,16 +159,23 @@ def _check_same(name: str, ref_arg: str, ref: torch.Tensor, dtypes: bool = True,
             raise TypeError(f"{name}: {arg} has dtype {t.dtype} but {ref_arg} has {ref.dtype}")
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, scale: float, *, backend: str = "auto"):
-    """x @ weight.T + bias + scale * (x @ lora_a.T) @ lora_b.T.
+def lora_linear(x, weight, bias, lora_a, lora_b, scale: float, *, lora_input=None, backend: str = "auto"):
+    """x @ weight.T + bias + scale * (u @ lora_a.T) @ lora_b.T with u = lora_input, else x.
 
-    x (..., in); weight (out, in); bias (out,) or None; lora_a (r, in); lora_b (out, r).
+    x (..., in); weight (out, in); bias (out,) or None; lora_a (r, in); lora_b (out, r); lora_input: the
+    adapter's input when it differs from x (PEFT's dropout(x) while training), shaped like x; the torch
+    backend only.
     """
     name = "lora_linear"
     _check_float(name, "x", x)
-    _check_same(name, "x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, dtypes=False)
-    x, weight, bias, lora_a, lora_b = _autocast(x.device, x, weight, bias, lora_a, lora_b)
-    _check_same(name, "x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
+    _check_same(name, "x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, lora_input=lora_input,
+                dtypes=False)
+    x, weight, bias, lora_a, lora_b, lora_input = _autocast(x.device, x, weight, bias, lora_a, lora_b, lora_input)
+    _check_same(name, "x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, lora_input=lora_input)
+    if lora_input is not None and lora_input.shape != x.shape:
+        raise ValueError(f"{name}: lora_input must be shaped like x {tuple(x.shape)}, got {tuple(lora_input.shape)}")
+    if lora_input is not None and backend == "triton":
+        raise ValueError(f"{name}: backend='triton' has no separate lora_input (adapter dropout); use 'torch' or 'auto'")
     if weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2:
         raise ValueError(f"{name}: weight, lora_a and lora_b must be 2-D, got {tuple(weight.shape)}, "
                          f"{tuple(lora_a.shape)}, {tuple(lora_b.shape)}")
@@ -184,9 +191,10 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale: float, *, backend: str =
         raise ValueError(f"{name}: bias must be ({out_f},), got {tuple(bias.shape)}")
     scale = float(scale)
     recorded = lambda: dispatch.lora_backend(x, weight, r)  # noqa: E731
-    if resolve_backend(name, backend, x.device, supported=r <= MAX_LORA_RANK, recorded=recorded) == "triton":
+    supported = r <= MAX_LORA_RANK and lora_input is None
+    if resolve_backend(name, backend, x.device, supported=supported, recorded=recorded) == "triton":
         return _triton_fn(name)(x, weight, bias, lora_a, lora_b, scale)
-    return library.lora_linear_cublas(x, weight, bias, lora_a, lora_b, scale)
+    return library.lora_linear_cublas(x, weight, bias, lora_a, lora_b, scale, lora_input)
 
 
 def masked_attention(q, k, v, key_padding_mask=None, causal: bool = True, sm_scale: float | None = None,

@@ -22,47 +22,58 @@ from .reference import attention_visibility
 
 
 class _LoRALinear(torch.autograd.Function):
-    """y = addmm(b, x, W^T); y += s (x A^T) B^T in place. Saves x and xa = x A^T (N, r), like PEFT.
+    """y = addmm(b, x, W^T); y += s (u A^T) B^T in place, u = the adapter's input (x, or dropout(x) while
+    training). Saves x (and u when it differs) and xa = u A^T (N, r), like PEFT.
 
-    Backward: dyb = dY B; dx = dY W, then dx += s dyb A in place; dA = s dyb^T x; dB = s dY^T xa;
-    dW = dY^T x and db = sum dY only when the base trains. s is folded into the (N, r) dyb once.
+    Backward: dyb = s dY B (s folded into the (N, r) tensor once); dx = dY W, then dx += dyb A in place
+    when u is x (else dyb A is u's gradient, which flows back through the dropout); dA = dyb^T u;
+    dB = s dY^T xa; dW = dY^T x and db = sum dY only when the base trains.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, lora_input):
         out_f, in_f = weight.shape
         x2 = x.reshape(-1, in_f)  # (N, in)
+        u2 = x2 if lora_input is None else lora_input.reshape(-1, in_f)
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())  # (N, out)
-        xa = torch.mm(x2, lora_a.t())  # (N, r)
+        xa = torch.mm(u2, lora_a.t())  # (N, r)
         y.addmm_(xa, lora_b.t(), alpha=scale)
-        ctx.save_for_backward(x2, weight, lora_a, lora_b, xa)
+        ctx.save_for_backward(x2, None if lora_input is None else u2, weight, lora_a, lora_b, xa)
         ctx.scale, ctx.x_shape = scale, x.shape
         return y.view(*x.shape[:-1], out_f)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, weight, lora_a, lora_b, xa = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        x2, u2, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        separate = u2 is not None  # the adapter saw dropout(x), not x
+        u2 = x2 if u2 is None else u2
+        need_x, need_w, need_bias, need_a, need_b, _, need_u = ctx.needs_input_grad
         dy = grad_y.reshape(-1, weight.shape[0])  # (N, out)
-        dx = dw = dbias = da = db = None
-        if need_x or need_a:
+        dx = dw = dbias = da = db = du = None
+        if need_x or need_a or need_u:
             dyb = torch.mm(dy, lora_b).mul_(ctx.scale)  # (N, r) = s dY B
             if need_x:
-                dx = torch.mm(dy, weight).addmm_(dyb, lora_a).view(ctx.x_shape)
+                dx = torch.mm(dy, weight)
+                if not separate:
+                    dx.addmm_(dyb, lora_a)
+                dx = dx.view(ctx.x_shape)
+            if need_u and separate:
+                du = torch.mm(dyb, lora_a).view(ctx.x_shape)
             if need_a:
-                da = torch.mm(dyb.t(), x2)  # (r, in)
+                da = torch.mm(dyb.t(), u2)  # (r, in)
         if need_b:
             db = torch.mm(xa.t(), dy).mul_(ctx.scale).t()  # (out, r); xa^T dY is the faster layout on CPU
         if need_w:
             dw = torch.mm(dy.t(), x2)
         if need_bias:
             dbias = dy.sum(0)
-        return dx, dw, dbias, da, db, None
+        return dx, dw, dbias, da, db, None, du
 
 
-def lora_linear_cublas(x, weight, bias, lora_a, lora_b, scale: float):
-    """x @ weight.T + bias + scale * (x @ lora_a.T) @ lora_b.T, cuBLAS-first (see the module docstring)."""
-    return _LoRALinear.apply(x, weight, bias, lora_a, lora_b, scale)
+def lora_linear_cublas(x, weight, bias, lora_a, lora_b, scale: float, lora_input=None):
+    """x @ weight.T + bias + scale * (u @ lora_a.T) @ lora_b.T, cuBLAS-first (see the module docstring);
+    u = lora_input (the adapter's input, e.g. dropout(x) while training) or x."""
+    return _LoRALinear.apply(x, weight, bias, lora_a, lora_b, scale, lora_input)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 class LoRAConfig:
     rank: int = 8
     alpha: float = 16.0  # scale = alpha / rank, as in the LoRA paper and PEFT
-    dropout: float = 0.0  # on the adapter's input; > 0 takes the unfused path while training
+    dropout: float = 0.0  # on the adapter's input; > 0 takes the torch (cuBLAS-first) path while training
     targets: tuple[str, ...] = DEFAULT_TARGETS  # suffixes of the nn.Linear module names to adapt
 
     def __post_init__(self):
@@ -81,8 +81,9 @@ class LoRALinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         a, b, scale = self.lora_A[name], self.lora_B[name], self.scaling[name]
         drop = self.lora_dropout[name]
-        if self.training and drop.p > 0:
-            return F.linear(x, self.weight, self.bias) + scale * F.linear(F.linear(drop(x), a), b)
+        if self.training and drop.p > 0:  # the adapter sees dropout(x): the cuBLAS-first torch path takes it
+            return kernels.lora_linear(x, self.weight, self.bias, a, b, scale, lora_input=drop(x),
+                                       backend="torch" if self.kernel_backend == "triton" else self.kernel_backend)
         return kernels.lora_linear(x, self.weight, self.bias, a, b, scale, backend=self.kernel_backend)
 
     def extra_repr(self) -> str:

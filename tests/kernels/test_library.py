@@ -5,6 +5,7 @@ masked attention (zeros for rows without keys, no gradient from them)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from kernel_testing import assert_close_verbose, noncontiguous_with_garbage
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -150,3 +151,25 @@ def test_sdpa_attention_matches_fp64_reference(tq, tk, causal, masked):
         assert_close_verbose(a_, w_, atol=2e-5, rtol=2e-5)
     if masked:
         assert (out[2] == 0).all() and (grads[0][2] == 0).all()
+
+
+def test_lora_linear_cublas_with_a_separate_adapter_input_matches_peft_dropout():
+    """PEFT's training path: the adapter sees dropout(x), the base x; gradients reach x through both."""
+    x, w, b, a, bb = _inputs((4, 9), 48, 100, 4, torch.float64, train_base=True)
+    keep = torch.rand(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) > 0.3
+
+    def peft(x, w, b, a, bb, scale):
+        u = torch.where(keep, x / 0.7, 0.0)
+        return F.linear(x, w, b) + scale * F.linear(F.linear(u, a), bb)
+
+    def ours(x, w, b, a, bb, scale):
+        return kernels.lora_linear(x, w, b, a, bb, scale, lora_input=torch.where(keep, x / 0.7, 0.0))
+
+    got, grad_y = _out_and_grads(ours, (x, w, b, a, bb), 1.5)
+    want, _ = _out_and_grads(peft, (x, w, b, a, bb), 1.5, grad_y)
+    for g_, w_ in zip(got, want):
+        assert_close_verbose(g_, w_, atol=1e-12 * w_.abs().max().item(), rtol=1e-10)
+    with pytest.raises(ValueError, match="no separate lora_input"):
+        kernels.lora_linear(x, w, b, a, bb, 1.0, lora_input=x, backend="triton")
+    with pytest.raises(ValueError, match="shaped like x"):
+        kernels.lora_linear(x, w, b, a, bb, 1.0, lora_input=x[:1])
