@@ -88,10 +88,11 @@ def _real_keys(offs_n, kv_hi, Tk, kpm_ptr, HAS_MASK: tl.constexpr):
 
 @triton.jit
 def _visible(offs_m, offs_n, real, Tq, Tk, CAUSAL: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) bool: which of these keys each of these queries may see."""
-    vis = real[None, :] & (offs_m >= 0)[:, None]
+    """Which of these keys each of these queries may see: query indices (BLOCK_M, 1), key indices and
+    `real` (1, BLOCK_N) give a (BLOCK_M, BLOCK_N) bool; (1, BLOCK_M) with (BLOCK_N, 1) its transpose."""
+    vis = real & (offs_m >= 0)
     if CAUSAL:  # bottom-right aligned: query i sees keys <= i + Tk - Tq
-        vis = vis & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
+        vis = vis & (offs_n <= offs_m + (Tk - Tq))
     return vis
 
 
@@ -111,7 +112,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_ptr, stride_kt, stride
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         if MASKED:  # the where() also drops the NaN/inf scores of garbage keys
             real = _real_keys(offs_n, kv_hi, Tk, kpm_ptr, HAS_MASK)
-            s = tl.where(_visible(offs_m, offs_n, real, Tq, Tk, CAUSAL), s, float("-inf"))
+            s = tl.where(_visible(offs_m[:, None], offs_n[None, :], real[None, :], Tq, Tk, CAUSAL), s, float("-inf"))
             # p = 0 for padded keys, but 0 * NaN garbage in their V rows would reach acc: don't load them
             kv_mask = real[:, None] & (offs_d < D)[None, :]
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -202,7 +203,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_ptr, stride_kt
         v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:  # masked before exp2; lse = +inf (row with no key) gives p = 0
-            s = tl.where(_visible(offs_m, offs_n, real, Tq, Tk, CAUSAL), s, float("-inf"))
+            s = tl.where(_visible(offs_m[:, None], offs_n[None, :], real[None, :], Tq, Tk, CAUSAL), s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -214,7 +215,10 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_ptr, stride_kt
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qt, stride_dot, offs_n, real,
                          lo, hi, Tq, Tk, D, qk_scale, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
-    """dK, dV (dK unscaled) contributions of query rows [lo, hi) to one key block; real: its real keys."""
+    """dK, dV (dK unscaled) contributions of query rows [lo, hi) to one key block; real: its real keys.
+
+    Works on transposed scores (keys as rows, s^T = k q^T): every dot's M is then the key block BLOCK_N,
+    so the query step BLOCK_M can stay small while the dots are as tall as sm_90's wgmma needs (64)."""
     offs_d = tl.arange(0, BLOCK_D)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -223,14 +227,15 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stri
         do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
         lse = tl.load(lse_ptr + offs_m, mask=offs_m < Tq, other=float("inf"))  # rows past Tq: p = 0
         delta = tl.load(delta_ptr + offs_m, mask=offs_m < Tq, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         if MASKED:
-            s = tl.where(_visible(offs_m, offs_n, real, Tq, Tk, CAUSAL), s, float("-inf"))
-        p = tl.exp2(s - lse[:, None])
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+            vis = _visible(offs_m[None, :], offs_n[:, None], real[:, None], Tq, Tk, CAUSAL)
+            s_t = tl.where(vis, s_t, float("-inf"))
+        p_t = tl.exp2(s_t - lse[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -458,8 +463,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 # Launch configs per dtype and target (`arch`), checked with Triton's cross compiler for sm_80/86/89/90
-# (tests/kernels/cross_compile.py): every one fits 99 KB of shared memory (sm_86/89, the smallest), so
-# one table serves every target but for one sm_80 tile, and the 16-bit ones do not spill registers.
+# (tests/kernels/cross_compile.py): each fits its target's shared memory and the 16-bit ones do not spill
+# registers. One table serves sm_80/86/89 (it fits their smallest, 99 KB) but for one sm_80 tile; sm_90 has
+# its own 16-bit backward tiles, because Triton compiles a dot to its wgmma instructions only when the dot
+# is at least 64 rows tall (64 rows a warpgroup of 4 warps), to the slower mma.sync otherwise.
 # fp32 runs IEEE dots on FMA units, where each thread holds whole D-long rows of both operands: small
 # tiles, many warps and no software pipelining (num_stages=1) keep that in registers; 16-bit uses tensor
 # cores with cp.async pipelining, and 8 warps, because 4 need ~255 registers for these tiles and spill.
@@ -473,12 +480,23 @@ def _fwd_config(D: int, dtype: torch.dtype, arch: int) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)  # q + 2 K/V stages of 128 columns
 
 
-def _bwd_config(D: int, dtype: torch.dtype, arch: int) -> dict:
-    # Shared by the dQ and the dK/dV kernel; each keeps two fp32 tiles (dQ and dS, or dK and dV) plus
-    # q, k, v, dO tiles, so the tiles are smaller than the forward's.
+def _bwd_configs(D: int, dtype: torch.dtype, arch: int) -> tuple[dict, dict]:
+    """(dQ kernel, dK/dV kernel) configs. The dQ kernel's dots are BLOCK_M (its query block) tall, the
+    dK/dV kernel's BLOCK_N (its key block); the other tile is the step of its key / query loop."""
+    # Each kernel keeps two fp32 tiles (dQ and dS, or dK and dV) plus q, k, v, dO tiles, so the tiles are
+    # smaller than the forward's.
     if dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8 if _block_d(D) <= 64 else 16, num_stages=1)
-    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
+        if _block_d(D) <= 64:
+            cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
+            return cfg, cfg
+        # D = 128: a 16-query step keeps dK/dV's FMA operands in 16 warps' 128 registers (32 spill)
+        return (dict(BLOCK_M=32, BLOCK_N=32, num_warps=16, num_stages=1),
+                dict(BLOCK_M=16, BLOCK_N=32, num_warps=16, num_stages=1))
+    if arch == 90:  # 128-tall dots (wgmma needs 64 rows a warpgroup); 4 warps would spill these tiles
+        return (dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
+                dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3))
+    cfg = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
+    return cfg, cfg
 
 
 def _decode_config(D: int, dtype: torch.dtype, arch: int) -> dict:
@@ -555,19 +573,19 @@ def _attention_backward(do, q, k, v, o, lse, key_padding_mask, causal: bool, sm_
     Tk = k.shape[2]
     dq, dk, dv = _out_like(q, Tq), _out_like(q, Tk), _out_like(q, Tk)
     delta = torch.empty_like(lse)
-    cfg = _bwd_config(D, q.dtype, launch.arch(q.device))
+    dq_cfg, dkdv_cfg = _bwd_configs(D, q.dtype, launch.arch(q.device))
     kpm, stride_mb, has_mask = _mask_args(key_padding_mask, q)
-    common = dict(CAUSAL=causal, HAS_MASK=has_mask, BLOCK_D=_block_d(D),
-                  DOT_PRECISION=_dot_precision(q.dtype), SCAN_BLOCK=_SCAN_BLOCK, **cfg)
+    common = dict(CAUSAL=causal, HAS_MASK=has_mask, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype),
+                  SCAN_BLOCK=_SCAN_BLOCK)
     # dQ first: it also writes delta, which the dK/dV kernel reads for every query row.
-    launch.wrap(_attn_bwd_dq_kernel)[(triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)](
+    launch.wrap(_attn_bwd_dq_kernel)[(triton.cdiv(Tq, dq_cfg["BLOCK_M"]), B * H)](
         q, k, v, o, do, kpm, lse, delta, dq,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *_strides3(do), *_strides3(dq),
-        stride_mb, H, Tq, Tk, D, sm_scale * LOG2E, sm_scale, **common)
-    launch.wrap(_attn_bwd_dkdv_kernel)[(triton.cdiv(Tk, cfg["BLOCK_N"]), B * H)](
+        stride_mb, H, Tq, Tk, D, sm_scale * LOG2E, sm_scale, **common, **dq_cfg)
+    launch.wrap(_attn_bwd_dkdv_kernel)[(triton.cdiv(Tk, dkdv_cfg["BLOCK_N"]), B * H)](
         q, k, v, do, kpm, lse, delta, dk, dv,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
-        stride_mb, H, Tq, Tk, D, sm_scale * LOG2E, sm_scale, **common)
+        stride_mb, H, Tq, Tk, D, sm_scale * LOG2E, sm_scale, **common, **dkdv_cfg)
     return dq, dk, dv
 
 

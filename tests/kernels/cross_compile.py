@@ -5,13 +5,18 @@ patched to report the chosen target architecture and to record each launch inste
 (autotuned kernels contribute every config their pruning keeps for that target). Each distinct launch
 (kernel, constexprs, options, argument types/alignment as Triton itself specialises them, float scalars
 typed fp64 as torch.compile passes them) is compiled with Triton's compiler for that target; ptxas's own
-report gives registers, spills and stack, Triton's metadata shared memory. No GPU, no driver.
+report gives registers, spills and stack, Triton's metadata shared memory, the PTX its wgmma / mma.sync
+instructions. From those follow the CTAs one SM holds (registers, shared memory, threads and blocks
+against the target's per-SM limits). No GPU, no driver.
 
 The table lives in `cross_compile_record.json` beside this file, keyed by a hash of each kernel's
 source (with everything it calls), its specialisation and the target, so CI compiles only what the
 record does not hold plus a fixed always-compiled subset (bf16 on sm_86, the tightest production
 target). `test_cross_compile.py` fails when a launch is missing from the record, exceeds a target's
-shared memory, or spills in a 16-bit config.
+shared memory, spills in a 16-bit config, or (sm_90) compiles a 16-bit dot of >= 64 rows to mma.sync
+rather than wgmma (it runs at a fraction of the tensor-core rate there); and when a streaming kernel's
+grid at GPT-2 XL token counts leaves SMs idle (fewer CTAs than SMs). It warns at 1 CTA/SM for a
+non-persistent kernel: nothing then hides one CTA's memory latency behind another's work.
 
     python tests/kernels/cross_compile.py --write    # refresh the record after changing a kernel
     python tests/kernels/cross_compile.py --check    # what the test runs (prints the worst cases)
@@ -25,6 +30,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -38,6 +44,17 @@ RECORD = Path(__file__).with_name("cross_compile_record.json")
 # SMs of the smallest common card per target, so split-KV decode takes the paths it takes there.
 TARGET_SMS = {80: 108, 86: 48, 89: 46, 90: 132}
 ALWAYS_COMPILE = {"target": 86, "dtype": "bfloat16"}
+# Per-SM limits (CUDA programming guide, compute-capability table): 64K registers on every target.
+SM_REGISTERS = 65536
+SM_THREADS = {80: 2048, 86: 1536, 89: 1536, 90: 2048}
+SM_BLOCKS = {80: 32, 86: 16, 89: 24, 90: 32}
+SM_SHARED = {80: 164 * 1024, 86: 100 * 1024, 89: 100 * 1024, 90: 228 * 1024}
+CTA_RESERVED_SHARED = 1024  # the driver's own shared memory in every CTA (sm_80 on)
+# Memory-bound kernels whose grid grows with the token count: at GPT-2 XL scale each must launch at least
+# one CTA per SM, or part of the GPU's bandwidth sits idle. The GEMM-like and attention training kernels
+# are compute-bound; the PPO/GAE kernels move a few fp32 per token (microseconds: launch-bound).
+STREAMING = ("_lora_project_kernel", "_lora_adapter_grad_kernel", "_attn_decode_split_kernel")
+XL_TOKENS = (4096, 16384)  # 4 or 16 sequences of 1024 tokens
 
 
 @dataclass
@@ -48,23 +65,35 @@ class Case:
     target: int
     key: str
     scenario: str
+    warps: int
+    persistent: bool  # loops over its work with a grid-sized stride (tl.num_programs): one wave by design
 
 
 @dataclass
-class Row:
-    kernel: str
-    config: str
-    dtype: str
-    target: int
-    key: str
-    scenario: str
+class Row(Case):
     registers: int
     shared: int
     smem_limit: int
     spill_stores: int
     spill_loads: int
     stack: int
+    wgmma: int  # wgmma.mma_async instructions in the PTX
+    mma_sync: int  # mma.sync instructions in the PTX
+    tall_dots_mma_sync: int  # 16-bit dots of >= 64 rows that Triton lowered to mma.sync, not wgmma
+    ctas_per_sm: int
     error: str = ""
+
+
+@dataclass
+class Grid:
+    """A launch's grid at GPT-2 XL token counts against its target's SMs."""
+
+    kernel: str
+    dtype: str
+    target: int
+    scenario: str
+    ctas: int
+    sms: int
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,14 +106,15 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.sink.append((self.kernel, args, kwargs))
+            self.sink.append((self.kernel, grid, args, kwargs))
 
         return launch
 
 
 @contextlib.contextmanager
 def capturing(target: int):
-    """Within: launchers think they run on `target` and record their launches into the yielded list."""
+    """Within: launchers think they run on `target` and record their launches (kernel, grid, args,
+    kwargs) into the yielded list."""
     from rlhf_fast.kernels import launch
 
     names = ("arch", "num_sms", "wrap", "require_launchable")
@@ -105,25 +135,30 @@ def capturing(target: int):
 LAUNCH_OPTIONS = {"num_warps", "num_stages"}
 
 
-def _expand(kernel, args, kwargs):
-    """(JITFunction, args, kwargs incl. meta) for a recorded launch; one per config for an autotuner."""
+def _expand(kernel, grid, args, kwargs):
+    """(JITFunction, grid tuple, args, kwargs incl. meta) for a recorded launch; one per config for an
+    autotuner. A callable grid gets the arguments and the config's meta, as Triton calls it."""
     from triton.runtime.autotuner import Autotuner
 
+    named = dict(zip(kernel.arg_names, args))
     if not isinstance(kernel, Autotuner):
         extra = set(kwargs) - {p.name for p in kernel.params} - LAUNCH_OPTIONS
         if extra:
             raise ValueError(f"{kernel.__name__}: launch options {sorted(extra)} (torch.compile's wrap_triton "
                              "takes only num_warps / num_stages; put the rest in a triton.Config)")
-        return [(kernel, args, kwargs)]
-    named = dict(zip(kernel.arg_names, args))
+        return [(kernel, _grid(grid, named, kwargs), args, kwargs)]
     configs = kernel.configs
     if kernel.early_config_prune:
         configs = kernel.early_config_prune(configs, named, **kwargs)
     out = []
     for cfg in configs:
         meta = dict(kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        out.append((kernel.fn, args, meta))
+        out.append((kernel.fn, _grid(grid, named, meta), args, meta))
     return out
+
+
+def _grid(grid, named: dict, meta: dict) -> tuple:
+    return tuple(grid(dict(named, **meta)) if callable(grid) else grid)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,6 +240,58 @@ def _scenarios(dtype_name: str):
     return out
 
 
+def _xl_scenarios(dtype_name: str):
+    """(name, fn) pairs at GPT-2 XL scale (C = 1600, 25 heads of 64) for each of XL_TOKENS: the launches
+    of the STREAMING kernels, whose grids grow with the token count (checked, not compiled)."""
+    import torch
+
+    from rlhf_fast.kernels import attention, lora
+
+    dtype = getattr(torch, dtype_name)
+    C, H, D, T = 1600, 25, 64, 1024
+
+    def rand(*shape, grad=False):  # never read: launches are recorded, not run
+        return torch.empty(*shape, dtype=dtype).requires_grad_(grad)
+
+    def qkv_projection(B):  # LoRA rank 16 on the fused QKV linear, forward and backward
+        def run():
+            x, a, b = rand(B, T, C, grad=True), rand(16, C, grad=True), rand(3 * C, 16, grad=True)
+            y = lora.lora_linear(x, rand(3 * C, C), rand(3 * C), a, b, 2.0)
+            y.backward(torch.empty_like(y))
+
+        return run
+
+    def decode(B):  # one new token per sequence over a full 1024-slot KV cache
+        def run():
+            with torch.no_grad():
+                k, v = rand(B, H, T, D), rand(B, H, T, D)
+                attention.masked_attention(rand(B, H, 1, D), k, v, torch.ones(B, T, dtype=torch.bool))
+
+        return run
+
+    out = []
+    for tokens in XL_TOKENS:
+        out.append((f"lora_linear C={C}->{3 * C} r=16, {tokens} tokens", qkv_projection(tokens // T)))
+        out.append((f"decode B={tokens // T} H={H} D={D} over {T} cached tokens", decode(tokens // T)))
+    return out
+
+
+def launch_grids(targets=(80, 86, 89, 90), dtypes=("float32", "float16", "bfloat16")) -> list[Grid]:
+    """The grids of the STREAMING kernels' launches in the GPT-2 XL scenarios, per target and dtype."""
+    out = []
+    for target in targets:
+        for dtype in dtypes:
+            for scenario, run in _xl_scenarios(dtype):
+                with capturing(target) as sink:
+                    run()
+                    launches = [x for rec in sink for x in _expand(*rec)]
+                for fn, grid, _, _ in launches:
+                    g = Grid(fn.__name__, dtype, target, scenario, math.prod(grid), TARGET_SMS[target])
+                    if g.kernel in STREAMING and g not in out:
+                        out.append(g)
+    return out
+
+
 def enumerate_cases(targets=(80, 86, 89, 90), dtypes=("float32", "float16", "bfloat16")):
     """[(Case, compile thunk)] for every distinct launch of every scenario, per target and dtype."""
     from triton.backends.compiler import GPUTarget
@@ -220,7 +307,7 @@ def enumerate_cases(targets=(80, 86, 89, 90), dtypes=("float32", "float16", "bfl
                 with capturing(target) as sink:  # autotuner pruning asks launch.arch too: expand inside
                     run()
                     launches = [x for rec in sink for x in _expand(*rec)]
-                for fn, args, kwargs in launches:
+                for fn, _, args, kwargs in launches:
                     binder = create_function_from_signature(fn.signature, fn.params, backend)
                     bound, spec, opts = binder(*args, **kwargs)
                     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
@@ -237,7 +324,8 @@ def enumerate_cases(targets=(80, 86, 89, 90), dtypes=("float32", "float16", "bfl
                     key = hashlib.sha256(repr((fn.cache_key, sorted(signature.items()), sorted(
                         (k, str(v)) for k, v in constexprs.items()), sorted(attrs.items()), target,
                         options.num_warps, options.num_stages)).encode()).hexdigest()[:20]
-                    case = Case(fn.__name__, config, dtype, target, key, scenario)
+                    case = Case(fn.__name__, config, dtype, target, key, scenario, options.num_warps,
+                                persistent="num_programs" in fn.src)
                     src = ASTSource(fn, signature, constexprs, attrs)
                     seen[fn.__name__, config, dtype, target] = (case, lambda src=src, gpu=gpu, o=options:
                                                                  _compile(src, gpu, o))
@@ -245,6 +333,8 @@ def enumerate_cases(targets=(80, 86, 89, 90), dtypes=("float32", "float16", "bfl
 
 
 _REGS = re.compile(r"Used (\d+) registers")
+# A dot Triton left on mma.sync (a wgmma one is ttng.warp_group_dot), with 16-bit operands: its M.
+_SYNC_DOT_M = re.compile(r"= tt\.dot [^:]*: tensor<(\d+)x\d+x(?:bf16|f16)[,>]")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
@@ -277,8 +367,11 @@ def _compile(src, gpu, options) -> dict:
         raise RuntimeError(f"no ptxas report for {src.name} (is the Triton cache on? set TRITON_ALWAYS_COMPILE=1)")
     regs = int(regs.group(1))
     stack, stores, loads = (int(x) for x in frame.groups())
+    ptx = kernel.asm["ptx"]
+    tall_sync = [m for m in _SYNC_DOT_M.findall(kernel.asm["ttgir"]) if int(m) >= 64]
     return dict(registers=regs, shared=int(kernel.metadata.shared), spill_stores=stores, spill_loads=loads,
-                stack=stack)
+                stack=stack, wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+                mma_sync=len(re.findall(r"\bmma\.sync", ptx)), tall_dots_mma_sync=len(tall_sync))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,7 +384,20 @@ def load_record(path: Path = RECORD) -> dict:
     return json.loads(path.read_text())
 
 
-FIGURES = ("registers", "shared", "spill_stores", "spill_loads", "stack")
+FIGURES = ("registers", "shared", "spill_stores", "spill_loads", "stack", "wgmma", "mma_sync", "tall_dots_mma_sync")
+
+
+def recorded(record: dict) -> dict:
+    """{key: row} of the record's rows that hold every figure (rows of an older checker are recompiled)."""
+    return {r["key"]: r for r in record.get("rows", []) if all(f in r for f in FIGURES)}
+
+
+def ctas_per_sm(registers: int, shared: int, warps: int, target: int) -> int:
+    """CTAs of a launch one SM holds at once: the tightest of its register (allocated 256 a warp, i.e.
+    in steps of 8 a thread), shared-memory, thread and block limits."""
+    warps_by_regs = SM_REGISTERS // (-(-max(registers, 1) // 8) * 8 * 32)
+    return min(warps_by_regs // warps, SM_SHARED[target] // (shared + CTA_RESERVED_SHARED),
+               SM_THREADS[target] // (32 * warps), SM_BLOCKS[target])
 
 
 def _compile_one(case, compile_fn) -> dict:
@@ -325,28 +431,49 @@ def build_rows(cases, record: dict, compile_all: bool = False, always=ALWAYS_COM
     """Rows for `cases`: figures from `record` when it holds the key, compiled otherwise (and for `always`)."""
     from rlhf_fast.kernels.launch import smem_limit
 
-    known = {r["key"]: r for r in record.get("rows", [])}
+    known = recorded(record)
     fresh = {c.key for c, _ in cases if compile_all or c.key not in known
              or all(getattr(c, k) == v for k, v in always.items())}
     compiled = compile_cases(cases, fresh, jobs)
     rows = []
     for case, _ in cases:
-        got = compiled.get(case.key) or {k: known[case.key].get(k, "") for k in (*FIGURES, "error")}
-        rows.append(Row(**asdict(case), **got, smem_limit=smem_limit(case.target)))
+        got = compiled.get(case.key) or {k: known[case.key][k] for k in (*FIGURES, "error")}
+        ctas = 0 if got["error"] else ctas_per_sm(got["registers"], got["shared"], case.warps, case.target)
+        rows.append(Row(**asdict(case), **got, smem_limit=smem_limit(case.target), ctas_per_sm=ctas))
     return rows
+
+
+def _where(r: Row) -> str:
+    return f"{r.kernel} sm_{r.target} {r.dtype} [{r.config}] ({r.scenario})"
 
 
 def problems(rows: list[Row]) -> list[str]:
     out = []
     for r in rows:
-        where = f"{r.kernel} sm_{r.target} {r.dtype} [{r.config}] ({r.scenario})"
         if r.error:
-            out.append(f"{where}: does not compile: {r.error}")
-        elif r.shared > r.smem_limit:
-            out.append(f"{where}: {r.shared} B shared memory > the target's {r.smem_limit} B")
-        elif r.dtype != "float32" and (r.spill_stores or r.spill_loads):
-            out.append(f"{where}: spills {r.spill_stores} B stores / {r.spill_loads} B loads in a 16-bit config")
+            out.append(f"{_where(r)}: does not compile: {r.error}")
+            continue
+        if r.shared > r.smem_limit:
+            out.append(f"{_where(r)}: {r.shared} B shared memory > the target's {r.smem_limit} B")
+        if r.dtype != "float32" and (r.spill_stores or r.spill_loads):
+            out.append(f"{_where(r)}: spills {r.spill_stores} B stores / {r.spill_loads} B loads in a 16-bit config")
+        if r.target == 90 and r.tall_dots_mma_sync:
+            out.append(f"{_where(r)}: {r.tall_dots_mma_sync} 16-bit dot(s) of >= 64 rows compiled to mma.sync, not "
+                       f"wgmma ({r.wgmma} wgmma / {r.mma_sync} mma.sync instructions; wgmma wants warps in "
+                       "multiples of 4 and 64 rows a warpgroup)")
     return out
+
+
+def wave_problems(grids: list[Grid]) -> list[str]:
+    return [f"{g.kernel} sm_{g.target} {g.dtype} ({g.scenario}): {g.ctas} CTAs < {g.sms} SMs: a streaming "
+            "kernel must launch at least one CTA per SM, or those SMs' bandwidth goes unused"
+            for g in grids if g.ctas < g.sms]
+
+
+def occupancy_warnings(rows: list[Row]) -> list[str]:
+    return [f"{_where(r)}: 1 CTA/SM ({r.registers} registers x {r.warps} warps, {r.shared} B shared): nothing "
+            "hides its memory latency behind another CTA's work" for r in rows
+            if r.ctas_per_sm == 1 and not r.persistent and not r.error]
 
 
 def worst_cases(rows: list[Row]) -> list[str]:
@@ -357,10 +484,24 @@ def worst_cases(rows: list[Row]) -> list[str]:
         smem = max(rs, key=lambda r: r.shared)
         regs = max(rs, key=lambda r: r.registers)
         spill = max(rs, key=lambda r: r.spill_stores)
+        single = sum(r.ctas_per_sm == 1 for r in rs)
         lines.append(f"sm_{target}: {len(rs)} launches; max shared {smem.shared}/{smem.smem_limit} B "
                      f"({smem.kernel} {smem.dtype} {smem.config}); max registers {regs.registers} ({regs.kernel} "
                      f"{regs.dtype}); max spill stores {spill.spill_stores} B ({spill.kernel} {spill.dtype} "
-                     f"{spill.config})")
+                     f"{spill.config}); {single} launches at 1 CTA/SM")
+    return lines
+
+
+def wave_summary(grids: list[Grid]) -> list[str]:
+    """Per target: each streaming kernel's fewest CTAs at the GPT-2 XL token counts."""
+    lines = []
+    for target in sorted({g.target for g in grids}):
+        fewest = {}
+        for g in grids:
+            if g.target == target and (g.kernel not in fewest or g.ctas < fewest[g.kernel].ctas):
+                fewest[g.kernel] = g
+        lines.append(f"sm_{target} ({TARGET_SMS[target]} SMs), fewest CTAs at GPT-2 XL token counts: " + "; ".join(
+            f"{k} {g.ctas} ({g.dtype}, {g.scenario})" for k, g in sorted(fewest.items())))
     return lines
 
 
@@ -396,9 +537,12 @@ def main(argv=None) -> int:
         return 0
     record = load_record()
     rows = build_rows(cases, record, compile_all=args.all, jobs=args.jobs)
-    found = problems(rows)
-    stale = [r for r in rows if r.key not in {x["key"] for x in record.get("rows", [])}]
-    print("\n".join(worst_cases(rows)))
+    grids = launch_grids()
+    found = problems(rows) + wave_problems(grids)
+    warned = occupancy_warnings(rows)
+    known = recorded(record)
+    stale = [r for r in rows if r.key not in known]
+    print("\n".join(worst_cases(rows) + wave_summary(grids)))
     if args.write:
         write_record(rows)
         print(f"wrote {RECORD} ({len(rows)} rows)")
@@ -406,7 +550,10 @@ def main(argv=None) -> int:
         found.append(f"{len(stale)} launches are not in {RECORD.name} (e.g. {stale[0].kernel} sm_{stale[0].target} "
                      f"{stale[0].dtype} {stale[0].config}): run `python tests/kernels/cross_compile.py --write`")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": [asdict(r) for r in rows], "problems": found}))
+        Path(args.json).write_text(json.dumps({"rows": [asdict(r) for r in rows], "grids": [asdict(g) for g in grids],
+                                               "problems": found, "warnings": warned}))
+    for line in warned:
+        print("WARNING:", line)
     for line in found:
         print("PROBLEM:", line)
     return 1 if found and (args.check or args.write) else 0

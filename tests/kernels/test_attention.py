@@ -145,6 +145,25 @@ def test_forward_backward_match_reference(T, D, dtype):
 
 @interpreter
 @pytest.mark.parametrize(
+    "arch, dtype, D",
+    [(90, torch.float16, 64), (80, torch.float16, 64), (86, torch.float32, 128)],
+    ids=["sm90-fp16", "sm80-fp16", "fp32-D128"],
+)
+def test_launch_configs_of_other_targets(arch, dtype, D, monkeypatch):
+    """The interpreter takes sm_86's tiles; the other targets' differ (sm_90's 128-row backward blocks,
+    sm_80's forward key block, fp32's 16-query dK/dV step at D = 128): run those tiles too, over more
+    than one 128-block of queries and keys, with left padding and a one-token row."""
+    from rlhf_fast.kernels import launch
+
+    monkeypatch.setattr(launch, "arch", lambda device: arch)
+    T = 150
+    kpm = left_padding_mask(T, [0, T - 1, 37, 130], INTERPRET_DEVICE)
+    q, k, v = make_qkv(4, 1, T, D, dtype, INTERPRET_DEVICE, kpm, seed=arch, garbage_q=True)
+    check_against_reference(q, k, v, kpm)
+
+
+@interpreter
+@pytest.mark.parametrize(
     "Tq, Tk, causal, sm_scale",
     [(37, 100, True, None), (100, 37, True, 0.3), (45, 45, False, None), (3, 70, True, None)],
     ids=["cross-causal", "more-queries-than-keys", "non-causal", "few-rows-with-grad"],
@@ -173,8 +192,10 @@ def test_fully_padded_key_blocks_are_never_read():
     from rlhf_fast.kernels import attention, launch
 
     dev, T, D = INTERPRET_DEVICE, 150, 64
-    configs = (attention._fwd_config, attention._bwd_config, attention._decode_config)
-    block = max(cfg(D, torch.float32, launch.arch(torch.device(dev)))["BLOCK_N"] for cfg in configs)
+    arch = launch.arch(torch.device(dev))
+    configs = (attention._fwd_config(D, torch.float32, arch), *attention._bwd_configs(D, torch.float32, arch),
+               attention._decode_config(D, torch.float32, arch))
+    block = max(cfg["BLOCK_N"] for cfg in configs)
     pads = [block + 7, 0, 2 * block + 3]
     kpm = left_padding_mask(T, pads, dev)
     never_read = torch.arange(T)[None, :] < torch.tensor([(p // block) * block for p in pads])[:, None]
