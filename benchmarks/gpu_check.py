@@ -40,7 +40,7 @@ from pathlib import Path
 
 from rlhf_fast.benchmarking.harness import REPO_ROOT as REPO
 
-from .gpu_workers import MARK, WORKERS, last_error, result, run_worker
+from .gpu_workers import MARK, last_error, result
 
 REFERENCE_BUDGET_S = 520.0  # the caps below add up to this
 RESERVE_S = 3.0  # kept back for writing the summary
@@ -102,13 +102,13 @@ def command_result(rc: int | None, text: str, timeout: float, numbers: dict | No
     return result("PASS", numbers) if rc == 0 else result("FAIL", numbers, error=f"rc {rc}: {last_error(text)}")
 
 
-# --- in-process sections: run as `gpu_check.py --section NAME` in a subprocess ------------------------
+# --- in-process sections: run as `python -m benchmarks.gpu_workers NAME` in a subprocess ----------------
 
 
 def worker_section(name: str, cap_s: float, min_s: float) -> None:
-    """Section `name` runs gpu_workers.WORKERS[name] in a subprocess (`--section NAME`)."""
+    """Section `name` runs gpu_workers.WORKERS[name] in a subprocess."""
     def run(ctx: Context, timeout: float) -> dict:
-        cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--section", name] + ["--smoke"] * ctx.smoke
+        cmd = [sys.executable, "-m", "benchmarks.gpu_workers", name] + ["--smoke"] * ctx.smoke
         rc, text = ctx.run(cmd, timeout)
         marked = [json.loads(ln[len(MARK):]) for ln in text.splitlines() if ln.startswith(MARK)]
         if marked and rc is not None:
@@ -287,11 +287,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="CPU plumbing check: tiny sizes, interpreter, aot_eager")
     p.add_argument("--hh-data", help="HH-RLHF .jsonl(.gz) file or directory: the e2e section's prompt lengths "
                    "(default: synthetic)")
-    p.add_argument("--section", choices=sorted(WORKERS), help=argparse.SUPPRESS)  # worker subprocess
     args = p.parse_args(argv)
-    if args.section:
-        run_worker(args.section, args.smoke)
-        return 0
     chosen = set(args.only.split(",")) if args.only else set(names)
     skipped = set(args.skip.split(",")) if args.skip else set()
     if unknown := (chosen | skipped) - set(names):

@@ -1,7 +1,7 @@
-"""The in-process sections of gpu_check (`python -m benchmarks.gpu_check --section NAME` runs one in its own
-subprocess): env, kernels (every kernel's Triton path against its torch path at gpt2-xl shapes: flash-attention's
-error rule and CUDA-event kernel times), compile (a compiled gpt2 + LoRA under bf16 autocast at several lengths:
-graph breaks, recompiles) and decode (CUDA-graph decode with LoRA vs eager, greedy).
+"""The in-process sections of gpu_check, which runs each as `python -m benchmarks.gpu_workers NAME [--smoke]` in
+its own subprocess: env, kernels (every kernel's Triton path against its torch path at gpt2-xl shapes:
+flash-attention's error rule and CUDA-event kernel times), compile (a compiled gpt2 + LoRA under bf16 autocast
+at several lengths: graph breaks, recompiles) and decode (CUDA-graph decode with LoRA vs eager, greedy).
 
 A worker reports its result as one line, MARK + JSON (`report`), as often as it likes: the orchestrator keeps
 the last one, also when the worker is killed at its timeout.
@@ -9,6 +9,7 @@ the last one, also when the worker is killed at its timeout.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -321,3 +322,16 @@ def decode_section(smoke: bool) -> dict:
     if worst > 0.02:
         return result("FAIL", numbers, detail, error=f"compiled tokens differ beyond near-ties (margin {worst:.3f})")
     return result("PASS", numbers, detail)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("section", choices=sorted(WORKERS))
+    p.add_argument("--smoke", action="store_true", help="CPU plumbing check: tiny sizes, interpreter, aot_eager")
+    args = p.parse_args(argv)
+    run_worker(args.section, args.smoke)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

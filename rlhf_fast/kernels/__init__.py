@@ -175,7 +175,8 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale: float, *, lora_input=Non
     if lora_input is not None and lora_input.shape != x.shape:
         raise ValueError(f"{name}: lora_input must be shaped like x {tuple(x.shape)}, got {tuple(lora_input.shape)}")
     if lora_input is not None and backend == "triton":
-        raise ValueError(f"{name}: backend='triton' has no separate lora_input (adapter dropout); use 'torch' or 'auto'")
+        raise ValueError(f"{name}: backend='triton' has no separate lora_input (adapter dropout); "
+                         "use 'torch' or 'auto'")
     if weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2:
         raise ValueError(f"{name}: weight, lora_a and lora_b must be 2-D, got {tuple(weight.shape)}, "
                          f"{tuple(lora_a.shape)}, {tuple(lora_b.shape)}")

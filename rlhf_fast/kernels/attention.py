@@ -13,8 +13,9 @@ Semantics: `reference.masked_attention`. Design:
   small kernel combines (flash-decoding). With one split the kernel writes the output directly.
 - backward: deterministic, no atomics. One kernel computes dQ (and the softmax-gradient term
   delta = rowsum(dO * O)) per query block; a second computes dK, dV per key block.
-All three are `torch.library.triton_op`s (forward with a registered autograd formula), so
-`torch.compile` keeps them in its graph instead of breaking around them.
+All three are `torch.library.triton_op`s (forward with a registered autograd formula) through
+`launch.register_op`, so `torch.compile` keeps them in its graph instead of breaking around them, and
+an eager call skips the dispatcher's custom-op layer (host cost, benchmarks/bench_host_overhead.py).
 """
 
 import math
@@ -23,7 +24,6 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
 from . import launch
 
@@ -454,7 +454,7 @@ def _attn_decode_combine_kernel(
 
 
 def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
+    return max(16, launch.next_pow2(D))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -508,13 +508,13 @@ def _decode_config(D: int, dtype: torch.dtype, arch: int) -> dict:
 
 def _combine_config(D: int, num_splits: int) -> dict:
     # Up to 64 splits x 128 fp32 partials: 4 warps keep that at <= 64 registers a thread.
-    return dict(BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
+    return dict(BLOCK_S=launch.next_pow2(num_splits), num_warps=4)
 
 
 def decode_num_splits(batch_heads: int, Tk: int, device: torch.device, block_n: int = 64) -> int:
     """How many programs share one (batch, head)'s key range: enough for ~2 programs per SM."""
-    want = triton.cdiv(2 * launch.num_sms(device), batch_heads)
-    return max(1, min(want, triton.cdiv(Tk, block_n), 64))
+    want = launch.cdiv(2 * launch.num_sms(device), batch_heads)
+    return max(1, min(want, launch.cdiv(Tk, block_n), 64))
 
 
 def _out_like(q: torch.Tensor, T: int, dtype=None) -> torch.Tensor:
@@ -556,7 +556,7 @@ def _attention_forward(q, k, v, key_padding_mask, causal: bool, sm_scale: float)
     lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
     cfg = _fwd_config(D, q.dtype, launch.arch(q.device))
     kpm, stride_mb, has_mask = _mask_args(key_padding_mask, q)
-    launch.wrap(_attn_fwd_kernel)[(triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)](
+    launch.wrap(_attn_fwd_kernel)[(launch.cdiv(Tq, cfg["BLOCK_M"]), B * H)](
         q, k, v, kpm, o, lse,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), stride_mb,
         H, Tq, Tk, D, sm_scale * LOG2E,
@@ -578,11 +578,11 @@ def _attention_backward(do, q, k, v, o, lse, key_padding_mask, causal: bool, sm_
     common = dict(CAUSAL=causal, HAS_MASK=has_mask, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype),
                   SCAN_BLOCK=_SCAN_BLOCK)
     # dQ first: it also writes delta, which the dK/dV kernel reads for every query row.
-    launch.wrap(_attn_bwd_dq_kernel)[(triton.cdiv(Tq, dq_cfg["BLOCK_M"]), B * H)](
+    launch.wrap(_attn_bwd_dq_kernel)[(launch.cdiv(Tq, dq_cfg["BLOCK_M"]), B * H)](
         q, k, v, o, do, kpm, lse, delta, dq,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(o), *_strides3(do), *_strides3(dq),
         stride_mb, H, Tq, Tk, D, sm_scale * LOG2E, sm_scale, **common, **dq_cfg)
-    launch.wrap(_attn_bwd_dkdv_kernel)[(triton.cdiv(Tk, dkdv_cfg["BLOCK_N"]), B * H)](
+    launch.wrap(_attn_bwd_dkdv_kernel)[(launch.cdiv(Tk, dkdv_cfg["BLOCK_N"]), B * H)](
         q, k, v, do, kpm, lse, delta, dk, dv,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
         stride_mb, H, Tq, Tk, D, sm_scale * LOG2E, sm_scale, **common, **dkdv_cfg)
@@ -598,7 +598,7 @@ def _attention_decode(q, k, v, key_padding_mask, causal: bool, sm_scale: float, 
         raise ValueError(f"masked_attention(triton) decode path takes at most {cfg['BLOCK_M']} query rows")
     if num_splits < 1:
         raise ValueError(f"masked_attention(triton): num_splits must be >= 1, got {num_splits}")
-    split_len = triton.cdiv(triton.cdiv(Tk, num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    split_len = launch.cdiv(launch.cdiv(Tk, num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     o = _out_like(q, Tq)
     direct = num_splits == 1
     if direct:
@@ -624,21 +624,21 @@ def _attention_decode(q, k, v, key_padding_mask, causal: bool, sm_scale: float, 
 # torch.library ops (so torch.compile keeps the kernels in its graph) and the public entry point
 
 
-@triton_op("rlhf_fast::masked_attention_fwd", mutates_args={})
+@launch.register_op("rlhf_fast::masked_attention_fwd")
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             key_padding_mask: Optional[torch.Tensor],  # noqa: UP045 (schema inference on torch 2.6+)
             causal: bool, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _attention_forward(q, k, v, key_padding_mask, causal, sm_scale)
 
 
-@triton_op("rlhf_fast::masked_attention_bwd", mutates_args={})
+@launch.register_op("rlhf_fast::masked_attention_bwd")
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
             lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor],  # noqa: UP045
             causal: bool, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _attention_backward(do, q, k, v, o, lse, key_padding_mask, causal, sm_scale)
 
 
-@triton_op("rlhf_fast::masked_attention_decode", mutates_args={})
+@launch.register_op("rlhf_fast::masked_attention_decode")
 def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                key_padding_mask: Optional[torch.Tensor],  # noqa: UP045
                causal: bool, sm_scale: float, num_splits: int) -> torch.Tensor:
@@ -650,6 +650,7 @@ def _setup_context(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, key_padding_mask)
     ctx.causal, ctx.sm_scale = causal, sm_scale
+    ctx.set_materialize_grads(False)  # lse's gradient stays None: no zeros tensor per call
 
 
 def _backward(ctx, grad_o, grad_lse):

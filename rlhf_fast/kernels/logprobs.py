@@ -6,7 +6,8 @@ vocabulary; it computes a (BLOCK_N, BLOCK_V) tile of logits with a K loop of ten
 accumulation), folds it into a running max m, sum s = sum exp(z - m) and a = sum exp(z - m) (z - m)
 (an online logsumexp that also carries the entropy), picks the target's logit when it falls in the tile,
 and drops the tile. The vocabulary is split over programs when there are too few token blocks to fill
-the GPU; the (N, splits, 4) partial states are merged on the host (a few (N, splits) torch ops):
+the GPU; `_logprobs_merge_kernel` merges the (N, splits, 4) partial states per token (one launch, not a
+dozen (N, splits) torch ops):
     lse = M + log S,  entropy = log S - A / S,  log p(target) = z_target - lse.
 
 Backward: with the saved per-token lse and entropy, the gradient of the logits is
@@ -112,13 +113,50 @@ def _logprobs_fwd_kernel(
 
 
 @triton.jit
+def _logprobs_merge_kernel(
+    part_ptr,  # (N, S, 4) fp32: each split's m, s, a, target logit (`_logprobs_fwd_kernel`)
+    tgt_ptr,  # (N,) int targets, < 0 = ignored
+    lp_ptr,  # (N,) fp32 out: log p(target)
+    ent_ptr,  # (N,) fp32 out: entropy
+    lse_ptr,  # (N,) fp32 out: logsumexp
+    N,
+    S,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    splits = tl.arange(0, BLOCK_S)
+    ok = (rows[:, None] < N) & (splits[None, :] < S)
+    ptrs = part_ptr + (rows[:, None] * S + splits[None, :]) * 4
+    m = tl.load(ptrs + 0, mask=ok, other=float("-inf"))
+    s = tl.load(ptrs + 1, mask=ok, other=0.0)
+    a = tl.load(ptrs + 2, mask=ok, other=0.0)
+    zt = tl.load(ptrs + 3, mask=ok, other=0.0)
+    out = rows < N
+    # Real rows: top is finite (each split starts its running max at -1e30) and total >= 1 (the max's own
+    # term); rows past N get 0 and 1 instead, so that no inf / NaN is computed for them.
+    top = tl.where(out, tl.max(m, axis=1), 0.0)
+    d = tl.where(ok, m - top[:, None], 0.0)
+    w = tl.where(ok, tl.exp(d), 0.0)
+    total = tl.where(out, tl.sum(s * w, axis=1), 1.0)
+    centred = tl.sum(w * (a + s * d), axis=1)  # sum_j exp(z_j - top) (z_j - top)
+    log_total = tl.log(total)
+    lse = top + log_total
+    tgt = tl.load(tgt_ptr + rows, mask=out, other=-1)
+    use = tgt >= 0
+    tl.store(lp_ptr + rows, tl.where(use, tl.sum(zt, axis=1) - lse, 0.0), mask=out)
+    tl.store(ent_ptr + rows, tl.where(use, log_total - centred / total, 0.0), mask=out)
+    tl.store(lse_ptr + rows, tl.where(use, lse, 0.0), mask=out)
+
+
+@triton.jit
 def _logprobs_bwd_kernel(
     h_ptr,  # (N, C) hidden rows of this chunk
     w_ptr,  # (V, C)
     tgt_ptr,  # (N,)
     lse_ptr,  # (N,) fp32
     ent_ptr,  # (N,) fp32
-    glp_ptr,  # (N,) fp32 upstream gradients
+    glp_ptr,  # (N,) fp32 upstream gradients (those of entropy / logsumexp read only if HAS_ENT / HAS_LSE)
     gent_ptr,
     glse_ptr,
     dz_ptr,  # (N, V) out: gradient of the logits h W^T, in its own dtype, row stride stride_dz
@@ -132,6 +170,7 @@ def _logprobs_bwd_kernel(
     stride_dz,
     inv_temp,
     HAS_ENT: tl.constexpr,
+    HAS_LSE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -144,12 +183,14 @@ def _logprobs_bwd_kernel(
     use = tgt >= 0
     lse = tl.load(lse_ptr + rows, mask=use, other=0.0)
     g_lp = tl.load(glp_ptr + rows, mask=use, other=0.0)
-    g_lse = tl.load(glse_ptr + rows, mask=use, other=0.0)
     z = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, C, stride_hn, stride_hc, stride_wv, stride_wc,
                      BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION) * inv_temp
     logp = z - lse[:, None]
     p = tl.exp(logp)
-    dz = p * (g_lse - g_lp)[:, None]
+    if HAS_LSE:
+        dz = p * (tl.load(glse_ptr + rows, mask=use, other=0.0) - g_lp)[:, None]
+    else:
+        dz = -p * g_lp[:, None]
     if HAS_ENT:
         ent = tl.load(ent_ptr + rows, mask=use, other=0.0)
         g_ent = tl.load(gent_ptr + rows, mask=use, other=0.0)
@@ -171,6 +212,7 @@ _TABLE = {
 }
 _INTERPRET = (16, 512, 16, 4, 1)  # small token tiles so tests cross token-block, split and chunk edges
 CHUNK_MULTIPLE = 128  # backward chunks are whole numbers of token tiles
+MERGE_ELEMENTS = 2048  # (tokens, splits) per program of the merge: its four fp32 tiles stay in registers
 
 
 def launch_config(dtype: torch.dtype, arch: int) -> tuple[int, int, int, int, int]:
@@ -229,14 +271,17 @@ def linear_logprobs_fwd(
     """(log p(target), entropy, logsumexp), each (N,) fp32; `chunk_tokens` is the backward's (0: auto)."""
     _check_inputs(hidden, weight, targets)
     (N, C), V = hidden.shape, weight.shape[0]
+    lp, ent, lse = (torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(3))
     if N == 0:
-        return tuple(hidden.new_zeros(0, dtype=torch.float32) for _ in range(3))
+        return lp, ent, lse
+    cdiv = launch.cdiv  # not triton.cdiv: ~5 us per host call
+    sms = launch.num_sms(hidden.device)
     bn, bv, bk, warps, stages = launch_config(hidden.dtype, launch.arch(hidden.device))
-    n_blocks, v_blocks = triton.cdiv(N, bn), triton.cdiv(V, bv)
+    n_blocks, v_blocks = cdiv(N, bn), cdiv(V, bv)
     # Split the vocabulary when the token blocks alone would leave SMs idle (short batches, decode).
-    splits = max(1, min(v_blocks, triton.cdiv(2 * launch.num_sms(hidden.device), n_blocks)))
-    v_split = triton.cdiv(v_blocks, splits) * bv
-    splits = triton.cdiv(V, v_split)
+    splits = max(1, min(v_blocks, cdiv(2 * sms, n_blocks)))
+    v_split = cdiv(v_blocks, splits) * bv
+    splits = cdiv(V, v_split)
     part = torch.empty((N, splits, 4), dtype=torch.float32, device=hidden.device)
     launch.wrap(_logprobs_fwd_kernel)[(n_blocks, splits)](
         hidden, weight, targets, part, N, V, C,
@@ -245,24 +290,22 @@ def linear_logprobs_fwd(
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, DOT_PRECISION=_dot_precision(hidden.dtype),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    m, s, a, zt = part.unbind(-1)  # (N, splits) each
-    top = m.amax(dim=1, keepdim=True)
-    w = torch.exp(m - top)
-    total = (s * w).sum(dim=1)
-    centred = (w * (a + s * (m - top))).sum(dim=1)  # sum_j exp(z_j - top) (z_j - top)
-    log_total = torch.log(total)
-    lse = top.squeeze(1) + log_total
-    use = targets >= 0
-    lp = torch.where(use, zt.sum(dim=1) - lse, 0.0)
-    ent = torch.where(use, log_total - centred / total, 0.0)
-    return lp, ent, torch.where(use, lse, 0.0)
+    # Merge tile: all splits of a token in one program; as many tokens as fit, fewer while that fills < a wave.
+    block_s = max(2, launch.next_pow2(splits))
+    block_n = max(1, MERGE_ELEMENTS // block_s)
+    while block_n > 16 and cdiv(N, block_n) < sms:
+        block_n //= 2
+    launch.wrap(_logprobs_merge_kernel)[(cdiv(N, block_n),)](
+        part, targets, lp, ent, lse, N, splits, BLOCK_N=block_n, BLOCK_S=block_s, num_warps=4
+    )
+    return lp, ent, lse
 
 
 @launch.register_op("rlhf_fast::linear_logprobs_bwd", _bwd_fake)
 def linear_logprobs_bwd(
-    g_lp: torch.Tensor,
-    g_ent: torch.Tensor,
-    g_lse: torch.Tensor,
+    g_lp: torch.Tensor | None,
+    g_ent: torch.Tensor | None,
+    g_lse: torch.Tensor | None,
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
@@ -277,31 +320,45 @@ def linear_logprobs_bwd(
     """(d hidden, d weight); an unneeded one comes back empty (outputs of an op may not alias)."""
     (N, C), V = hidden.shape, weight.shape[0]
     dh = hidden.new_empty(hidden.shape if need_hidden else (0,))
-    dw32 = torch.zeros((V, C) if need_weight else (0,), dtype=torch.float32, device=hidden.device)
+    if not need_weight:
+        dw = weight.new_empty(0)
+    elif N == 0:
+        dw = torch.zeros_like(weight)
     if N == 0 or not (need_hidden or need_weight):
-        return dh, dw32.to(weight.dtype)
+        return dh, dw
     bn, bv, bk, warps, stages = launch_config(hidden.dtype, launch.arch(hidden.device))
     multiple = bn if launch.INTERPRET else CHUNK_MULTIPLE
     chunk = chunk_tokens or linear_logprobs_chunk(N, V, hidden.element_size(), multiple=multiple)
     dz = hidden.new_empty((min(chunk, N), V))
-    g_lp, g_ent, g_lse = (g.float().contiguous() for g in (g_lp, g_ent, g_lse))
-    use = targets >= 0
+    # Upstream gradients may be strided (an expanded scalar's, from .sum()): the kernel reads them densely.
+    g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.contiguous()  # None: only entropy / lse are used
+    has_ent, has_lse = with_entropy and g_ent is not None, g_lse is not None
+    g_ent, g_lse = (g_lp if g is None else g.contiguous() for g in (g_ent, g_lse))  # None: a placeholder, not read
+    if need_weight:  # fp32 accumulation over chunks; ignored rows may hold garbage: zeroed, as 0 * NaN would reach dW
+        dw32 = torch.zeros((V, C), dtype=torch.float32, device=hidden.device) if chunk < N else None
+        use = (targets >= 0)[:, None]
     for s in range(0, N, chunk):
         n = min(chunk, N - s)
-        h = hidden[s : s + n]
-        launch.wrap(_logprobs_bwd_kernel)[(triton.cdiv(n, bn), triton.cdiv(V, bv))](
-            h, weight, targets[s:], lse[s:], ent[s:], g_lp[s:], g_ent[s:], g_lse[s:], dz, n, V, C,
+        rows = (lambda t: t) if n == N else (lambda t, s=s, n=n: t[s : s + n])  # noqa: E731  (one chunk: no slices)
+        h, dz_n = rows(hidden), dz[:n] if n < dz.shape[0] else dz
+        launch.wrap(_logprobs_bwd_kernel)[(launch.cdiv(n, bn), launch.cdiv(V, bv))](
+            h, weight, rows(targets), rows(lse), rows(ent), rows(g_lp), rows(g_ent), rows(g_lse), dz, n, V, C,
             h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), dz.stride(0),
             1.0 / temperature,
-            HAS_ENT=with_entropy, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
+            HAS_ENT=has_ent, HAS_LSE=has_lse, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
             DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=warps, num_stages=stages,
         )  # fmt: skip
         if need_hidden:
-            dh[s : s + n] = dz[:n] @ weight
-        if need_weight:  # ignored rows may hold garbage: zero them, since 0 * NaN would reach dW
-            h = torch.where(use[s : s + n, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
-            dw32 += (dz[:n].t() @ h).float()
-    return dh, dw32.to(weight.dtype)
+            torch.mm(dz_n, weight, out=rows(dh))
+        if need_weight:
+            h = torch.where(rows(use), h, torch.zeros((), dtype=h.dtype, device=h.device))
+            if dw32 is None:  # one chunk: dW in one matmul, in the weight's dtype (fp32 accumulation inside)
+                dw = torch.mm(dz_n.t(), h)
+            else:
+                dw32 += (dz_n.t() @ h).float()
+    if need_weight and dw32 is not None:
+        dw = dw32.to(weight.dtype)
+    return dh, dw
 
 
 def _setup_context(ctx, inputs, output):
@@ -309,12 +366,13 @@ def _setup_context(ctx, inputs, output):
     _, ent, lse = output
     ctx.save_for_backward(hidden, weight, targets, lse, ent)
     ctx.args = (temperature, with_entropy, chunk_tokens)
+    ctx.set_materialize_grads(False)  # unused outputs' gradients stay None: no zeros to make and read
 
 
 def _backward(ctx, g_lp, g_ent, g_lse):
     hidden, weight, targets, lse, ent = ctx.saved_tensors
     need_h, need_w = ctx.needs_input_grad[:2]
-    dh, dw = torch.ops.rlhf_fast.linear_logprobs_bwd(
+    dh, dw = linear_logprobs_bwd(
         g_lp, g_ent, g_lse, hidden, weight, targets, lse, ent, *ctx.args, need_h, need_w
     )
     return (dh if need_h else None, dw if need_w else None, None, None, None, None)
@@ -328,7 +386,7 @@ def linear_logprobs(hidden, weight, targets, temperature: float = 1.0, with_entr
     """The fused kernels behind `rlhf_fast.kernels.linear_logprobs` (inputs validated there)."""
     lead = targets.shape
     h2, t1 = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    lp, ent, lse = torch.ops.rlhf_fast.linear_logprobs_fwd(
+    lp, ent, lse = linear_logprobs_fwd(
         h2, weight, t1, float(temperature), bool(with_entropy), int(chunk_tokens or 0)
     )
     return LinearLogprobsOutput(lp.view(lead), ent.view(lead) if with_entropy else None, lse.view(lead))

@@ -10,8 +10,9 @@ Forward (two launches):
 Backward:
   dyb = dY B (N, r) with the projection kernel; dX = dY W + s dyb A with the same seeded GEMM (one pass
   over W); dA = s dyb^T x and dB^T = s xa^T dY with `_lora_adapter_grad_kernel`, a split-K reduction
-  over tokens whose per-split fp32 partials are summed in a fixed order (deterministic, no atomics).
-  dW (same GEMM kernel, no seed) and db only when they require grad - normally they are frozen.
+  over tokens: with one split it stores the scaled gradient in its dtype; with more, each split stores
+  its scaled fp32 partial and `_lora_grad_reduce_kernel` sums them in a fixed order (deterministic, no
+  atomics). dW (same GEMM kernel, no seed) and db only when they require grad - normally they are frozen.
 
 Ranks below 16 are zero-padded to R_PAD = max(16, next_pow2(r)) in registers (masked loads), so every
 tl.dot has K, M, N >= 16 as NVIDIA tensor cores require. All kernels take strides, so non-contiguous
@@ -20,13 +21,15 @@ dims cannot be viewed flat). fp32 inputs use IEEE fp32 dots (as torch does by de
 fp16/bf16 use tensor-core dots with fp32 accumulation, cast once at the store.
 
 Launch configs come from per-(dtype, target) tables (`gemm_configs`, `project_config`, `grad_config`),
-chosen for the launching device through `launch.arch`; every entry fits its target's shared memory,
-and the 16-bit ones do not spill registers (checked by cross-compiling, tests/kernels/cross_compile.py).
+chosen for the launching device through `launch.arch` (the projection's row tile also by the token count,
+to fill a wave of `launch.num_sms`); every entry fits its target's shared memory, and the 16-bit ones do
+not spill registers (checked by cross-compiling, tests/kernels/cross_compile.py).
 
 Registered as the torch.library.triton_ops `rlhf_fast::lora_linear_fwd` / `rlhf_fast::lora_linear_bwd`
 (+ `rlhf_fast::lora_linear_bwd_weight`) with autograd, so torch.compile keeps them in the graph (under
-TRITON_INTERPRET they are opaque custom_ops with fake impls instead: `launch.register_op`, shared with
-the log-prob kernel).
+TRITON_INTERPRET they are opaque custom_ops with fake impls instead); eager calls run the same bodies and
+autograd formula without the dispatcher's custom-op layer (`launch.register_op` / `launch.Op`). Host code
+counts: benchmarks/bench_host_overhead.py.
 """
 
 from __future__ import annotations
@@ -171,7 +174,7 @@ def _lora_project_kernel(
 def _lora_adapter_grad_kernel(
     lo_ptr,  # (M, R) fp32: dY B (for dA) or x A^T (for dB^T)
     p_ptr,  # (M, N) x (for dA) or dY (for dB^T)
-    part_ptr,  # (SPLIT, R, N) fp32 out: lo^T p summed over this program's rows
+    part_ptr,  # (SPLIT, R, N) out: scale * lo^T p over this split's rows; fp32, or the gradient if SPLIT == 1
     M,
     N,
     R,
@@ -183,13 +186,16 @@ def _lora_adapter_grad_kernel(
     stride_ps,
     stride_sr,
     stride_sn,
+    scale,
     DOT_PRECISION: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # Split-K over tokens: program (pid_n, pid_s) owns columns pid_n and rows of split pid_s. Each
-    # split writes its own partial, so the final sum (on the host, fixed order) is deterministic.
+    # split writes its own scaled partial, so the final sum (`_lora_grad_reduce_kernel`, fixed order) is
+    # deterministic; with one split the partial is the gradient itself, stored in its own dtype.
+    scale = tl.cast(scale, tl.float32)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -215,7 +221,25 @@ def _lora_adapter_grad_kernel(
         )  # (BLOCK_M, BLOCK_N)
         acc = tl.dot(lo_t.to(p.dtype), p, acc, input_precision=DOT_PRECISION)
     part_ptrs = part_ptr + pid_s * stride_ps + offs_r[:, None] * stride_sr + cols[None, :] * stride_sn
-    tl.store(part_ptrs, acc, mask=(offs_r[:, None] < R) & (cols[None, :] < N))
+    tl.store(part_ptrs, (acc * scale).to(part_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & (cols[None, :] < N))
+
+
+@triton.jit
+def _lora_grad_reduce_kernel(
+    part_ptr,  # (SPLIT, NUMEL) fp32 split-K partials, contiguous
+    out_ptr,  # (NUMEL,) out: their sum, in the gradient's dtype
+    SPLIT,
+    NUMEL,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < NUMEL
+    ptrs = part_ptr + offs
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for _ in range(0, SPLIT):  # fixed order: deterministic
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += NUMEL
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,19 +259,26 @@ _GEMM_TABLE = {
     **{(32, arch): _FP32_GEMM for arch in launch.TARGETS},
 }
 # Skinny kernels: bandwidth-bound (K or N is the rank), so one config each, sized for R_PAD = 128.
-# (BLOCK_M, BLOCK_K, num_warps, num_stages) for the projection, (BLOCK_M, BLOCK_N, ...) for the grads.
+# Projection: (BLOCK_K, num_warps, num_stages); its BLOCK_M is chosen per launch (`project_config`).
+# Adapter grads: (BLOCK_M, BLOCK_N, num_warps, num_stages).
 _PROJECT_TABLE = {
-    (16, 80): (64, 64, 4, 3), (16, 86): (64, 64, 4, 2), (16, 89): (64, 64, 4, 2), (16, 90): (64, 64, 4, 3),
-    **{(32, arch): (64, 16, 4, 3) for arch in launch.TARGETS},
+    (16, 80): (64, 4, 3), (16, 86): (64, 4, 2), (16, 89): (64, 4, 2), (16, 90): (64, 4, 3),
+    **{(32, arch): (16, 4, 3) for arch in launch.TARGETS},
 }
+# The projection streams x once, one row tile per program: at 4,096 tokens 64-row tiles are 64 programs, half a
+# wave of an H100's 132 SMs, so half its bandwidth idles. Per launch, the largest of these tiles whose grid
+# fills one wave of the device's SMs is used (16 at least: tl.dot needs M >= 16). The price of a smaller tile:
+# each program re-reads the (K, r) A^T (or B) tile, from L2 (it is small), once more per 16 rows.
+_PROJECT_BLOCK_M = (64, 32, 16)
 _GRAD_TABLE = {
     (16, 80): (64, 128, 8, 3), (16, 86): (64, 128, 8, 2), (16, 89): (64, 128, 8, 2), (16, 90): (64, 128, 8, 3),
     **{(32, arch): (16, 64, 4, 3) for arch in launch.TARGETS},
 }
+_REDUCE_BLOCKS = (1024, 512, 256, 128)  # elements per program of the split-K sum: the largest filling a wave
 # The interpreter runs small fixed tiles (no tuning: it gains nothing from it).
 _INTERPRET_GEMM = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})
-_INTERPRET_PROJECT = triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)
-_INTERPRET_GRAD = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+_INTERPRET_PROJECT = (16, 32, 4, 1)  # (BLOCK_M, BLOCK_K, num_warps, num_stages)
+_INTERPRET_GRAD = (16, 32, 4, 1)  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 
 
 def _table_key(dtype: torch.dtype, arch: int) -> tuple[int, int]:
@@ -269,8 +300,18 @@ def gemm_configs(dtype: torch.dtype, arch: int) -> list[triton.Config]:
     return [_gemm_config(*c) for c in _GEMM_TABLE[_table_key(dtype, arch)]]
 
 
-def project_config(dtype: torch.dtype, arch: int) -> triton.Config:
-    bm, bk, w, s = _PROJECT_TABLE[_table_key(dtype, arch)]
+def _project_meta(dtype: torch.dtype, arch: int, tokens: int | None, sms: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps, num_stages) of the projection over `tokens` rows on `sms` SMs."""
+    bk, warps, stages = _PROJECT_TABLE[_table_key(dtype, arch)]
+    if tokens is None:
+        return _PROJECT_BLOCK_M[0], bk, warps, stages
+    bm = next((bm for bm in _PROJECT_BLOCK_M if launch.cdiv(tokens, bm) >= sms), _PROJECT_BLOCK_M[-1])
+    return bm, bk, warps, stages
+
+
+def project_config(dtype: torch.dtype, arch: int, tokens: int | None = None, sms: int = 1) -> triton.Config:
+    """The projection's config for `tokens` rows on a GPU of `sms` SMs (tokens None: the largest tile)."""
+    bm, bk, w, s = _project_meta(dtype, arch, tokens, sms)
     return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
 
 
@@ -300,11 +341,14 @@ _lora_linear_fwd_tuned = triton.autotune(
 
 
 def _rank_pad(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+    return max(16, launch.next_pow2(r))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit operands
+
+
+# Host code below uses launch.cdiv / launch.next_pow2, not triton.cdiv: those cost ~5 us per host call.
 
 
 def _gemm(p, q, out, lo=None, up=None, bias=None, scale: float = 0.0):
@@ -320,38 +364,19 @@ def _gemm(p, q, out, lo=None, up=None, bias=None, scale: float = 0.0):
         return out
     has_lora = lo is not None
     if has_lora:
-        assert lo.shape == (M, up.shape[0]) and up.shape[1] == N and lo.dtype == torch.float32
+        assert lo.shape[0] == M and lo.shape[1] == up.shape[0] and up.shape[1] == N and lo.dtype == torch.float32
     R = up.shape[0] if has_lora else 0
     lo_t, up_t = (lo, up) if has_lora else (p, q)  # unused placeholders when there is no seed
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    cdiv = launch.cdiv
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     launch.wrap(_lora_linear_fwd_tuned)[grid](
-        p,
-        q,
-        lo_t,
-        up_t,
-        bias if bias is not None else out,
-        out,
-        M,
-        N,
-        K,
-        R,
-        min(triton.next_power_of_2(M), 1 << 16),
-        p.stride(0),
-        p.stride(1),
-        q.stride(0),
-        q.stride(1),
-        lo_t.stride(0),
-        lo_t.stride(1),
-        up_t.stride(0),
-        up_t.stride(1),
-        N,
-        1,
+        p, q, lo_t, up_t, bias if bias is not None else out, out,
+        M, N, K, R, min(launch.next_pow2(M), 1 << 16),
+        *p.stride(), *q.stride(), *lo_t.stride(), *up_t.stride(), N, 1,
         scale,
-        HAS_LORA=has_lora,
-        HAS_BIAS=bias is not None,
-        DOT_PRECISION=_dot_precision(p.dtype),
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(p.dtype),
         R_PAD=_rank_pad(R) if has_lora else 16,
-    )
+    )  # fmt: skip
     return out
 
 
@@ -362,61 +387,54 @@ def _project(p, q):
     z = torch.empty((M, R), dtype=torch.float32, device=p.device)
     if M == 0:
         return z
-    cfg = _INTERPRET_PROJECT if launch.INTERPRET else project_config(p.dtype, launch.arch(p.device))
-    launch.wrap(_lora_project_kernel)[(triton.cdiv(M, cfg.kwargs["BLOCK_M"]),)](
-        p,
-        q,
-        z,
-        M,
-        K,
-        R,
-        p.stride(0),
-        p.stride(1),
-        q.stride(0),
-        q.stride(1),
-        z.stride(0),
-        z.stride(1),
-        DOT_PRECISION=_dot_precision(p.dtype),
-        R_PAD=_rank_pad(R),
-        **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,  # no num_ctas: wrap_triton refuses it
-    )
+    if launch.INTERPRET:
+        bm, bk, warps, stages = _INTERPRET_PROJECT
+    else:
+        bm, bk, warps, stages = _project_meta(p.dtype, launch.arch(p.device), M, launch.num_sms(p.device))
+    launch.wrap(_lora_project_kernel)[(launch.cdiv(M, bm),)](
+        p, q, z, M, K, R, *p.stride(), *q.stride(), *z.stride(),
+        DOT_PRECISION=_dot_precision(p.dtype), R_PAD=_rank_pad(R), BLOCK_M=bm, BLOCK_K=bk,
+        num_warps=warps, num_stages=stages,  # no num_ctas: wrap_triton refuses it
+    )  # fmt: skip
     return z
 
 
-def _adapter_grad(lo, p, transposed: bool = False):
-    """(R, N) fp32 = lo (M, R)^T @ p (M, N), reduced over M in deterministic split-K; (N, R) if transposed."""
+def _adapter_grad(lo, p, scale: float, dtype: torch.dtype, transposed: bool = False):
+    """scale * lo (M, R)^T @ p (M, N) as an (R, N) tensor of `dtype` ((N, R) if transposed), reduced over M in
+    deterministic split-K: one launch when a single split fills the GPU, else a second one sums the splits."""
     M, R = lo.shape
     N = p.shape[1]
-    cfg = _INTERPRET_GRAD if launch.INTERPRET else grad_config(p.dtype, launch.arch(p.device))
-    block_m = cfg.kwargs["BLOCK_M"]
-    n_col = triton.cdiv(N, cfg.kwargs["BLOCK_N"])
-    target = 2 * launch.num_sms(p.device)  # enough (column, split) programs to fill the GPU
-    split = max(1, min(triton.cdiv(M, block_m), triton.cdiv(target, n_col)))
-    rows_per_split = triton.cdiv(triton.cdiv(M, split), block_m) * block_m if M else block_m
-    split = max(1, triton.cdiv(M, rows_per_split))
-    part = torch.zeros((split, N, R) if transposed else (split, R, N), dtype=torch.float32, device=p.device)
-    stride_r, stride_n = (part.stride(2), part.stride(1)) if transposed else (part.stride(1), part.stride(2))
-    if M > 0 and N > 0:
-        launch.wrap(_lora_adapter_grad_kernel)[(n_col, split)](
-            lo,
-            p,
-            part,
-            M,
-            N,
-            R,
-            rows_per_split,
-            lo.stride(0),
-            lo.stride(1),
-            p.stride(0),
-            p.stride(1),
-            part.stride(0),
-            stride_r,
-            stride_n,
-            DOT_PRECISION=_dot_precision(p.dtype),
-            R_PAD=_rank_pad(R),
-            **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,  # no num_ctas: wrap_triton refuses it
+    device = p.device
+    shape = (N, R) if transposed else (R, N)
+    if M == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if N == 0:
+        return out
+    cdiv = launch.cdiv
+    block_m, block_n, warps, stages = _INTERPRET_GRAD if launch.INTERPRET else _GRAD_TABLE[
+        _table_key(p.dtype, launch.arch(device))]
+    n_col = cdiv(N, block_n)
+    sms = launch.num_sms(device)
+    split = max(1, min(cdiv(M, block_m), cdiv(2 * sms, n_col)))  # enough (column, split) programs
+    rows_per_split = cdiv(cdiv(M, split), block_m) * block_m
+    split = cdiv(M, rows_per_split)
+    # Every element of `part` is stored (each split writes its columns' R rows): empty, not zeros.
+    part = out if split == 1 else torch.empty((split, *shape), dtype=torch.float32, device=device)
+    stride_r, stride_n = (part.stride(-1), part.stride(-2)) if transposed else (part.stride(-2), part.stride(-1))
+    launch.wrap(_lora_adapter_grad_kernel)[(n_col, split)](
+        lo, p, part, M, N, R, rows_per_split, *lo.stride(), *p.stride(),
+        part.stride(0) if split > 1 else 0, stride_r, stride_n, scale,
+        DOT_PRECISION=_dot_precision(p.dtype), R_PAD=_rank_pad(R), BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps, num_stages=stages,  # no num_ctas: wrap_triton refuses it
+    )  # fmt: skip
+    if split > 1:
+        numel = R * N
+        block = next((b for b in _REDUCE_BLOCKS if cdiv(numel, b) >= sms), _REDUCE_BLOCKS[-1])
+        launch.wrap(_lora_grad_reduce_kernel)[(cdiv(numel, block),)](
+            part, out, split, numel, BLOCK=block, num_warps=4
         )
-    return part.sum(0)
+    return out
 
 
 def _check_inputs(x, weight, bias, lora_a, lora_b):
@@ -520,11 +538,12 @@ def lora_linear_bwd(
     dx = x.new_empty(x.shape if need_grad_x else (0,))
     if need_grad_x:
         _gemm(dy, weight, dx, lo=dyb, up=lora_a, scale=scale)
-    da, db = x.new_empty(0), x.new_empty(0)
     if need_grad_adapter:
         x2 = x.reshape(-1, in_f)
-        da = (_adapter_grad(dyb, x2) * scale).to(x.dtype)  # (r, in)
-        db = (_adapter_grad(xa, dy, transposed=True) * scale).to(x.dtype)  # (out, r)
+        da = _adapter_grad(dyb, x2, scale, x.dtype)  # (r, in) = s dyb^T x
+        db = _adapter_grad(xa, dy, scale, x.dtype, transposed=True)  # (out, r) = s dY^T xa
+    else:
+        da, db = x.new_empty(0), x.new_empty(0)
     return dx, da, db
 
 
@@ -543,16 +562,15 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
     ctx.scale = scale
     ctx.mark_non_differentiable(xa)
+    ctx.set_materialize_grads(False)  # xa's gradient stays None: no (N, r) zeros made per backward
 
 
 def _backward(ctx, grad_y, _grad_xa):
     x, weight, lora_a, lora_b, xa = ctx.saved_tensors
     need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-    dx, da, db = torch.ops.rlhf_fast.lora_linear_bwd(
-        grad_y, x, weight, lora_a, lora_b, xa, ctx.scale, need_x, need_a or need_bb
-    )
-    dw = torch.ops.rlhf_fast.lora_linear_bwd_weight(grad_y, x) if need_w else None
-    dbias = grad_y.reshape(-1, weight.shape[0]).float().sum(0).to(grad_y.dtype) if need_b else None
+    dx, da, db = lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, xa, ctx.scale, need_x, need_a or need_bb)
+    dw = lora_linear_bwd_weight(grad_y, x) if need_w else None
+    dbias = grad_y.reshape(-1, weight.shape[0]).sum(0, dtype=torch.float32).to(grad_y.dtype) if need_b else None
     return (dx if need_x else None, dw, dbias, da if need_a else None, db if need_bb else None, None)
 
 
@@ -561,4 +579,4 @@ lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scale: float):
     """x @ weight.T + bias + scale * (x @ lora_a.T) @ lora_b.T through the fused Triton kernels."""
-    return torch.ops.rlhf_fast.lora_linear_fwd(x, weight, bias, lora_a, lora_b, float(scale))[0]
+    return lora_linear_fwd(x, weight, bias, lora_a, lora_b, float(scale))[0]

@@ -23,7 +23,8 @@ as fp64, which would turn the loop-carried GAE state (and the loss maths) into f
 Masks are applied by select (masked loads return 0 and every sum goes through tl.where), never by
 multiplication, so NaN/inf in masked positions cannot reach results or gradients.
 
-Both are registered with `torch.library.triton_op`, so `torch.compile` keeps them in its graph.
+Both are registered with `torch.library.triton_op` (`launch.register_op`), so `torch.compile` keeps them in its
+graph; eager calls skip the dispatcher's custom-op layer (`launch.Op`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
 from . import launch
 from .reference import PPOLossOutput
@@ -301,7 +301,8 @@ def _mask_arg(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(-1)
+    # The kernels index (B, T) inputs flat: a contiguous tensor is its own flat view, so no view op.
+    return t.contiguous()
 
 
 def _ppo_hparams(clip_eps: float, value_clip_eps: float):
@@ -309,7 +310,7 @@ def _ppo_hparams(clip_eps: float, value_clip_eps: float):
     return 1.0 - clip_eps, 1.0 + clip_eps, value_clip_eps
 
 
-@triton_op("rlhf_fast::gae", mutates_args=())
+@launch.register_op("rlhf_fast::gae")
 def _gae_op(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float, block_t: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,7 +321,7 @@ def _gae_op(
     if B == 0 or T == 0:
         return adv, ret
     if block_t <= 0:
-        block_t = min(_GAE_MAX_BLOCK_T, max(16, triton.next_power_of_2(T)))
+        block_t = min(_GAE_MAX_BLOCK_T, max(16, launch.next_pow2(T)))
     m = _mask_arg(mask)
     launch.wrap(_gae_fwd_kernel)[(B,)](
         rewards, values, m, adv, ret, T,
@@ -331,7 +332,7 @@ def _gae_op(
     return adv, ret
 
 
-@triton_op("rlhf_fast::ppo_loss_fwd", mutates_args=())
+@launch.register_op("rlhf_fast::ppo_loss_fwd")
 def _ppo_loss_fwd_op(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -348,7 +349,7 @@ def _ppo_loss_fwd_op(
 ) -> torch.Tensor:
     launch.require_launchable(logprobs.device, "ppo_loss")
     N = logprobs.numel()
-    programs = max(1, triton.cdiv(N, _PPO_BLOCK))
+    programs = max(1, launch.cdiv(N, _PPO_BLOCK))
     partial = torch.empty((programs, NUM_STATS), dtype=torch.float32, device=logprobs.device)
     stats = torch.empty((NUM_STATS,), dtype=torch.float32, device=logprobs.device)
     has_ref = ref_logprobs is not None
@@ -366,7 +367,7 @@ def _ppo_loss_fwd_op(
     return stats
 
 
-@triton_op("rlhf_fast::ppo_loss_bwd", mutates_args=())
+@launch.register_op("rlhf_fast::ppo_loss_bwd")
 def _ppo_loss_bwd_op(
     grad_stats: torch.Tensor,
     stats: torch.Tensor,
@@ -390,7 +391,7 @@ def _ppo_loss_bwd_op(
     has_ref = ref_logprobs is not None
     lp = _flat(logprobs)
     clip_lo, clip_hi, value_clip = _ppo_hparams(clip_eps, value_clip_eps)
-    launch.wrap(_ppo_loss_bwd_kernel)[(max(1, triton.cdiv(N, _PPO_BLOCK)),)](
+    launch.wrap(_ppo_loss_bwd_kernel)[(max(1, launch.cdiv(N, _PPO_BLOCK)),)](
         grad_stats.float().contiguous(), stats,
         lp, _flat(old_logprobs), _flat(advantages), _flat(values), _flat(old_values), _flat(returns),
         _flat(_mask_arg(mask)), _flat(ref_logprobs) if has_ref else lp, dlp, dv,
@@ -417,9 +418,7 @@ def _ppo_loss_backward(ctx, grad_stats):
     return dlp, None, None, dv, None, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd(
-    "rlhf_fast::ppo_loss_fwd", _ppo_loss_backward, setup_context=_ppo_loss_setup_context
-)
+_ppo_loss_fwd_op.register_autograd(_ppo_loss_backward, setup_context=_ppo_loss_setup_context)
 
 
 def gae(rewards, values, mask, gamma: float, lam: float, *, block_t: int = 0):

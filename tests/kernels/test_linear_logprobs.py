@@ -130,6 +130,25 @@ def test_extreme_logits_do_not_overflow_or_underflow(fn, shift):
     _check(got, _truth(hidden, weight, targets, 1.0, True, grads), 5e-5, 5e-4)
 
 
+@interpreter
+@pytest.mark.parametrize("used", ["logprobs", "entropy", "logsumexp", "logprobs+entropy"])
+def test_gradient_through_some_outputs_only(used):
+    """A loss on some outputs leaves the others' gradients None (the Triton backward's HAS_LSE / no-g_lp paths):
+    both backends still match the fp64 truth, whose loss uses the same outputs."""
+    hidden, weight, targets = _inputs((4, 5), 24, 517, torch.float32, train_weight=True)
+    grads = _upstream((4, 5), "cpu")
+    keep = [name in used for name in ("logprobs", "entropy", "logsumexp")]
+    grads = [g if k else torch.zeros_like(g) for g, k in zip(grads, keep)]
+    want = _truth(hidden, weight, targets, 0.8, True, grads)[1]
+    for fn in (_triton, _torch):
+        out = fn(hidden, weight, targets, temperature=0.8, with_entropy=True)
+        loss = sum((t * g).sum() for t, g, k in zip((out.logprobs, out.entropy, out.logsumexp), grads, keep) if k)
+        got = torch.autograd.grad(loss, (hidden, weight))
+        for name, a, b in zip(("d_hidden", "d_weight"), got, want):
+            assert torch.isfinite(a).all(), name
+            assert_close_verbose(a, b, atol=5e-5, rtol=5e-5, name=f"{fn.__name__} {name}")
+
+
 def test_reference_is_exact_in_fp64():
     hidden, weight, targets = _inputs((4, 5), 12, 97, torch.float64, train_weight=True)
     grads = _upstream((4, 5), "cpu")
