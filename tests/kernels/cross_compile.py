@@ -53,7 +53,8 @@ CTA_RESERVED_SHARED = 1024  # the driver's own shared memory in every CTA (sm_80
 # Memory-bound kernels whose grid grows with the token count: at GPT-2 XL scale each must launch at least
 # one CTA per SM, or part of the GPU's bandwidth sits idle. The GEMM-like and attention training kernels
 # are compute-bound; the PPO/GAE kernels move a few fp32 per token (microseconds: launch-bound).
-STREAMING = ("_lora_project_kernel", "_lora_adapter_grad_kernel", "_attn_decode_split_kernel")
+STREAMING = ("_lora_project_kernel", "_lora_adapter_grad_kernel", "_lora_grad_reduce_kernel",
+             "_attn_decode_split_kernel")
 XL_TOKENS = (4096, 16384)  # 4 or 16 sequences of 1024 tokens
 
 
@@ -237,6 +238,8 @@ def _scenarios(dtype_name: str):
 
         for T in (97, 512, 2048):  # gae's time tile: 128 / 512 / 1024 (+ chunks)
             out.append((f"gae+ppo_loss B=64 T={T}", rl(T)))
+    # The XL LoRA launches too: the projection's row tile follows the token count (16 / 32 / 64 rows there)
+    out += [s for s in _xl_scenarios(dtype_name) if s[0].startswith("lora_linear")]
     return out
 
 
