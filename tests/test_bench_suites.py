@@ -190,13 +190,15 @@ def test_memory_16gb_every_configuration_with_the_baseline(tmp_path):
 def test_suites_refuse_gpu_sizes_without_a_gpu(capsys):
     if torch.cuda.is_available():
         pytest.skip("checks the CPU refusal")
-    from benchmarks import bench_lora_linear, bench_memory_16gb
+    from benchmarks import bench_attention, bench_lora_linear, bench_memory_16gb
 
-    for module in (bench_lora_linear, bench_memory_16gb):
+    with pytest.raises(SystemExit) as e:
+        bench_memory_16gb.main([])
+    assert e.value.code == 2 and "--smoke" in capsys.readouterr().err
+    for module in (bench_lora_linear, bench_attention):  # the dispatch table holds GPU measurements only
         with pytest.raises(SystemExit) as e:
-            module.main([])
-        assert e.value.code == 2
-    assert "--smoke" in capsys.readouterr().err
+            module.main(["--write-dispatch"])
+        assert e.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_rl_algorithms_every_option_from_the_same_start(tmp_path):
