@@ -76,3 +76,14 @@ def test_every_suite_is_a_runnable_module(name):
     with pytest.raises(SystemExit) as e:
         module.main(["--help"])
     assert e.value.code == 0
+
+
+def test_benchmarks_md_tables_are_rendered_from_the_records():
+    """BENCHMARKS.md's recorded runs come from benchmarks/results/ (python -m benchmarks.render), never by hand."""
+    from benchmarks import render
+
+    assert render.main(["--check"]) == 0, "BENCHMARKS.md is stale: run python -m benchmarks.render"
+    doc = render.DOC.read_text()
+    for path in render.RESULTS_DIR.glob("*.json"):
+        if json.loads(path.read_text()).get("benchmark") in render.COLUMNS:
+            assert f"benchmarks/results/{path.name}" in doc
