@@ -32,8 +32,7 @@ def rows_in(path: Path) -> list[dict]:
             if isinstance(rec, dict):
                 rows += rec.get("dispatch_rows") or (rec.get("rows", []) if f.name == "dispatch_rows.json" else [])
     for r in rows:
-        if not (isinstance(r, dict) and r.get("kernel") in dispatch.WINNERS and r.get("key", "").startswith("sm")
-                and r.get("winner") in dispatch.WINNERS[r["kernel"]] and r.get("device")):
+        if not dispatch.is_gpu_row(r):
             raise SystemExit(f"dispatch_table: {path}: not a GPU dispatch row: {r!r}")
     return rows
 

@@ -95,6 +95,12 @@ def _with_any_shape(stem: str) -> str:
     return "|".join(parts[:4] + ["t*"] + parts[4:])
 
 
+def is_gpu_row(r) -> bool:
+    """A row the table may hold: a known kernel and winner, a GPU key (sm<arch>x<SMs>|...) and the GPU's name."""
+    return (isinstance(r, dict) and r.get("kernel") in WINNERS and r.get("winner") in WINNERS[r["kernel"]]
+            and str(r.get("key", "")).startswith("sm") and bool(r.get("device")))
+
+
 def load_rows(path: Path = TABLE_PATH) -> list[dict]:
     """The table's rows (none when the file is absent)."""
     if not path.exists():
@@ -102,7 +108,7 @@ def load_rows(path: Path = TABLE_PATH) -> list[dict]:
     data = json.loads(path.read_text())
     rows = data.get("rows", []) if isinstance(data, dict) else []
     for r in rows:
-        if r.get("kernel") not in WINNERS or r.get("winner") not in WINNERS[r["kernel"]] or "key" not in r:
+        if not is_gpu_row(r):
             raise ValueError(f"{path}: bad dispatch row {r!r}")
     return rows
 
