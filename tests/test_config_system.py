@@ -87,6 +87,8 @@ def test_config_errors_name_the_setting_and_the_cli_its_flag(tmp_path, user_erro
     assert "unknown setting optim.lrr" in line and line.endswith(f"({cfg})")
     cfg.write_text('{"optim": {"lr": 1e-3},\n "run": }')
     assert user_error(["sft", "--config", str(cfg)]).endswith(f"({cfg}:2)")
+    line = user_error(["sft", "--compile-cache", str(cfg)])  # a file where the cache directory would go
+    assert "exists and is not a directory" in line and line.endswith("(--compile-cache)")
 
 
 @pytest.mark.parametrize("command, flags", [("sft", TINY_SFT), ("grpo", TINY_GRPO)])

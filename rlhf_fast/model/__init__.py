@@ -1,5 +1,13 @@
 """GPT-2 model, LoRA adapters, heads. nn.Modules only: no RL, no DeepSpeed."""
 
+from .compile import (
+    CompileOptions,
+    compile_model,
+    load_compile_cache,
+    region_graphs,
+    save_compile_cache,
+    uncompile_model,
+)
 from .gpt2 import ATTN_BACKENDS, GPT, PRESETS, GPTConfig, preset_config
 from .heads import RewardHead, ScalarHead, ValueHead, last_token_index, reward_scores, sequence_scores
 from .lora import (
@@ -18,6 +26,7 @@ from .lora import (
 
 __all__ = [
     "ATTN_BACKENDS",
+    "CompileOptions",
     "GPT",
     "GPTConfig",
     "LoRAConfig",
@@ -29,14 +38,19 @@ __all__ = [
     "adapter_parameters",
     "adapter_state_dict",
     "add_lora",
+    "compile_model",
     "disable_adapters",
     "last_token_index",
     "load_adapter",
+    "load_compile_cache",
     "merge_adapter",
     "preset_config",
+    "region_graphs",
     "reward_scores",
+    "save_compile_cache",
     "save_adapter",
     "sequence_scores",
     "set_adapter",
+    "uncompile_model",
     "unmerge_adapter",
 ]

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rlhf_fast import kernels
 
+from .compile import run_region
 from .lora import LoRALinear
 
 ATTN_BACKENDS = ("auto", "torch", "sdpa", "triton", "flash")
@@ -147,8 +148,15 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
+        self.compile_options = None  # set by `compile_model`: full-sequence calls run the compiled region
 
     def forward(self, x, key_padding_mask, layer_cache=None, input_pos=None):
+        if layer_cache is None and self.compile_options is not None and not torch.compiler.is_compiling():
+            return run_region(self.compile_options, self, x, key_padding_mask)
+        return self.forward_eager(x, key_padding_mask, layer_cache, input_pos)
+
+    def forward_eager(self, x, key_padding_mask, layer_cache=None, input_pos=None):
+        """The block itself; `compile_model` compiles its full-sequence (no KV cache) calls."""
         x = x + self.attn(self.ln_1(x), key_padding_mask, layer_cache, input_pos)
         return x + self.mlp(self.ln_2(x))
 
@@ -356,6 +364,12 @@ class GPT(nn.Module):
         x = tr.drop(tr.wte(input_ids) + tr.wpe(position_ids))  # (B, T, C)
         # grad mode, not self.training, decides: the RL update runs in eval mode (no dropout)
         checkpointing = self.config.grad_checkpoint and kv_cache is None and torch.is_grad_enabled()
+        if (kv_cache is None and torch.is_grad_enabled() and not x.requires_grad and tr.h[0].compile_options
+                and any(p.requires_grad for p in tr.h.parameters())):
+            # Frozen embeddings (LoRA): the first block's input would be the only one not requiring grad,
+            # a second compiled variant of the region per adapter. Asking for its gradient costs that
+            # block's input-gradient GEMMs (~1% of gpt2's backward) and saves that compile.
+            x.requires_grad_()
         for i, block in enumerate(tr.h):
             if checkpointing:
                 x = _checkpointed_block(block, x, key_padding_mask)

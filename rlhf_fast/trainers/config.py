@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from rlhf_fast.config import Config, option, section
 from rlhf_fast.distributed import PRECISIONS, DeepSpeedSettings
 from rlhf_fast.errors import ConfigError
+from rlhf_fast.model.compile import BACKENDS as COMPILE_BACKENDS
 
 STAGES = ("sft", "rm", "dpo")
 STRATEGIES = ("single", "deepspeed")
@@ -124,8 +126,13 @@ class RunSettings(Config):
                            "deepspeed launcher)", choices=STRATEGIES)
     precision: str = option("fp32", "fp32, bf16 or fp16 autocast (fp16: CUDA only, with a gradient scaler)",
                             choices=PRECISIONS)
-    compile: bool | None = option(None, "torch.compile the training step / the decode step (default: on for "
-                                  "CUDA, off for CPU)")
+    compile: bool | None = option(None, "regional torch.compile of the model's blocks for training and scoring "
+                                  "(default: on for CUDA, off for CPU)")
+    compile_backend: str = option("inductor", "torch.compile backend: inductor, or aot_eager (dynamo + AOTAutograd) "
+                                  "/ eager (dynamo) to debug",
+                                  choices=COMPILE_BACKENDS)
+    compile_cache: str | None = option(None, "directory of the compile cache: loaded before the first step, saved "
+                                       "after it and at the end (default: $RLHF_FAST_COMPILE_CACHE)")
     log_every: int = option(10, "steps (RL: iterations) between metrics.jsonl lines")
     eval_every: int = option(100, "steps (RL: iterations) between evaluations (0: only at the end)")
     save_every: int = option(100, "steps (RL: iterations) between checkpoints (0: only at the end)")
@@ -148,6 +155,8 @@ class RunSettings(Config):
         for name in ("log_every", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"must be >= 0, got {getattr(self, name)}", name)
+        if self.compile_cache is not None and Path(self.compile_cache).is_file():
+            raise ConfigError(f"{self.compile_cache} exists and is not a directory", "compile_cache")
         if self.resume and self.resume_if_possible:
             raise ConfigError("give --resume or --resume-if-possible, not both", "resume")
 

@@ -3,7 +3,7 @@
 `Trainer.train()` runs optimizer steps of `grad_accum_steps` micro-batches. Each micro-batch loss is a
 *sum* divided by the count (tokens or pairs) of the whole optimizer step, so 4 x 2 accumulates exactly
 the gradient of 1 x 8. Subclasses provide `loss_count(batch)`, `micro_loss(batch, count)` and
-`evaluate()`; `micro_loss` (forward + loss) is what `torch.compile` compiles.
+`evaluate()`. With `run.compile`, the model's blocks are compiled regionally (`RunCompiler`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from rlhf_fast.distributed import Strategy
 from rlhf_fast.model import GPT
 
 from .checkpoint import CheckpointManager, restore_collective, resume_or_start, save_collective
+from .compiling import RunCompiler
 from .config import TrainConfig
 from .memory_plan import check_trainer_memory
 from .metrics import MetricsLogger, log
@@ -85,8 +86,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o))
         self.module, self.optimizer, self.scheduler = strategy.prepare(module, optimizer, scheduler)
         self.device = strategy.device
-        compile_ = config.run.compile if config.run.compile is not None else self.device.type == "cuda"
-        self.loss_fn = torch.compile(self.micro_loss) if compile_ else self.micro_loss
+        self.compiler = RunCompiler(config.run, self.device, module, is_main=strategy.is_main)
         self.checkpoints = CheckpointManager(self.run_dir, config.run.keep_last)
         self.logger = MetricsLogger(self.run_dir, enabled=strategy.is_main)
         self.step = 0
@@ -126,7 +126,7 @@ class Trainer:
         totals: dict[str, float] = {}
         for b in micro:
             with self.strategy.autocast():
-                loss, metrics = self.module(self.loss_fn, b, count)
+                loss, metrics = self.module(self.micro_loss, b, count)
             self.strategy.backward(loss)
             for k, v in {"loss": loss, **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach())
@@ -134,7 +134,7 @@ class Trainer:
         totals["grad_norm"] = self.strategy.step()
         totals["lr"] = self.scheduler.get_last_lr()[0]
         totals["tokens"] = int(self.strategy.all_reduce_sum(sum(float(b["attention_mask"].sum()) for b in micro)))
-        return totals
+        return {**totals, **self.compiler.step_metrics()}
 
     def train(self, until_step: int | None = None) -> list[dict]:
         """Train to optim.max_steps (or stop early at `until_step`, saving a checkpoint there)."""
@@ -168,6 +168,7 @@ class Trainer:
         if self.step >= max_steps:
             self._log_eval()
         self.save()
+        self.compiler.save()
         self.logger.close()
         return self.history
 

@@ -24,6 +24,7 @@ from rlhf_fast.rl import make_kl_controller
 
 from .builders import export_model, train_strategy
 from .checkpoint import CheckpointManager, restore_collective, resume_or_start, save_collective
+from .compiling import RunCompiler
 from .experience import ExperienceMaker, PhaseTimer, Rollout, peak_memory_gb
 from .loop import TrainModule, adamw, lr_lambda
 from .memory_plan import check_trainer_memory
@@ -61,6 +62,7 @@ class RLTrainer(PolicyUpdate):
         if not self.trainable:
             raise ValueError(f"{self.stage}: nothing to train (no parameter of the policy/critic requires grad)")
         self.actor, self.critic = self._prepare_models()
+        self.compiler = RunCompiler(run, self.device, models, is_main=strategy.is_main)
         self.kl_ctl = make_kl_controller(rl.init_kl_coef, rl.kl_target, rl.kl_horizon)
         self.maker = ExperienceMaker(
             models, max_new_tokens=rl.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
@@ -185,7 +187,8 @@ class RLTrainer(PolicyUpdate):
             train = self.update(exp)
         stats["peak_mem_iter_gb"] = peak_memory_gb(self.device)  # rollout + update (peak_mem_gb: the rollout)
         self.kl_ctl.update(stats["kl"], n_steps=len(exp) * self.strategy.world_size)
-        return {**stats, **{f"train/{k}": v for k, v in train.items()}, **timer.times, "kl_coef": kl_coef}
+        return {**stats, **{f"train/{k}": v for k, v in train.items()}, **timer.times, "kl_coef": kl_coef,
+                **self.compiler.step_metrics()}
 
     def evaluate(self, batch_size: int | None = None, seed: int = 1234) -> dict[str, float]:
         """`ExperienceMaker.evaluate` on the held-out prompts ({} when there are none); every rank evaluates
@@ -228,6 +231,7 @@ class RLTrainer(PolicyUpdate):
         if self.iteration >= total:
             self.log_eval()
         self.save()
+        self.compiler.save()
         self.logger.close()
         return self.history
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import json
 
 import pytest
 import torch
@@ -296,3 +297,21 @@ def test_policy_loss_through_the_triton_kernel_matches_torch(tmp_path):
         torch.testing.assert_close(metrics_k[k], metrics_t[k], atol=1e-6, rtol=1e-5)
     for a, b in zip(grads_t, grads_k):
         torch.testing.assert_close(b, a, atol=1e-7, rtol=1e-4)
+
+
+def test_compiled_run_compiles_the_region_only_in_its_first_iteration(tmp_path, monkeypatch):
+    # Prompt and response lengths change every iteration; the block region's graphs do not: each variant
+    # (here: the policy with grad, the policy scoring, the reference) compiles once, in iteration 1.
+    # Dynamo's guards decide recompiles, so the "eager" backend (no AOTAutograd) is enough, and fast.
+    monkeypatch.setenv("RLHF_FAST_COMPILE_CACHE", str(tmp_path / "cache"))
+    torch._dynamo.reset()
+    config = grpo_config(tmp_path, lora=True, kl_coef=0.05, iterations=4, micro=16, group_size=4, prompts=8,
+                         compile=True, compile_backend="eager")
+    history = make_trainer(config).train()
+    torch._dynamo.reset()
+    compiles = [h["compiles"] for h in history]
+    assert 1 <= compiles[0] <= 3 and compiles[1:] == [0, 0, 0], compiles
+    assert history[-1]["compile_graphs"] == compiles[0]
+    assert len({h["response_len"] for h in history}) > 1  # the shapes did change
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/compiles"] for r in logged if "train/compiles" in r] == compiles
