@@ -3,10 +3,10 @@ token per step (gpt-fast style), with no device->host sync per token.
 
 - The cache is (B, H, T_max, D) per layer, T_max = P + max_new_tokens rounded up to a bucket, and is
   kept per model and shape: an RL loop calling `generate` with prompts of varying length reuses the
-  same buffers and the same compiled step instead of allocating and recompiling.
-- On CUDA the decode step is `torch.compile(mode="reduce-overhead", fullgraph=True, dynamic=False)`:
-  one CUDA graph per (batch, bucket), replayed each token. Elsewhere it runs eagerly (or compiled
-  without CUDA graphs when asked, which is how the recompile behaviour is tested on CPU).
+  same buffers and the same decode engine instead of allocating and recapturing.
+- The decode step is a `DecodeEngine` (decode_graph.py): on CUDA one CUDA graph per (batch, bucket,
+  sampling settings), replayed each token, optionally with the model step through inductor
+  (compile=True); elsewhere, or when capture fails, the same step runs eagerly.
 - Rows finish at their EOS (which is part of the response: it is an action); after it they get pad
   and mask 0. Whether every row has finished is read back only every `EOS_CHECK_EVERY` tokens.
 """
@@ -14,6 +14,7 @@ token per step (gpt-fast style), with no device->host sync per token.
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,10 +22,12 @@ import torch
 
 from rlhf_fast.model.kv_cache import KVCache
 
-from .sampling import SamplingConfig, sample_next_token, token_logprobs
+from .decode_graph import DecodeEngine, DecodeSpec
+from .sampling import SamplingConfig
 
 CACHE_BUCKET = 128  # T_max granularity: few distinct shapes to compile, at most 127 idle slots per row
 EOS_CHECK_EVERY = 8  # tokens between "all finished?" host reads: early stop without a sync per token
+ENGINES_PER_MODEL = 16  # decode engines (and their graphs) kept per model: a server meets few sampling settings
 
 
 @dataclass
@@ -42,9 +45,10 @@ def cache_length(total_len: int, n_positions: int, bucket: int = CACHE_BUCKET) -
     return min(-(-total_len // bucket) * bucket, n_positions)
 
 
-# Caches per model, keyed by shape, so repeated calls reuse buffers (and, on CUDA, their CUDA graphs:
-# the compiled step guards on the cache tensors' identity). Freed with the model or release_kv_caches.
+# Caches per model, keyed by shape, and decode engines per (cache, DecodeSpec), so repeated calls reuse
+# buffers and CUDA graphs. Neither holds the model; both are freed with it or by release_kv_caches.
 _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def kv_cache_for(model, batch_size: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
@@ -56,6 +60,19 @@ def kv_cache_for(model, batch_size: int, max_len: int, dtype: torch.dtype, devic
     return caches[key]
 
 
+def decode_engine_for(model, kv_cache: KVCache, spec: DecodeSpec) -> DecodeEngine:
+    """The model's DecodeEngine for this cache and spec (least recently used ones beyond ENGINES_PER_MODEL go)."""
+    engines = _ENGINES.setdefault(model, OrderedDict())
+    key = (id(kv_cache), spec)
+    engine = engines.get(key)
+    if engine is None or engine.kv_cache is not kv_cache:
+        engine = engines[key] = DecodeEngine(kv_cache, spec)
+    engines.move_to_end(key)
+    while len(engines) > ENGINES_PER_MODEL:
+        engines.popitem(last=False)
+    return engine
+
+
 def cache_dtype(model, device: torch.device) -> torch.dtype:
     """The dtype k and v are computed in: autocast's when it is on (fp32 master weights), else the weights'."""
     if torch.is_autocast_enabled(device.type):
@@ -64,37 +81,19 @@ def cache_dtype(model, device: torch.device) -> torch.dtype:
 
 
 def release_kv_caches(model) -> None:
-    """Free the KV caches kept for `model` (e.g. before a memory-hungry training phase)."""
+    """Free the KV caches and decode engines kept for `model` (e.g. before a memory-hungry training phase)."""
     _CACHES.pop(model, None)
+    _ENGINES.pop(model, None)
 
 
 # ----------------------------------------------------------------------------------------------
-# Prefill and decode steps
+# Prefill
 
 
 def prefill(model, input_ids, attention_mask, kv_cache: KVCache) -> torch.Tensor:
     """Write the prompts (B, P) into cache slots 0..P-1; logits (B, V) for each row's next token."""
     h = model.hidden_states(input_ids, attention_mask, kv_cache=kv_cache)  # (B, P, C)
     return model.lm_head(h[:, -1])  # left padding: the last column is every row's last real token
-
-
-def decode_one_token(model, kv_cache: KVCache, token, position_ids, input_pos) -> torch.Tensor:
-    """token (B, 1) at positions position_ids (B, 1) into slot input_pos (1,); logits (B, V)."""
-    h = model.hidden_states(token, position_ids=position_ids, kv_cache=kv_cache, input_pos=input_pos)
-    return model.lm_head(h[:, -1])
-
-
-_COMPILED_STEPS: dict[str, object] = {}
-
-
-def compiled_decode_step(device_type: str):
-    """`decode_one_token` compiled once per device type; CUDA graphs on CUDA. Shapes are static
-    (dynamic=False), so each (batch, T_max bucket, dtype) compiles once and is then replayed."""
-    if device_type not in _COMPILED_STEPS:
-        mode = "reduce-overhead" if device_type == "cuda" else None
-        _COMPILED_STEPS[device_type] = torch.compile(decode_one_token, mode=mode, fullgraph=True,
-                                                     dynamic=False)
-    return _COMPILED_STEPS[device_type]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,18 +143,25 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens, eos_token_id
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_sample: bool = True,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
              pad_token_id: int | None = None, generator: torch.Generator | None = None,
-             return_logprobs: bool = False, compile: bool | None = None,
+             return_logprobs: bool = False, compile: bool | None = False, cuda_graph: bool | None = None,
              on_step: Callable[[int, torch.Tensor, torch.Tensor], bool | None] | None = None) -> GenerationOutput:
     """Generate up to max_new_tokens for a left-padded batch of prompts (B, P).
 
     N in the output is the longest response (< max_new_tokens only when every row hit EOS or on_step stopped
-    it). pad_token_id defaults to eos_token_id (GPT-2 has no pad token), else 0. compile: None = on CUDA only
-    (with CUDA graphs), True/False to force. The model's train/eval mode is left as is (dropout is 0 for RLHF).
+    it). pad_token_id defaults to eos_token_id (GPT-2 has no pad token), else 0. The model's train/eval mode
+    is left as is (dropout is 0 for RLHF).
+
+    cuda_graph: replay the decode step as a CUDA graph (None = on CUDA, off elsewhere; RLHF_FAST_NO_CUDA_GRAPH=1
+    turns it off). compile: torch.compile (inductor) the model step first; opt-in, as it costs a long compile
+    (None counts as off, so callers can pass an auto-default setting through). The graph replays the eager
+    step's own kernels: the same tokens, and for the same generator state the same draws, as eager decoding
+    (inductor's fused kernels may differ from eager in the last bits). A failed compile or capture warns once
+    and decodes eagerly.
 
     on_step(t, token, finished), for streaming: called after each step t with that step's tokens (B,) (pad
     for rows finished before t) and the rows finished by EOS so far (B,) bool, on the model's device; a true
     return value stops generation after step t. Reading them costs a device->host sync per step, which is
-    why it is optional; the compiled decode step is untouched (the callback runs between steps).
+    why it is optional; the decode step is untouched (the callback runs between steps).
     """
     sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     _check_inputs(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, generator)
@@ -166,43 +172,30 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
     kv_cache = kv_cache_for(model, B, cache_length(P + N, model.config.n_positions), cache_dtype(model, device),
                             device)
-    use_compile = device.type == "cuda" if compile is None else compile
-    step = compiled_decode_step(device.type) if use_compile else decode_one_token
-
-    tokens = torch.full((B, N), pad, dtype=torch.long, device=device)
-    response_mask = torch.zeros((B, N), dtype=torch.long, device=device)
-    logprobs = torch.zeros((B, N), dtype=torch.float32, device=device) if return_logprobs else None
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    position_ids = attention_mask.long().sum(dim=1, keepdim=True)  # (B, 1): next position of each row
-    input_pos = torch.tensor([P], dtype=torch.long, device=device)  # cache slot of the next token
+    engine = decode_engine_for(model, kv_cache, DecodeSpec(sampling, eos_token_id, pad, return_logprobs))
+    engine.prepare(model, cuda_graph=cuda_graph, compile=compile)  # before the prefill: warm-up uses the cache
 
     logits = prefill(model, input_ids, attention_mask, kv_cache)  # (B, V)
-    for t in range(N):
-        token = sample_next_token(logits, sampling, generator).masked_fill(finished, pad)  # (B,)
-        tokens[:, t] = token
-        response_mask[:, t] = ~finished
-        if return_logprobs:
-            logprobs[:, t] = token_logprobs(logits, token, temperature).masked_fill(finished, 0.0)
-        if eos_token_id is not None:
-            finished = finished | (token == eos_token_id)
-        if on_step is not None and on_step(t, token, finished):
-            break
-        if eos_token_id is not None and (t + 1) % EOS_CHECK_EVERY == 0 and bool(finished.all()):
-            break
-        if t == N - 1:
-            break
-        if use_compile and device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-        logits = step(model, kv_cache, token.unsqueeze(1), position_ids, input_pos)
-        position_ids = position_ids + 1
-        input_pos = input_pos + 1
+    # first token: position = the row's length, cache slot P
+    engine.start(logits, attention_mask.long().sum(dim=1, keepdim=True), P, generator)
+    try:
+        for t in range(N):
+            if t:
+                engine.step(model)
+            if on_step is not None and on_step(t, engine.token[:, 0].clone(), engine.finished.clone()):
+                break
+            if eos_token_id is not None and (t + 1) % EOS_CHECK_EVERY == 0 and bool(engine.finished.all()):
+                break
+    finally:
+        engine.finish()
 
     # Trim columns in which every row had already finished or that on_step cut off (one host read).
+    response_mask = engine.response_mask[:, P:P + N]
     n = int(response_mask.sum(dim=1).max()) if eos_token_id is not None or on_step is not None else N
-    response_mask = response_mask[:, :n]
+    response_mask = response_mask[:, :n].clone()  # copies: the engine's buffers serve the next call
     return GenerationOutput(
-        sequences=torch.cat([input_ids, tokens[:, :n]], dim=1),
+        sequences=torch.cat([input_ids, engine.tokens[:, P:P + n]], dim=1),
         attention_mask=torch.cat([attention_mask.long(), response_mask], dim=1),
         response_mask=response_mask,
-        logprobs=None if logprobs is None else logprobs[:, :n],
+        logprobs=None if engine.logprobs is None else engine.logprobs[:, P:P + n].clone(),
     )

@@ -61,11 +61,6 @@ class KVCache(nn.Module):
         )
         self.register_buffer("valid", torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
                              persistent=False)
-        if torch.device(device).type == "cuda":
-            # Fixed addresses: CUDA graphs then read/write these buffers in place instead of copying them.
-            # guard=True: a compiled step is tied to one cache, which is why generation reuses caches.
-            for t in self.buffers():
-                torch._dynamo.mark_static_address(t, guard=True)
 
     @classmethod
     def for_model(cls, config, batch_size: int, max_len: int, dtype, device) -> KVCache:

@@ -10,7 +10,7 @@ streams its own text back to the asyncio handler awaiting it.
 - A call runs to its longest max_tokens; each request ends at its own max_tokens, EOS, stop string or turn
   marker, and `generate` stops early (its `on_step` hook) once every request is finished or its client gone.
 - Batch sizes are padded up to a power of two with one-token dummy rows (at most max_batch_size), so a server
-  meets few distinct shapes: each is a KV cache kept by the engine and, on CUDA, a compiled CUDA graph.
+  meets few distinct shapes: each is a KV cache kept by the engine and, on CUDA, a captured decode graph.
 - Seeds: the `torch.Generator` belongs to a whole call, so a request with a seed runs alone (a batch of one),
   which makes it reproducible; unseeded sampling draws from torch's global generator.
 - Backpressure: at most max_queue requests wait (running ones do not count); beyond that `submit` raises
@@ -41,7 +41,7 @@ class BatchConfig:
     max_batch_size: int = 8  # requests per generate call; 1 = no batching
     batch_window_ms: float = 5.0  # how long the oldest waiting request waits for company
     max_queue: int = 64  # waiting requests before 429
-    compile: bool | None = None  # generate's compile: None = on CUDA (CUDA graphs), off elsewhere
+    compile: bool | None = None  # inductor on the decode step (True; None/False: off). CUDA graphs are on for CUDA
 
     def __post_init__(self):
         if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:

@@ -3,7 +3,8 @@
 The conversation is HH-RLHF text (conversation.py): [system] "\\n\\nHuman: ...\\n\\nAssistant:" reply, turn after
 turn. It lives in one static KV cache (batch 1, the model's whole context) and is not re-encoded while it fits:
 
-- the first turn is prefilled (slots 0..P-1), the reply decodes one token per step (`decode_one_token`);
+- the first turn is prefilled (slots 0..P-1), the reply decodes one token per step (the generation engine's
+  `DecodeEngine` over this cache: a CUDA graph replay per token on CUDA);
 - a later turn appends only its new tokens, in one forward. `GPT.hidden_states` decodes one token per call,
   so `_extend` runs the blocks itself with each layer's cache seen through a window that ends at the new
   turn's last slot: keys are slots 0..end-1, queries the last T of them, and the attention backends' bottom-right
@@ -28,7 +29,7 @@ from collections.abc import Callable, Generator
 
 import torch
 
-from rlhf_fast.generation import SamplingConfig, decode_one_token, prefill, sample_next_token
+from rlhf_fast.generation import DecodeEngine, DecodeSpec, SamplingConfig, prefill
 from rlhf_fast.generation.generate import cache_dtype
 from rlhf_fast.model.kv_cache import KVCache
 
@@ -76,11 +77,12 @@ class ChatSession:
     """A conversation with `model` over its own KV cache. `reply(text)` streams the answer; `reset()` starts over.
 
     sampling: greedy by default; max_new_tokens: per reply (that much room is kept free in the context);
-    system: plain text put before the first turn; seed: the sampling generator's.
+    system: plain text put before the first turn; seed: the sampling generator's; cuda_graph, compile: as for
+    `generate` (the decode step as a CUDA graph, by default on CUDA; inductor on the model step, opt-in).
     """
 
     def __init__(self, model, tokenizer, *, sampling: SamplingConfig | None = None, max_new_tokens: int = 64,
-                 system: str | None = None, seed: int = 0):
+                 system: str | None = None, seed: int = 0, cuda_graph: bool | None = None, compile: bool = False):
         n_positions = model.config.n_positions
         overhead = len(tokenizer.encode(HUMAN + ASSISTANT)) + 1  # the smallest turn: markers and one token
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
@@ -98,6 +100,9 @@ class ChatSession:
         self.generator = torch.Generator(self.device).manual_seed(seed)
         # Its own cache, not generate()'s shared one (`kv_cache_for`): another generate call must not clobber it.
         self._cache = KVCache.for_model(model.config, 1, n_positions, cache_dtype(model, self.device), self.device)
+        # EOS and turn markers are checked here, per token: the engine only decodes and samples
+        self._engine = DecodeEngine(self._cache, DecodeSpec(self.sampling))
+        self.cuda_graph, self.compile = cuda_graph, compile
         self._system_text = system.strip() if system else ""
         self._open: ChatReply | None = None
         self.reset()
@@ -163,11 +168,19 @@ class ChatSession:
         start = len(self.context_ids())
         reply_ids: list[int] = []
         keep = None  # reply tokens kept (None: all of them)
+        engine = self._engine
         try:
+            if engine.prepare(self.model, cuda_graph=self.cuda_graph, compile=self.compile):
+                self._cached = 0  # its warm-up steps went through the cache: encode the conversation again
             logits = self._feed(self.context_ids()[self._cached:] + prompt)
+            slot = torch.full((1, 1), self._cached, dtype=torch.long, device=self.device)  # position = slot
+            engine.start(logits[None], slot, self._cached, self.generator)
             stream = TextStream(self.tokenizer, stop_at_turn=True)  # holds back what may start a turn marker
             for step in range(self.max_new_tokens):
-                token = int(sample_next_token(logits[None], self.sampling, self.generator))
+                if step:  # the previous token into slot _cached, the next one sampled (the last is fed next turn)
+                    engine.step(self.model)
+                    self._cached += 1
+                token = int(engine.token)
                 if token == self.tokenizer.eos_token_id:
                     reply.stop = "eos"
                     break
@@ -180,8 +193,6 @@ class ChatSession:
                     reply.stop = "turn"
                     keep = self._tokens_before(reply_ids, len(reply.text))
                     break
-                if step + 1 < self.max_new_tokens:  # the last token is fed with the next turn
-                    logits = self._decode(token)
             else:
                 reply.stop = "length"
             rest = stream.flush()
@@ -189,6 +200,7 @@ class ChatSession:
                 reply.text += rest
                 yield rest
         finally:
+            engine.finish()
             reply.token_ids = reply_ids[:keep]
             self._commit(start, prompt, reply.token_ids, user_text, reply.text)
 
@@ -227,15 +239,6 @@ class ChatSession:
         for block, layer in zip(tr.h, self._cache.layers, strict=True):
             h = block(h, key_padding_mask, _CacheWindow(layer, end), positions)
         return self.model.lm_head(tr.ln_f(h[:, -1]))[0]
-
-    @torch.no_grad()
-    def _decode(self, token: int) -> torch.Tensor:
-        """token into slot _cached (= its position); logits (V,) of the next one."""
-        token_ids = torch.tensor([[token]], dtype=torch.long, device=self.device)  # (1, 1)
-        slot = torch.tensor([self._cached], dtype=torch.long, device=self.device)  # (1,)
-        logits = decode_one_token(self.model, self._cache, token_ids, slot.view(1, 1), slot)
-        self._cached += 1
-        return logits[0]
 
 
 def run_repl(session: ChatSession, *, name: str = "the model", input_fn: Callable[[str], str] = input,

@@ -169,8 +169,9 @@ class ServeConfig(ModelOptions):
     batch_window_ms: float = option(_BATCH.batch_window_ms, "how long the oldest waiting request waits for others "
                                                             "to batch with")
     max_queue: int = option(_BATCH.max_queue, "waiting requests before the server answers 429")
-    compile: bool | None = option(None, "compiled decode step (CUDA graphs on CUDA; default: on for CUDA, off for "
-                                        "CPU)")
+    compile: bool | None = option(None, "torch.compile (inductor) the decode step before it is captured as a CUDA "
+                                        "graph (default: off, it is a long compile; the CUDA graph is on for CUDA "
+                                        "regardless, RLHF_FAST_NO_CUDA_GRAPH=1 turns it off)")
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:

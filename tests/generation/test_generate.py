@@ -1,5 +1,5 @@
 """generate(): HF parity, KV-cache correctness, batch invariance, EOS handling, logprobs, seeding,
-bad input, and the compiled decode step's recompile behaviour. Small fp32 models on CPU."""
+bad input, on_step streaming. Small fp32 models on CPU. The decode engine and its CUDA graph: test_decode_graph.py."""
 
 import pytest
 import torch
@@ -7,7 +7,6 @@ import torch
 from rlhf_fast.generation import (
     EOS_CHECK_EVERY,
     cache_length,
-    compiled_decode_step,
     decode_one_token,
     generate,
     kv_cache_for,
@@ -232,57 +231,6 @@ def test_bad_input(tiny, kwargs, match):
 
 
 # ----------------------------------------------------------------------------------------------
-# Compiled decode step
-
-
-@torch.no_grad()
-def test_compiled_decode_does_not_recompile_within_a_bucket(tiny):
-    """CPU stand-in for the CUDA-graph path: same compiled step (no cudagraphs on CPU), same guards."""
-    torch._dynamo.reset()
-    try:
-        ids, mask = left_padded([7, 3, 1], 7)
-        eager = generate(tiny, ids, mask, max_new_tokens=6, do_sample=False)
-        compiled = generate(tiny, ids, mask, max_new_tokens=6, do_sample=False, compile=True)
-        assert torch.equal(compiled.sequences, eager.sequences)
-        ids2, mask2 = left_padded([12, 12, 2], 12, seed=6)  # another prompt length, same (B, T_max)
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            again = generate(tiny, ids2, mask2, max_new_tokens=9, do_sample=False, compile=True)
-            assert torch.equal(again.sequences,
-                               generate(tiny, ids2, mask2, max_new_tokens=9, do_sample=False).sequences)
-            # A new batch size is a new shape: the guard does fire (so the check above can fail).
-            with pytest.raises(torch._dynamo.exc.RecompileError):
-                generate(tiny, ids2[:2], mask2[:2], max_new_tokens=3, do_sample=False, compile=True)
-    finally:
-        torch._dynamo.reset()
-
-
-@pytest.mark.gpu
-@torch.no_grad()
-def test_cuda_graph_decode_step_matches_eager_and_is_reused():
-    torch._dynamo.reset()
-    try:
-        torch.manual_seed(0)
-        model = GPT.from_preset("tiny").cuda().eval()
-        ids, mask = (t.cuda() for t in left_padded([7, 3, 1], 7))
-        step = compiled_decode_step("cuda")  # mode="reduce-overhead": CUDA graphs
-        cache = kv_cache_for(model, 3, 128, torch.float32, "cuda")
-        logits = prefill(model, ids, mask, cache)
-        pos = mask.sum(dim=1, keepdim=True)
-        for t in range(6):
-            token = logits.argmax(dim=-1, keepdim=True)
-            torch.compiler.cudagraph_mark_step_begin()
-            got = step(model, cache, token, pos + t, torch.tensor([7 + t], device="cuda")).clone()
-            want = model(torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1))[:, -1]
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-            ids, mask, logits = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1), got
-        ids2, mask2 = (t.cuda() for t in left_padded([12, 5, 2], 12, seed=6))
-        with torch._dynamo.config.patch(error_on_recompile=True):  # same (B, T_max): same graph
-            generate(model, ids2, mask2, max_new_tokens=9, do_sample=False)
-    finally:
-        torch._dynamo.reset()
-
-
-# ----------------------------------------------------------------------------------------------
 # on_step: per-step tokens for streaming, and stopping early
 
 
@@ -332,21 +280,3 @@ def test_on_step_called_for_the_step_after_which_every_row_has_finished():
              on_step=lambda t, token, finished: steps.append((t, bool(finished.all()))))
     # generation ends at the first "all finished?" check; the callback still saw that step
     assert steps == [(t, True) for t in range(EOS_CHECK_EVERY)]
-
-
-@pytest.mark.gpu
-@torch.no_grad()
-def test_on_step_with_cuda_graph_decode_matches_eager():
-    torch._dynamo.reset()
-    try:
-        torch.manual_seed(0)
-        model = GPT.from_preset("tiny").cuda().eval()
-        ids, mask = (t.cuda() for t in left_padded([7, 3, 1], 7))
-        eager = generate(model, ids, mask, max_new_tokens=12, do_sample=False, compile=False)
-        seen = []
-        compiled = generate(model, ids, mask, max_new_tokens=12, do_sample=False, compile=True,
-                            on_step=lambda t, token, finished: seen.append(token.tolist()) or t == 8)
-        assert torch.equal(compiled.sequences, eager.sequences[:, : 7 + 9])
-        assert torch.tensor(seen, device="cuda").T.equal(compiled.sequences[:, 7:])
-    finally:
-        torch._dynamo.reset()

@@ -6,15 +6,15 @@ import json
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from rlhf_fast.cli import main
 from rlhf_fast.data import ByteTokenizer, load_tokenizer
-from rlhf_fast.generation import SamplingConfig, generate
+from rlhf_fast.generation import SamplingConfig, decode_graph, generate
 from rlhf_fast.model import GPT
-from rlhf_fast.serving import chat
 from rlhf_fast.serving.chat import ChatSession, run_repl
 from rlhf_fast.serving.conversation import hh_prompt
 from rlhf_fast.trainers.builders import TOKENIZER_MARKER, export_model
@@ -87,6 +87,28 @@ def test_kv_reuse_matches_reencoding_every_turn(sharp, sampling):
     assert [m["role"] for m in session.messages] == ["system"] + ["user", "assistant"] * len(messages)
 
 
+def test_graph_path_matches_reencoding_and_recaptures_safely(sharp, monkeypatch):
+    """The decode engine's graph code path on CPU (capture replaced by a fake whose replay runs the step): the same
+    replies; a recapture mid-conversation (its warm-up scribbles on the cache) re-encodes the conversation."""
+    model, tok = sharp
+    captured = []
+
+    def capture(step, device, generator):
+        for _ in range(decode_graph.WARMUP_STEPS):
+            step()
+        captured.append(step)
+        return SimpleNamespace(replay=step)
+
+    monkeypatch.setattr(decode_graph, "capture_graph", capture)
+    session = ChatSession(model, tok, sampling=SamplingConfig(temperature=0.7), max_new_tokens=N, cuda_graph=True)
+    for i, text in enumerate(["Hi", "Dogs?", "ok"]):
+        if i == 2:  # new weight storage, same values: the graph is stale and must be captured again
+            model.transformer.wte.weight.data = model.transformer.wte.weight.data.clone()
+        reply, _, context = turn(session, text, seed=i)
+        assert_matches_reencoding(session, reply, context, seed=i)
+    assert len(captured) == 2
+
+
 def test_context_overflow_drops_oldest_turns_and_keeps_working(sharp):
     model, tok = sharp  # n_positions 128; each turn here takes 9 + 30 + 12 + <= 12 tokens
     session = ChatSession(model, tok, max_new_tokens=N)
@@ -133,14 +155,14 @@ def test_reset_clears_the_conversation(sharp):
 
 
 def scripted(monkeypatch, tokens):
-    """Make the chat sample `tokens` first, then sample as usual."""
-    script, real = iter(tokens), chat.sample_next_token
+    """Make the chat sample `tokens` first, then sample as usual (the decode engine's sampler, eager on CPU)."""
+    script, real = iter(tokens), decode_graph.sample_next_token
 
     def sample(logits, cfg, generator=None):
         token = next(script, None)
         return real(logits, cfg, generator) if token is None else torch.tensor([token])
 
-    monkeypatch.setattr(chat, "sample_next_token", sample)
+    monkeypatch.setattr(decode_graph, "sample_next_token", sample)
 
 
 @pytest.fixture
@@ -219,7 +241,7 @@ def test_repl_eof_and_ctrl_c_at_the_prompt_exit_cleanly(sharp, stop):
 def test_repl_ctrl_c_during_a_reply_stops_only_that_reply(sharp, monkeypatch):
     model, tok = sharp
     session = ChatSession(model, tok, max_new_tokens=N)
-    real, calls = chat.sample_next_token, []
+    real, calls = decode_graph.sample_next_token, []
 
     def interrupted(logits, cfg, generator=None):
         calls.append(1)
@@ -227,7 +249,7 @@ def test_repl_ctrl_c_during_a_reply_stops_only_that_reply(sharp, monkeypatch):
             raise KeyboardInterrupt
         return real(logits, cfg, generator)
 
-    monkeypatch.setattr(chat, "sample_next_token", interrupted)
+    monkeypatch.setattr(decode_graph, "sample_next_token", interrupted)
     lines = iter(["Hello", "Again"])
     out = io.StringIO()
     assert run_repl(session, input_fn=lambda prompt: next(lines, "/exit"), output=out) == 0
