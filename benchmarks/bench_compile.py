@@ -7,8 +7,9 @@ RL run whose lengths change every iteration.
 
 cold: each mode runs in a fresh subprocess (nothing cached in memory; inductor's on-disk caches off, so cold
 means cold): a gpt2 with a LoRA policy adapter on a frozen base (what every RL stage trains), fwd+bwd at
-two lengths (B=2, T=32 then 48), each call timed; then the same calls again, warm, whose time is subtracted:
-what is left is compile time. whole = `torch.compile(model.hidden_states)` (dynamo's default automatic
+two lengths (B=2, T=32 then 48). compile_s is dynamo's own timers (every frame's tracing, AOTAutograd and
+backend, plus the lazily compiled backward); the cold calls minus the same calls again, warm, is the wall-time
+view of it (noisier on a busy machine). whole = `torch.compile(model.hidden_states)` (dynamo's default automatic
 dynamic: static at the first length, recompiled dynamic at the second); regional = `compile_model(model)`.
 
 recompiles: a LoRA PPO run (policy / value / reward adapters on one base, KL to the adapters-off
@@ -74,8 +75,17 @@ def cold_compile(preset: str, mode: str, backend: str, lengths=LENGTHS) -> dict:
 
     cold = [step(T) for T in lengths]
     warm = [min(step(T) for _ in range(2)) for T in lengths]
-    return {"mode": mode, "cold_s": cold, "warm_s": warm,
-            "compile_s": sum(max(c - w, 0.0) for c, w in zip(cold, warm)), "total_cold_s": sum(cold)}
+    return {"mode": mode, "compile_s": dynamo_compile_s(), "cold_s": cold, "warm_s": warm,
+            "cold_minus_warm_s": sum(max(c - w, 0.0) for c, w in zip(cold, warm))}
+
+
+def dynamo_compile_s() -> float:
+    """Seconds this process spent compiling, by dynamo's own timers: every frame's compile (tracing, AOTAutograd,
+    the backend) plus the lazily compiled backward graphs. Unlike cold minus warm wall time, a busy machine
+    inflates it only as much as it slows the compiler itself."""
+    names, values = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
+    times = dict(zip(names, map(float, values)))
+    return times.get("_compile.compile_inner", 0.0) + times.get("backward._backward_impl", 0.0)
 
 
 def cold_in_subprocess(preset: str, mode: str, backend: str) -> dict:
@@ -148,15 +158,15 @@ def main(argv=None) -> int:
             for c in cold.values()]
     speedup = cold["whole"]["compile_s"] / max(cold["regional"]["compile_s"], 1e-9)
     rows[1]["speedup_vs_whole"] = speedup
-    print_table(rows, ["section", "mode", "cold_s", "warm_s", "compile_s", "speedup_vs_whole"])
+    print_table(rows, ["section", "mode", "compile_s", "cold_minus_warm_s", "speedup_vs_whole"])
     rec = recompiles("tiny", args.backend, iters)
     print_table(rec)
     after_first = sum(r["compiles"] for r in rec[1:])
     targets = [
-        {"target": "regional cold compile >= 4x faster than whole-model", "value": round(speedup, 2),
-         "target_value": TARGET_SPEEDUP, "met": None if args.smoke else speedup >= TARGET_SPEEDUP},
-        {"target": f"recompiles after iteration 1, {iters} iterations, random lengths", "value": after_first,
-         "target_value": TARGET_RECOMPILES, "met": after_first <= TARGET_RECOMPILES},
+        {"what": "regional cold compile (dynamo's timers) x faster than whole-model", "value": round(speedup, 2),
+         "target": f">= {TARGET_SPEEDUP:g}", "met": None if args.smoke else speedup >= TARGET_SPEEDUP},
+        {"what": f"region recompiles after iteration 1 of {iters}, random lengths", "value": after_first,
+         "target": f"<= {TARGET_RECOMPILES}", "met": after_first <= TARGET_RECOMPILES},
     ]
     print_targets(targets)
     path = write_record("compile", rows + rec, {"targets": targets, "variants": rec[0]["compiles"],

@@ -1,7 +1,8 @@
 """The in-process sections of gpu_check, which runs each as `python -m benchmarks.gpu_workers NAME [--smoke]` in
 its own subprocess: env, kernels (every kernel's Triton path against its torch path at gpt2-xl shapes:
-flash-attention's error rule and CUDA-event kernel times), compile (a compiled gpt2 + LoRA under bf16 autocast
-at several lengths: graph breaks, recompiles) and decode (CUDA-graph decode with LoRA vs eager, greedy).
+flash-attention's error rule and CUDA-event kernel times), compile (gpt2 + LoRA through `compile_model` under bf16
+autocast at several lengths: graph breaks, new graphs per length, loss vs eager), decode and decode_inductor (our
+CUDA-graph, and inductor-compiled + CUDA-graph, decode step with LoRA vs eager decoding, greedy).
 
 A worker reports its result as one line, MARK + JSON (`report`), as often as it likes: the orchestrator keeps
 the last one, also when the worker is killed at its timeout.
@@ -32,8 +33,11 @@ def worker(name: str):
         return fn
     return register
 
-def result(status: str, numbers: dict | None = None, detail: str = "", error: str = "") -> dict:
-    return {"status": status, "numbers": numbers or {}, "detail": detail, "error": error}
+
+def result(status: str, numbers: dict | None = None, detail: str = "", error: str = "",
+           targets: list | None = None) -> dict:
+    """A section's result; targets: the judged ones, [{what, value, target, met}] (met None: not judged)."""
+    return {"status": status, "numbers": numbers or {}, "detail": detail, "error": error, "targets": targets or []}
 
 
 def last_error(text: str) -> str:
@@ -230,11 +234,15 @@ def use_compile_backend(smoke: bool) -> None:
 
 @worker("compile")
 def compile_section(smoke: bool) -> dict:
+    """gpt2 + LoRA through `compile_model` (regional: one compiled Block region) under bf16 autocast, fwd+bwd at
+    several lengths: no graph break, no new graph for a new length (dynamic shapes), the loss of eager."""
+    import copy
+
     import torch
     import torch.nn.functional as F
     from torch._dynamo.utils import counters
 
-    from rlhf_fast.model import GPT, add_lora
+    from rlhf_fast.model import GPT, add_lora, compile_model, region_graphs
 
     use_compile_backend(smoke)
     torch._logging.set_logs(recompiles=True, graph_breaks=True)  # reasons go to the log
@@ -244,7 +252,8 @@ def compile_section(smoke: bool) -> dict:
     torch.manual_seed(0)
     model = GPT.from_preset(preset, attn_backend=backend, kernel_backend=backend).to(device)
     add_lora(model, "policy", rank=8)
-    compiled = torch.compile(model)
+    eager_model = copy.deepcopy(model)  # compile_model compiles in place
+    compiled = compile_model(model, backend="aot_eager" if smoke else "inductor")
     counters.clear()
     numbers = {}
 
@@ -261,25 +270,35 @@ def compile_section(smoke: bool) -> dict:
         loss.backward()
         sync()
         numbers[f"T{T}_first_s"] = time.perf_counter() - t0
+        numbers.setdefault("graphs_after_first_length", region_graphs())
         report(result("PASS", numbers, f"compiled {preset} fwd+bwd at T={T}"))
     numbers["graph_breaks"] = sum(counters["graph_break"].values())
-    numbers["graphs"] = counters["stats"]["unique_graphs"]
-    numbers["recompiles"] = max(0, numbers["graphs"] - 1 - numbers["graph_breaks"])
-    eager = loss_of(model, ids, mask)
+    numbers["graphs"] = region_graphs()
+    numbers["new_graphs_for_new_lengths"] = numbers["graphs"] - numbers["graphs_after_first_length"]
+    eager = loss_of(eager_model, ids, mask)
     numbers["loss_rel_diff_vs_eager"] = abs(loss.item() - eager.item()) / abs(eager.item())
-    detail = (f"{preset} B={B} T={'/'.join(map(str, lengths))}: graph breaks {numbers['graph_breaks']}, "
-              f"recompiles {numbers['recompiles']}, loss vs eager {numbers['loss_rel_diff_vs_eager']:.1e}")
+    detail = (f"{preset} B={B} T={'/'.join(map(str, lengths))} (compile_model): "
+              f"graph breaks {numbers['graph_breaks']}, graphs {numbers['graphs']} "
+              f"(+{numbers['new_graphs_for_new_lengths']} for new lengths), "
+              f"loss vs eager {numbers['loss_rel_diff_vs_eager']:.1e}")
     if numbers["graph_breaks"]:
         return result("FAIL", numbers, detail, error=f"graph breaks: {dict(counters['graph_break'])}"[:240])
+    if numbers["new_graphs_for_new_lengths"]:
+        return result("FAIL", numbers, detail, error="a new length compiled a new graph (dynamic shapes expected)")
     if not numbers["loss_rel_diff_vs_eager"] < 2e-2:
         return result("FAIL", numbers, detail, error="compiled loss differs from eager")
     return result("PASS", numbers, detail)
 
 
-@worker("decode")
-def decode_section(smoke: bool) -> dict:
+def decode_check(smoke: bool, fast: str) -> dict:
+    """Greedy tokens of our `fast` decode path (cuda_graph, or inductor: compiled, then graph-captured) against
+    eager decoding, gpt2 bf16 with a LoRA adapter that changes the outputs; tokens/s of both. A path that fell
+    back to eager (generate warns and goes on) fails: it was not what was asked for."""
+    import warnings
+
     import torch
 
+    from rlhf_fast.benchmarking.generation_bench import ours_kwargs
     from rlhf_fast.generation import generate
     from rlhf_fast.model import GPT, add_lora
 
@@ -296,16 +315,23 @@ def decode_section(smoke: bool) -> dict:
                 p.normal_(0.0, 0.02)
     ids = torch.randint(0, model.config.vocab_size, (B, P), device=device)
     mask = left_padded_mask(B, P, device, pad_frac=0.5).long()
-    numbers, outs = {}, {}
-    for compile_ in (False, True):
-        run = functools.partial(generate, model, ids, mask, max_new_tokens=N, do_sample=False, compile=compile_)
-        t0 = time.perf_counter()
-        outs[compile_] = run()
-        sync()
-        numbers[f"{'compiled' if compile_ else 'eager'}_first_s"] = time.perf_counter() - t0
-        numbers[f"{'compiled' if compile_ else 'eager'}_tok_s"] = B * N / time_fn(run, device=device, warmup=1, iters=2)
+    # smoke (CPU): the fast path's plumbing with the default step (CUDA graphs need CUDA)
+    paths = {"eager": ours_kwargs("eager", device), fast: dict(compile=False) if smoke and fast == "cuda_graph"
+             else ours_kwargs(fast, device)}
+    numbers, outs, fell_back = {}, {}, []
+    for name, kw in paths.items():
+        run = functools.partial(generate, model, ids, mask, max_new_tokens=N, do_sample=False, **kw)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t0 = time.perf_counter()
+            outs[name] = run()
+            sync()
+        numbers[f"{name}_first_s"] = time.perf_counter() - t0
+        # generate's fall-backs: "...; decoding eagerly" (no CUDA graph), "...; decoding without it" (no compile)
+        fell_back += [f"{name}: {w.message}" for w in caught if "decoding" in str(w.message)]
+        numbers[f"{name}_tok_s"] = B * N / time_fn(run, device=device, warmup=1, iters=2)
         report(result("PASS", numbers))
-    eager, comp = outs[False].sequences, outs[True].sequences
+    eager, comp = outs["eager"].sequences, outs[fast].sequences
     same = (eager == comp).all(dim=1)
     numbers["rows_identical"] = f"{int(same.sum())}/{B}"
     # bf16 greedy may flip between near-tied logits: judge each row's first divergence by the eager
@@ -314,14 +340,27 @@ def decode_section(smoke: bool) -> dict:
     for b in (~same).nonzero().flatten().tolist():
         j = int((eager[b] != comp[b]).nonzero()[0])
         with torch.no_grad():
-            logits = model(eager[b:b + 1, :j], outs[False].attention_mask[b:b + 1, :j])[0, -1].float()
+            logits = model(eager[b:b + 1, :j], outs["eager"].attention_mask[b:b + 1, :j])[0, -1].float()
         worst = max(worst, float(logits[eager[b, j]] - logits[comp[b, j]]) / float(logits.abs().max()))
     numbers["worst_margin_rel"] = worst
     detail = (f"{preset} {str(dtype)[6:]} LoRA B={B} P={P} N={N}: rows identical {numbers['rows_identical']}, "
-              f"tok/s eager {numbers['eager_tok_s']:.0f} compiled {numbers['compiled_tok_s']:.0f}")
+              f"tok/s eager {numbers['eager_tok_s']:.0f}, {fast} {numbers[f'{fast}_tok_s']:.0f} "
+              f"(first call {numbers[f'{fast}_first_s']:.1f} s)")
+    if fell_back and not smoke:
+        return result("FAIL", numbers, detail, error=f"fell back to eager: {'; '.join(fell_back)}"[:240])
     if worst > 0.02:
-        return result("FAIL", numbers, detail, error=f"compiled tokens differ beyond near-ties (margin {worst:.3f})")
+        return result("FAIL", numbers, detail, error=f"{fast} tokens differ beyond near-ties (margin {worst:.3f})")
     return result("PASS", numbers, detail)
+
+
+@worker("decode")
+def decode_section(smoke: bool) -> dict:
+    return decode_check(smoke, "cuda_graph")
+
+
+@worker("decode_inductor")
+def decode_inductor_section(smoke: bool) -> dict:
+    return decode_check(smoke, "inductor")
 
 
 def main(argv=None) -> int:

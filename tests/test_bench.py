@@ -15,7 +15,8 @@ TINY = (
     "bench --device cpu --preset tiny --batch-size 4 --prompt-len 7 --new-tokens 4 --mini-batch-size 2 "
     "--warmup 0 --iters 1 --data synthetic"
 ).split()
-GEN_IMPLS = ["ours eager", "ours compiled", "hf generate", "no-KV-cache loop (seed)"]
+GEN_IMPLS = ["ours eager", "ours CUDA graph", "hf generate (static cache, eager)", "no-KV-cache loop (seed)"]
+PPO_IMPLS = ["ours (torch kernels, eager)", "ours (triton kernels, eager)"]
 
 
 def _positive(row, *keys):
@@ -30,7 +31,7 @@ def test_bench_cli_writes_table_record_and_chart(tmp_path, capsys):
     out = capsys.readouterr().out
     for header in ("== generation", "== ppo", "== ppo memory / GPU", "== baseline", "== targets"):
         assert header in out
-    for impl in GEN_IMPLS + ["ours (torch kernels)", "ours (triton kernels)", "seed-style"]:
+    for impl in GEN_IMPLS + PPO_IMPLS + ["seed-style"]:
         assert impl in out
     assert "GPU utilisation: not sampled (no CUDA device" in out
 
@@ -50,6 +51,10 @@ def test_bench_cli_writes_table_record_and_chart(tmp_path, capsys):
         ["torch", "triton"],
     )
     assert cfg["dtype"] == "float32" and cfg["compile"] is False and rec["memory_cap"] is None
+    assert rec["complete"] and rec["compile_cache"] == {"dir": None, "loaded": None, "bytes": None}
+    # the end-to-end numbers first: ppo, then the baseline, then generation
+    assert [r["section"] for r in rec["rows"]] == ["ppo"] * 2 + ["baseline"] + ["generation"] * 4
+    assert [r["impl"] for r in rec["rows"][:2]] == PPO_IMPLS
     assert rec["gpu_monitor"] == {"available": False, "reason": "no CUDA device: GPU utilisation not sampled"}
     lengths = rec["prompt_lengths"]
     assert lengths["source"].startswith("synthetic") and 3 <= lengths["min"] <= lengths["max"] <= 7
@@ -57,17 +62,19 @@ def test_bench_cli_writes_table_record_and_chart(tmp_path, capsys):
     rows = {(r["section"], r["impl"]): r for r in rec["rows"]}
     assert all(r["preset"] == "tiny" for r in rec["rows"])
     gen = [rows[("generation", i)] for i in GEN_IMPLS]
-    assert [r["status"] for r in gen] == ["ok", "skipped (--no-compile)", "ok", "ok"]
+    assert [r["status"] for r in gen] == ["ok", "skipped (CUDA graphs need CUDA)", "ok", "ok"]
     for r in (gen[0], gen[2], gen[3]):
-        _positive(r, "seconds", "tokens_per_s")
+        _positive(r, "seconds", "tokens_per_s", "first_call_s")
         assert r["tokens_per_s"] == pytest.approx(4 * 4 / r["seconds"])
         assert r["peak_alloc_gib"] is None and r["peak_reserved_gib"] is None  # no allocator stats on CPU
     assert gen[0]["x_vs_ours_eager"] == pytest.approx(1.0)
 
     for backend in ("torch", "triton"):
-        r = rows[("ppo", f"ours ({backend} kernels)")]
-        assert r["status"] == "ok"
+        r = rows[("ppo", f"ours ({backend} kernels, eager)")]
+        assert r["status"] == "ok" and (r["backend"], r["mode"]) == (backend, "eager")
         timed = ("seconds", "samples_per_s", "experience_samples_per_s", "train_tokens_per_s", "generate_s")
+        _positive(r, "first_iteration_s")  # model build -> end of the first iteration
+        assert r["first_iteration_s"] <= r["first_iteration_from_process_start_s"]
         _positive(r, *timed, "score_s", "advantages_s", "train_s", "generate_fraction")
         experience_s = 4 / r["experience_samples_per_s"]
         # phases are timed inside the experience step, so they fit in it; experience + train = iteration
@@ -86,11 +93,14 @@ def test_bench_cli_writes_table_record_and_chart(tmp_path, capsys):
     assert phases <= base["seconds"] * 1.001
 
     t = rec["targets"]["tiny"]
-    assert set(t) == {"iteration_x_baseline", "iteration_gpu_util_pct", "generate_fraction"}
-    ours = [rows[("ppo", f"ours ({b} kernels)")] for b in ("torch", "triton")]
+    assert set(t) == {"iteration_x_baseline", "iteration_gpu_util_pct", "generate_fraction", "cold_start_s"}
+    ours = [rows[("ppo", i)] for i in PPO_IMPLS]
     best = min(ours, key=lambda r: r["seconds"])
     assert t["iteration_x_baseline"]["value"] == pytest.approx(base["seconds"] / best["seconds"])
     assert all(v["met"] is None for v in t.values())  # never judged off CUDA
+    # no compiled row ran (CPU default): the cold start is the first PPO row's, and not judged
+    assert rec["cold_start"]["impl"] == PPO_IMPLS[0] and not rec["cold_start"]["compiled"]
+    assert t["cold_start_s"]["value"] == rows[("ppo", PPO_IMPLS[0])]["first_iteration_s"]
 
     png = charts[0].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -98,6 +108,36 @@ def test_bench_cli_writes_table_record_and_chart(tmp_path, capsys):
 
     h, w, _ = matplotlib.image.imread(charts[0]).shape
     assert h > 100 and w > 100
+
+
+@pytest.mark.bench
+def test_bench_compiled_rows_cold_start_and_incremental_record(tmp_path, monkeypatch):
+    """--no-eager --compile (dynamo disabled: the compiled rows' plumbing, eagerly): the cold start is the first
+    compiled row's, judged against 60 s; the compile cache ($RLHF_FAST_COMPILE_CACHE, the trainer's) is noted; the
+    record is rewritten after every row."""
+    import torch._dynamo
+
+    from rlhf_fast.benchmarking import run_bench
+
+    monkeypatch.setenv("RLHF_FAST_COMPILE_CACHE", str(tmp_path / "cache"))
+    cfg = BenchConfig(device="cpu", presets=("tiny",), batch_size=2, prompt_len=6, new_tokens=3, mini_batch_size=2,
+                      warmup=0, iters=1, backends=("torch",), sections=("baseline", "ppo"), eager=False,
+                      compile=True)
+    seen = []
+    with torch._dynamo.config.patch(disable=True):
+        rec = run_bench(cfg, on_update=lambda r: seen.append((len(r["rows"]), r["complete"])))
+    assert seen == [(1, False), (2, False), (2, True)]  # after each row, then complete
+    assert [(r["section"], r["impl"]) for r in rec["rows"]] == [
+        ("ppo", "ours (torch kernels, compiled)"), ("baseline", "seed-style (no KV cache, 4 models, eager, torch)")]
+    cold, ppo = rec["cold_start"], rec["rows"][0]
+    assert cold["compiled"] and cold["seconds"] == ppo["first_iteration_s"] > 0
+    assert not cold["compile_cache_loaded"] and rec["targets"]["tiny"]["cold_start_s"]["target"] == "<= 60"
+    assert ppo["compiles_after_first"] == 0  # the trainer's own count of new graphs per iteration
+    cache = rec["compile_cache"]
+    assert cache["dir"] == str(tmp_path / "cache") and not cache["loaded"]
+    # the trainer saved after its first iteration whatever this process compiled so far (other tests' too)
+    saved = tmp_path / "cache" / "compile_cache.bin"
+    assert cache["bytes"] == (saved.stat().st_size if saved.exists() else None)
 
 
 def test_bench_prompt_lengths_follow_hh_rlhf(tmp_path):
@@ -134,6 +174,7 @@ def test_bench_prompt_lengths_follow_hh_rlhf(tmp_path):
         (["--preset", "gpt3"], "unknown preset(s) ['gpt3']"),
         (["--prompt-len", "125"], "exceeds tiny's context of 128 positions (--prompt-len)"),
         (["--data", "auto"], "auto not found (an HH-RLHF .jsonl(.gz) file or directory, or synthetic) (--data)"),
+        (["--no-eager", "--no-compile"], "--no-eager with --no-compile leaves no PPO row to time (--eager)"),
     ],
 )
 def test_bench_bad_arguments_fail_clearly(args, message, tmp_path, capsys):
@@ -155,6 +196,7 @@ def test_bench_config_takes_the_device_defaults():
     cpu = BenchConfig(device="cpu", batch_size=6, mini_batch_size=3)
     assert (cpu.presets, cpu.batch_size, cpu.mini_batch_size, cpu.prompt_len, cpu.dtype, cpu.compile) == (
         ("tiny",), 6, 3, 12, "float32", False)
+    assert cpu.sections == ("ppo", "baseline", "generation") and cpu.eager
     gpu = BenchConfig(device="cuda")  # built without touching the device
     assert (gpu.presets, gpu.batch_size, gpu.prompt_len, gpu.new_tokens, gpu.dtype, gpu.compile) == (
         ("gpt2", "gpt2-medium"), 64, 256, 128, "bfloat16", True)

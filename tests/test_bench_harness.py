@@ -12,7 +12,8 @@ import torch
 from rlhf_fast.benchmarking import harness
 
 REPO = Path(__file__).resolve().parents[1]
-SUITES = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if p.stem != "__init__")
+# every module but the package's own and private helpers (_gpu_sections.py: gpu_check's sections)
+SUITES = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if not p.stem.startswith("_"))
 
 
 def test_timed_calls_warm_up_then_time_each_call():
@@ -87,3 +88,6 @@ def test_benchmarks_md_tables_are_rendered_from_the_records():
     for path in render.RESULTS_DIR.glob("*.json"):
         if json.loads(path.read_text()).get("benchmark") in render.COLUMNS:
             assert f"benchmarks/results/{path.name}" in doc
+    for folder in render.RESULTS_DIR.glob("gpu_check-*/"):
+        if not json.loads((folder / "summary.json").read_text()).get("smoke"):
+            assert f"| {folder.name} |" in doc

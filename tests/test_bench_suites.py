@@ -128,15 +128,40 @@ def test_ppo_kernels_against_the_loop_and_eager_baselines(tmp_path, no_compile):
     assert rec["interpreter"] is True and rec["targets"] == []  # B=256, T=512 targets: not at smoke sizes
 
 
-def test_generation_against_the_no_kv_cache_baseline(tmp_path):
+def test_generation_against_hf_static_and_the_no_kv_cache_baseline(tmp_path):
     from benchmarks import bench_generation
 
-    assert bench_generation.main(["--smoke", "--out-dir", str(tmp_path)]) == 0
-    (row,) = _record(tmp_path, "generation-cpu-*.json")["rows"]
-    assert (row["preset"], row["B"], row["P"], row["N"]) == ("tiny", 2, 8, 4)
-    assert _ratio(row["ours_tok_s"]) and _ratio(row["nocache_tok_s"])
-    assert row["x_nocache"] == pytest.approx(row["ours_tok_s"] / row["nocache_tok_s"])
-    assert "x_hf" not in row  # --smoke leaves HF out
+    args = ["--smoke", "--impl", "eager", "--impl", "cuda_graph", "--impl", "hf_static", "--impl", "nocache"]
+    assert bench_generation.main([*args, "--out-dir", str(tmp_path)]) == 0
+    rec = _record(tmp_path, "generation-cpu-*.json")
+    eager, graph, hf, nocache = rows = rec["rows"]
+    assert [r["key"] for r in rows] == ["eager", "cuda_graph", "hf_static", "nocache"]
+    assert all((r["preset"], r["B"], r["P"], r["N"]) == ("tiny", 2, 8, 4) for r in rows)
+    assert graph["status"] == "skipped (CUDA graphs need CUDA)"
+    assert hf["impl"] == "hf generate (static cache, eager)"  # HF compiles its decode forward on CUDA only
+    for r in (eager, hf, nocache):
+        assert r["status"] == "ok" and _ratio(r["tokens_per_s"]) and _ratio(r["first_call_s"])
+        assert r["x_vs_ours_eager"] == pytest.approx(r["seconds"] / eager["seconds"])
+    assert eager["step_over_floor"] == pytest.approx(eager["step_ms"] / eager["floor_ms"])
+    targets = {t["name"]: t for t in rec["targets"]}
+    assert set(targets) == {"x_hf_static", "x_nocache", "step_over_floor"}
+    assert targets["x_nocache"]["value"] == pytest.approx(nocache["seconds"] / eager["seconds"])
+    assert targets["x_nocache"]["target"] == ">= 30" and all(t["met"] is None for t in targets.values())
+
+
+def test_generation_targets_are_judged_on_cuda_against_compiled_hf_only():
+    from rlhf_fast.benchmarking.generation_bench import generation_targets
+
+    rows = [{"key": "eager", "impl": "ours eager", "seconds": 2.0, "step_ms": 3.0},
+            {"key": "cuda_graph", "impl": "ours CUDA graph", "seconds": 1.0, "step_ms": 1.0},
+            {"key": "hf_static", "impl": "hf generate (static cache + compile)", "seconds": 1.5},
+            {"key": "nocache", "impl": "no-KV-cache loop (seed)", "seconds": 40.0}]
+    judged = {t["name"]: t for t in generation_targets(rows, floor_s=0.4e-3, on_gpu=True)}
+    assert judged["x_hf_static"]["value"] == 1.5 and judged["x_hf_static"]["met"] is False  # ours = the CUDA graph
+    assert judged["x_nocache"]["value"] == 40.0 and judged["x_nocache"]["met"] is True
+    assert judged["step_over_floor"]["value"] == pytest.approx(2.5) and judged["step_over_floor"]["met"] is False
+    rows[2]["impl"] = "hf generate (static cache, eager)"
+    assert {t["name"]: t for t in generation_targets(rows, 0.4e-3, True)}["x_hf_static"]["met"] is None
 
 
 def test_train_step_compiled_rows_against_their_eager_baseline(tmp_path, no_compile):

@@ -10,7 +10,7 @@ suite chooses the Triton interpreter after importing the harness and before impo
 
 import importlib
 
-_EXPORTS = {"BenchConfig": "suite", "run_bench": "suite", "bench_command": "suite", "format_report": "report",
+_EXPORTS = {"BenchConfig": "bench_config", "run_bench": "suite", "bench_command": "suite", "format_report": "report",
             "write_chart": "report", "write_json": "report"}
 
 __all__ = sorted(_EXPORTS)

@@ -8,53 +8,16 @@ from . import harness
 from .harness import fmt, format_table
 
 COLUMNS = {
-    "generation": [
-        "preset",
-        "impl",
-        "status",
-        "tokens_per_s",
-        "x_vs_ours_eager",
-        "peak_alloc_gib",
-        "peak_reserved_gib",
-    ],
-    "ppo": [
-        "preset",
-        "impl",
-        "status",
-        "samples_per_s",
-        "experience_samples_per_s",
-        "train_tokens_per_s",
-        "generate_s",
-        "score_s",
-        "advantages_s",
-        "train_s",
-        "generate_fraction",
-    ],
-    "ppo memory / GPU": [
-        "preset",
-        "impl",
-        "experience_peak_alloc_gib",
-        "experience_peak_reserved_gib",
-        "train_peak_alloc_gib",
-        "train_peak_reserved_gib",
-        "experience_gpu_util_mean",
-        "train_gpu_util_mean",
-        "iteration_gpu_util_mean",
-    ],
-    "baseline": [
-        "preset",
-        "impl",
-        "status",
-        "samples_per_s",
-        "generate_s",
-        "score_s",
-        "advantages_s",
-        "train_s",
-        "generate_fraction",
-        "iteration_peak_alloc_gib",
-        "iteration_peak_reserved_gib",
-        "iteration_gpu_util_mean",
-    ],
+    "ppo": ["preset", "impl", "status", "samples_per_s", "experience_samples_per_s", "train_tokens_per_s", "generate_s",
+            "score_s", "advantages_s", "train_s", "generate_fraction", "first_iteration_s"],
+    "ppo memory / GPU": ["preset", "impl", "experience_peak_alloc_gib", "experience_peak_reserved_gib",
+                         "train_peak_alloc_gib", "train_peak_reserved_gib", "experience_gpu_util_mean",
+                         "train_gpu_util_mean", "iteration_gpu_util_mean"],
+    "baseline": ["preset", "impl", "status", "samples_per_s", "generate_s", "score_s", "advantages_s", "train_s",
+                 "generate_fraction", "iteration_peak_alloc_gib", "iteration_peak_reserved_gib",
+                 "iteration_gpu_util_mean"],
+    "generation": ["preset", "impl", "status", "tokens_per_s", "x_vs_ours_eager", "first_call_s", "peak_alloc_gib",
+                   "peak_reserved_gib"],
 }
 
 
@@ -75,6 +38,15 @@ def format_report(record: dict) -> str:
         )
     if not record["gpu_monitor"]["available"]:
         out.append(f"# GPU utilisation: not sampled ({record['gpu_monitor']['reason']})")
+    cache, cold = record["compile_cache"], record["cold_start"]
+    if cache["dir"]:
+        loaded = {True: "loaded", False: "not loaded", None: "loaded: not known"}[cache["loaded"]]
+        out.append(f"# compile cache {cache['dir']}: {loaded}; compile_cache.bin {fmt(cache['bytes'])} bytes")
+    if cold:
+        out.append(f"# cold start ({cold['impl']}): {fmt(cold['seconds'])} s from the model build to the end of the "
+                   f"first iteration ({fmt(cold['from_process_start_s'])} s from process start)")
+    if not record.get("complete", True):
+        out.append("# INCOMPLETE: the run ended before its last row")
     for section, columns in COLUMNS.items():
         rows = [
             r
@@ -84,7 +56,7 @@ def format_report(record: dict) -> str:
         if rows:
             out += ["", f"== {section}", format_table(rows, columns)]
     if record["targets"]:
-        out += ["", "== targets (judged on CUDA only; from the fastest backend of ours)"]
+        out += ["", "== targets (on CUDA only; the fastest of our PPO rows; cold start: the first compiled one)"]
         for preset, ts in record["targets"].items():
             for name, t in ts.items():
                 verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT met")

@@ -20,7 +20,8 @@ class RunCompiler:
         self.enabled = run.compile if run.compile is not None else device.type == "cuda"
         self.cache = cache_dir(run.compile_cache) if self.enabled else None
         self.is_main, self.saved = is_main, False
-        if self.cache is not None and load_compile_cache(self.cache):
+        self.loaded = self.cache is not None and load_compile_cache(self.cache)  # a cache of an earlier run
+        if self.loaded:
             log.info("compile cache loaded from %s", self.cache)
         if self.enabled:
             for m in modules:

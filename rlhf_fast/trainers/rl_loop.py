@@ -69,7 +69,7 @@ class RLTrainer(PolicyUpdate):
             pad_token_id=tokenizer.pad_token_id, advantage=rl.advantage_config(config.model.kernel_backend),
             temperature=rl.temperature, kl_estimator=rl.kl_estimator, scorer=scorer,
             reference=rl.init_kl_coef > 0 or rl.kl_target is not None or rl.kl_loss_coef > 0,
-            overlong_buffer=rl.overlong_buffer, overlong_penalty=rl.overlong_penalty, compile=run.compile,
+            overlong_buffer=rl.overlong_buffer, overlong_penalty=rl.overlong_penalty,
             frozen_on_device=self.frozen_on_device)
         # the fused kernel computes exactly this case; the weighted free functions every other one
         self.fused = rl.loss_aggregation == "token_mean" and rl.clip_eps_high in (None, rl.clip_eps)
