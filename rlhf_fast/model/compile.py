@@ -10,10 +10,11 @@ compilation").
 - `dynamic=True` (the default): the batch and sequence dims are marked dynamic before the first compile,
   so new prompt/response lengths reuse the graph instead of recompiling (whole-model automatic-dynamic
   compiles once static, then again dynamic at the second length). Sizes 0 and 1 still specialize.
-- What still compiles separately, by dynamo's guards: grad mode (training vs scoring), the active
-  adapter (policy / value / reward / none), and whether a block's input requires grad (the first
-  block's does not when the embeddings are frozen). PPO with a critic meets at most 8 such variants;
-  `REGION_RECOMPILE_LIMIT` leaves room for them, and `region_graphs()` counts them (the trainers log it).
+- The LoRA adapters are inputs of the region (`LoRALinear.region_adapter`: the active adapter's A, B,
+  scale; zeros when the base runs), so the policy, the critic, the reward model and the reference share
+  one graph. What still compiles separately, by dynamo's guards: grad mode (training vs scoring), and
+  with grad on, which tensors require grad (e.g. a reference pass with grad). A LoRA PPO run meets two;
+  `REGION_RECOMPILE_LIMIT` leaves room for more, and `region_graphs()` counts them (the trainers log it).
 - KV-cache calls (prefill, decode) stay eager here: generation captures its own decode step as a CUDA
   graph (`rlhf_fast.generation`).
 
@@ -37,7 +38,7 @@ import torch.nn as nn
 
 CACHE_ENV = "RLHF_FAST_COMPILE_CACHE"
 CACHE_FILE, CACHE_META = "compile_cache.bin", "compile_cache.json"
-REGION_RECOMPILE_LIMIT = 32  # per-region variants: grad mode x adapter x input requires_grad (PPO: <= 8)
+REGION_RECOMPILE_LIMIT = 32  # per-region variants: grad mode x which inputs require grad (LoRA PPO: 2)
 BACKENDS = ("inductor", "aot_eager", "eager")  # aot_eager / eager: dynamo + AOTAutograd only (tests, CPU)
 
 
@@ -52,9 +53,9 @@ class CompileOptions:
             raise ValueError(f"compile backend must be one of {BACKENDS}, got {self.backend!r}")
 
 
-def block_region(block, x, key_padding_mask):
-    """The compiled region: a Block's full-sequence forward (no KV cache)."""
-    return block.forward_eager(x, key_padding_mask)
+def block_region(block, x, key_padding_mask, adapters):
+    """The compiled region: a Block's full-sequence forward (no KV cache), its LoRA adapters as inputs."""
+    return block.forward_eager(x, key_padding_mask, adapters=adapters)
 
 
 @functools.cache
@@ -65,14 +66,14 @@ def _compiled(options: CompileOptions):
                          dynamic=None if options.dynamic else False)
 
 
-def run_region(options: CompileOptions, block, x, key_padding_mask):
+def run_region(options: CompileOptions, block, x, key_padding_mask, adapters: dict):
     """`block_region` through its compiled function: one function (one dynamo cache) for all blocks."""
     if options.dynamic:
         for t in (x, key_padding_mask):
             if t is not None:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
                 torch._dynamo.maybe_mark_dynamic(t, 1)
-    return _compiled(options)(block, x, key_padding_mask)
+    return _compiled(options)(block, x, key_padding_mask, adapters)
 
 
 def compile_model(module: nn.Module, *, backend: str = "inductor", mode: str | None = None,

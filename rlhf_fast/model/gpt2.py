@@ -88,6 +88,13 @@ def attention(q, k, v, key_padding_mask, backend: str):
 # Modules
 
 
+def _linear(module: nn.Module, x, adapters: dict | None, name: str):
+    """module(x); a LoRA linear inside the compiled block region gets its adapter from `adapters`."""
+    if adapters is None or name not in adapters:
+        return module(x)
+    return module(x, adapters[name])
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -98,9 +105,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, key_padding_mask, layer_cache=None, input_pos=None):
+    def forward(self, x, key_padding_mask, layer_cache=None, input_pos=None, adapters=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = _linear(self.c_attn, x, adapters, "attn.c_attn").split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -108,7 +115,7 @@ class CausalSelfAttention(nn.Module):
             k, v = layer_cache.update(k, v, input_pos)
         y = attention(q, k, v, key_padding_mask, self.attn_backend)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(_linear(self.c_proj, y, adapters, "attn.c_proj"))
 
 
 class MLP(nn.Module):
@@ -118,8 +125,9 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+    def forward(self, x, adapters=None):
+        h = F.gelu(_linear(self.c_fc, x, adapters, "mlp.c_fc"), approximate="tanh")
+        return self.dropout(_linear(self.c_proj, h, adapters, "mlp.c_proj"))
 
 
 class LMHead(nn.Linear):
@@ -152,13 +160,15 @@ class Block(nn.Module):
 
     def forward(self, x, key_padding_mask, layer_cache=None, input_pos=None):
         if layer_cache is None and self.compile_options is not None and not torch.compiler.is_compiling():
-            return run_region(self.compile_options, self, x, key_padding_mask)
+            adapters = {n: m.region_adapter() for n, m in self.named_modules() if isinstance(m, LoRALinear)}
+            return run_region(self.compile_options, self, x, key_padding_mask, adapters)
         return self.forward_eager(x, key_padding_mask, layer_cache, input_pos)
 
-    def forward_eager(self, x, key_padding_mask, layer_cache=None, input_pos=None):
-        """The block itself; `compile_model` compiles its full-sequence (no KV cache) calls."""
-        x = x + self.attn(self.ln_1(x), key_padding_mask, layer_cache, input_pos)
-        return x + self.mlp(self.ln_2(x))
+    def forward_eager(self, x, key_padding_mask, layer_cache=None, input_pos=None, adapters=None):
+        """The block itself; `compile_model` compiles its full-sequence (no KV cache) calls, which pass each
+        LoRA linear's active adapter in `adapters` ({name in the block: LoRALinear.region_adapter()})."""
+        x = x + self.attn(self.ln_1(x), key_padding_mask, layer_cache, input_pos, adapters)
+        return x + self.mlp(self.ln_2(x), adapters)
 
 
 # ----------------------------------------------------------------------------------------------

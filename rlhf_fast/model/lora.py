@@ -62,6 +62,7 @@ class LoRALinear(nn.Linear):
         self.active_adapter: str | None = None
         self.adapters_disabled = False
         self.merged_adapter: str | None = None  # folded into self.weight
+        self._zero_adapter: dict = {}  # (rank, dtype, device) -> zero (A, B): `region_adapter` when the base runs
 
     def add_adapter(self, name: str, cfg: LoRAConfig) -> None:
         w = self.weight
@@ -75,16 +76,43 @@ class LoRALinear(nn.Linear):
     def delta_weight(self, name: str) -> torch.Tensor:
         return self.scaling[name] * (self.lora_B[name] @ self.lora_A[name])  # (out, in)
 
-    def forward(self, x):
+    def _runs_base(self) -> bool:
         name = self.active_adapter
-        if name not in self.scaling or self.adapters_disabled or name == self.merged_adapter:
-            return F.linear(x, self.weight, self.bias)
-        a, b, scale = self.lora_A[name], self.lora_B[name], self.scaling[name]
-        drop = self.lora_dropout[name]
-        if self.training and drop.p > 0:  # the adapter sees dropout(x): the cuBLAS-first torch path takes it
-            return kernels.lora_linear(x, self.weight, self.bias, a, b, scale, lora_input=drop(x),
+        return name not in self.scaling or self.adapters_disabled or name == self.merged_adapter
+
+    def forward(self, x, adapter: tuple | None = None):
+        """adapter: None = this module's active adapter; else (A, B, scale, dropout p) as `region_adapter`
+        hands it to the compiled block region."""
+        if adapter is None:
+            if self._runs_base():
+                return F.linear(x, self.weight, self.bias)
+            name = self.active_adapter
+            adapter = (self.lora_A[name], self.lora_B[name], self.scaling[name], self.lora_dropout[name].p)
+        a, b, scale, p = adapter
+        if self.training and p > 0:  # the adapter sees dropout(x): the cuBLAS-first torch path takes it
+            return kernels.lora_linear(x, self.weight, self.bias, a, b, scale, lora_input=F.dropout(x, p),
                                        backend="torch" if self.kernel_backend == "triton" else self.kernel_backend)
         return kernels.lora_linear(x, self.weight, self.bias, a, b, scale, backend=self.kernel_backend)
+
+    def region_adapter(self) -> tuple:
+        """The active adapter as explicit inputs of the compiled block region (`rlhf_fast.model.compile`):
+        (A, B, scale, dropout p). Read inside the region, `active_adapter` would make dynamo compile one graph
+        per adapter (policy, value, reward, none); as inputs, one graph serves them all. Running the base
+        (adapters off, merged or none active) passes zero A and B: an exact no-op, y + s (x 0) 0 = y, at the
+        cost of two rank-r GEMMs. Under no_grad the tensors are detached, so scoring passes share one graph
+        whichever adapter's parameters train."""
+        if self._runs_base():
+            first = next(iter(self.lora_A.values()))  # the rank of this module's adapters: same graph shape
+            key = (first.shape[0], first.dtype, first.device)
+            if key not in self._zero_adapter:
+                self._zero_adapter[key] = (torch.zeros_like(first, requires_grad=False),
+                                           first.new_zeros(self.out_features, first.shape[0]))
+            return (*self._zero_adapter[key], next(iter(self.scaling.values())), 0.0)
+        name = self.active_adapter
+        a, b = self.lora_A[name], self.lora_B[name]
+        if not torch.is_grad_enabled():
+            a, b = a.detach(), b.detach()
+        return a, b, self.scaling[name], self.lora_dropout[name].p
 
     def extra_repr(self) -> str:
         ranks = {n: p.shape[0] for n, p in self.lora_A.items()}

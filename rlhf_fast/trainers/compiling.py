@@ -14,10 +14,14 @@ from .metrics import log
 
 class RunCompiler:
     """`run.compile` (None: on for CUDA) over `modules`; `run.compile_backend`; `run.compile_cache` (or
-    $RLHF_FAST_COMPILE_CACHE)."""
+    $RLHF_FAST_COMPILE_CACHE). Under ZeRO-3 (`partitioned`) nothing is compiled: the region reads the LoRA
+    adapters before the modules' hooks have gathered their shards."""
 
-    def __init__(self, run, device: torch.device, *modules, is_main: bool = True):
+    def __init__(self, run, device: torch.device, *modules, is_main: bool = True, partitioned: bool = False):
         self.enabled = run.compile if run.compile is not None else device.type == "cuda"
+        if self.enabled and partitioned:
+            log.warning("ZeRO-3 partitions the parameters: the model runs uncompiled (--no-compile to silence)")
+            self.enabled = False
         self.cache = cache_dir(run.compile_cache) if self.enabled else None
         self.is_main, self.saved = is_main, False
         self.loaded = self.cache is not None and load_compile_cache(self.cache)  # a cache of an earlier run

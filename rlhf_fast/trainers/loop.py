@@ -86,7 +86,8 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o))
         self.module, self.optimizer, self.scheduler = strategy.prepare(module, optimizer, scheduler)
         self.device = strategy.device
-        self.compiler = RunCompiler(config.run, self.device, module, is_main=strategy.is_main)
+        self.compiler = RunCompiler(config.run, self.device, module, is_main=strategy.is_main,
+                                    partitioned=strategy.partitions_parameters)
         self.checkpoints = CheckpointManager(self.run_dir, config.run.keep_last)
         self.logger = MetricsLogger(self.run_dir, enabled=strategy.is_main)
         self.step = 0

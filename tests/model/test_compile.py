@@ -1,6 +1,8 @@
 """Regional compilation (`compile_model`): the same numbers as eager, one graph for every block and every
 length, KV-cache calls left eager, and the compile cache's load/save refusing what it cannot trust."""
 
+import contextlib
+import copy
 import json
 import warnings
 
@@ -68,24 +70,42 @@ def test_regional_matches_eager_and_reuses_one_graph_across_lengths(grad_checkpo
     assert region_graphs() == graphs
 
 
-def test_variants_compile_once_each_and_kv_cache_calls_stay_eager():
+def test_adapters_are_inputs_one_graph_per_grad_mode_and_kv_cache_calls_stay_eager():
     model = lora_model()
-    compile_model(model, backend="eager")  # the variants are dynamo guards: no AOTAutograd needed
     ids, mask = batch(2, 13)
-    loss_and_grads(model, ids, mask, "policy")
-    loss_and_grads(model, ids, mask, "value")  # another adapter: a guard on the active adapter
+    roles = ("policy", "value", None)  # None: adapters off (the reference)
+
+    def scores():
+        out = {}
+        with torch.no_grad():
+            for role in roles:
+                model.set_adapter(role or "policy")
+                with model.disable_adapters() if role is None else contextlib.nullcontext():
+                    out[role] = model.hidden_states(ids, mask)
+        return out
+
+    want = scores()
+    merged_model = copy.deepcopy(model)
+    merged_model.merge_adapter("value")
     with torch.no_grad():
-        model.set_adapter("policy")
-        scored = model.hidden_states(ids, mask)  # grad mode off: another variant
-        with model.disable_adapters():
-            model.hidden_states(ids, mask)  # the reference: another
-    assert region_graphs() == 4
-    uncompile_model(model)
-    with torch.no_grad():
-        torch.testing.assert_close(model.hidden_states(ids, mask), scored, rtol=1e-5, atol=1e-5)
+        want_merged = merged_model.hidden_states(ids, mask)
+    # dynamo's guards decide the graphs, so its "eager" backend (no AOTAutograd) is enough here
     compile_model(model, backend="eager")
+    loss_and_grads(model, ids, mask, "policy")
+    loss_and_grads(model, ids, mask, "value")  # another adapter, the same graph: A and B are its inputs
+    assert region_graphs() == 1
+    got = scores()  # grad mode off: the second graph, shared by every adapter and the reference
+    for role in roles:
+        torch.testing.assert_close(got[role], want[role], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(got["policy"], got[None], atol=1e-3)  # the adapters do act
+    compile_model(merged_model, backend="eager")
+    with torch.no_grad():  # a merged adapter runs the base (zero adapter inputs): the same graph again
+        torch.testing.assert_close(merged_model.hidden_states(ids, mask), want_merged, rtol=1e-6, atol=1e-6)
+    assert region_graphs() == 2
     out = generate(model, ids, mask, max_new_tokens=3, do_sample=False)  # prefill/decode: KV cache, eager
-    assert out.sequences.shape == (2, 16) and region_graphs() == 4
+    assert out.sequences.shape == (2, 16) and region_graphs() == 2
+    uncompile_model(model)
+    assert all(b.compile_options is None for b in model.transformer.h)
 
 
 def test_compile_model_needs_a_gpt2_block_and_a_known_backend():
