@@ -283,3 +283,19 @@ def test_dispatch_table_merges_a_gpu_runs_rows_and_refuses_cpu_ones(tmp_path, ca
     bad.write_text(json.dumps({"dispatch_rows": [row("cpu|float32|1|1|r8|t256", "torch", device="cpu")]}))
     with pytest.raises(SystemExit, match="not a GPU dispatch row"):
         dispatch_table.main(["--merge", str(bad), "--table", str(table)])
+
+
+def test_compile_bench_times_both_modes_in_fresh_processes_and_counts_recompiles(tmp_path):
+    from benchmarks import bench_compile
+
+    assert bench_compile.main(["--smoke", "--backend", "eager", "--iters", "2", "--out-dir", str(tmp_path)]) == 0
+    rec = _record(tmp_path, "compile-cpu-*.json")
+    cold = {r["mode"]: r for r in rec["rows"] if r["section"] == "cold"}
+    assert set(cold) == {"whole", "regional"} and all(r["compile_s"] > 0 for r in cold.values())
+    whole, regional = cold["whole"]["compile_s"], cold["regional"]["compile_s"]
+    assert cold["regional"]["speedup_vs_whole"] == pytest.approx(whole / regional)
+    runs = [r for r in rec["rows"] if r["section"] == "recompiles"]
+    assert [r["iteration"] for r in runs] == [1, 2] and runs[0]["compiles"] == rec["variants"] >= 1
+    assert runs[1]["compiles"] == 0 and runs[1]["compile_graphs"] == runs[0]["compile_graphs"]
+    speed, recompiles = rec["targets"]
+    assert speed["met"] is None and recompiles["met"] is True  # smoke: the speed-up is not judged
