@@ -39,7 +39,7 @@ import torch.nn as nn
 CACHE_ENV = "RLHF_FAST_COMPILE_CACHE"
 CACHE_FILE, CACHE_META = "compile_cache.bin", "compile_cache.json"
 REGION_RECOMPILE_LIMIT = 32  # per-region variants: grad mode x which inputs require grad (LoRA PPO: 2)
-BACKENDS = ("inductor", "aot_eager", "eager")  # aot_eager / eager: dynamo + AOTAutograd only (tests, CPU)
+BACKENDS = ("inductor", "aot_eager", "eager")  # aot_eager: dynamo + AOTAutograd; eager: dynamo (tests, CPU)
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,8 @@ def uncompile_model(module: nn.Module) -> nn.Module:
 
 
 def region_graphs() -> int:
-    """Graphs dynamo holds for the block region (every option set, every variant): the trainers log its
-    growth per iteration as `recompiles`."""
+    """Graphs dynamo holds for the block region (every option set, every variant): the trainers log it as
+    `compile_graphs`, and its growth per step / iteration as `compiles`."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     return len(_debug_get_cache_entry_list(block_region.__code__))

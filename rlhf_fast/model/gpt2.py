@@ -376,9 +376,9 @@ class GPT(nn.Module):
         checkpointing = self.config.grad_checkpoint and kv_cache is None and torch.is_grad_enabled()
         if (kv_cache is None and torch.is_grad_enabled() and not x.requires_grad and tr.h[0].compile_options
                 and any(p.requires_grad for p in tr.h.parameters())):
-            # Frozen embeddings (LoRA): the first block's input would be the only one not requiring grad,
-            # a second compiled variant of the region per adapter. Asking for its gradient costs that
-            # block's input-gradient GEMMs (~1% of gpt2's backward) and saves that compile.
+            # Frozen embeddings (LoRA): the first block's input would be the only one not requiring grad: a
+            # second compiled graph of the region. Asking for its gradient costs that block's input-gradient
+            # GEMMs (~1% of gpt2's backward) and saves that compile.
             x.requires_grad_()
         for i, block in enumerate(tr.h):
             if checkpointing:
