@@ -116,7 +116,7 @@ def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     flags = {}
     for name, (text, config, _, hidden, _fixed) in COMMANDS.items():
-        p = sub.add_parser(name, help=text, description=text)
+        p = sub.add_parser(name, help=text.replace("%", "%%"), description=text)  # help is %-formatted
         if config is not None and only in (None, name):
             flags[name] = add_flags(p, _load(config), hidden)
     return parser, flags
@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv[: next((i for i, a in enumerate(argv) if a in COMMANDS), len(argv))] or \
         bool(os.environ.get("RLHF_FAST_DEBUG"))
     flags: dict[str, str] = {}
+    if not any(a in COMMANDS for a in argv) and not {"-h", "--help"} & set(argv):
+        build_parser()[0].print_help(sys.stderr)  # no command: say which there are
+        return 2
     try:
         args, config, flags = parse(argv)
         if config is None:

@@ -10,6 +10,7 @@ with dashes, or `flag=`; `aliases=` keeps old spellings), its help text and its 
     add_flags(parser, cls)                  # every setting as a flag, dest "section.key"
     from_flat(Cfg, lr=3e-4)                 # the keyword form of the flags (code, tests)
     from_args(Cfg, args)                    # --config FILE, then the flags given on the command line
+    resolve_device(config.device)           # a --device value checked against this machine
 
 Errors are ConfigErrors naming the setting ("optim.lr") so the CLI can name its flag. Leaf module: it
 imports nothing from rlhf_fast but `errors`.
@@ -250,3 +251,29 @@ def from_args(cls, args: argparse.Namespace, flags: dict[str, str] | None = None
         if hasattr(args, key):
             d = set_key(d, key, getattr(args, key))
     return build(cls, d, base=base, source=path)
+
+
+def resolve_device(name: str | None, where: str = "device"):
+    """The torch.device `name` names (None: cuda when available, else cpu). A ConfigError naming the setting
+    (shown as its flag) when it is no device or this machine has none of it: never a traceback later, deep in
+    a memory plan or a `.to(device)`."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{name!r} is not a device (cpu, cuda, cuda:1, ...)", where) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            built = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", built without CUDA")
+            raise ConfigError(f"{name!r}: this machine has no usable CUDA device ({built})", where)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)", where)
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"{name!r}: MPS is not available on this machine", where)
+    elif device.type != "cpu":
+        raise ConfigError(f"{name!r}: device type {device.type!r} is not supported (cpu, cuda, mps)", where)
+    return device

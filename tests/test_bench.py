@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from rlhf_fast.benchmarking import BenchConfig
 from rlhf_fast.cli import main
@@ -192,11 +193,12 @@ def test_bench_missing_data_file(tmp_path, capsys):
     assert e.value.code == 2 and "nope.jsonl not found" in capsys.readouterr().err
 
 
-def test_bench_config_takes_the_device_defaults():
+def test_bench_config_takes_the_device_defaults(monkeypatch):
     cpu = BenchConfig(device="cpu", batch_size=6, mini_batch_size=3)
     assert (cpu.presets, cpu.batch_size, cpu.mini_batch_size, cpu.prompt_len, cpu.dtype, cpu.compile) == (
         ("tiny",), 6, 3, 12, "float32", False)
     assert cpu.sections == ("ppo", "baseline", "generation") and cpu.eager
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as --device checks
     gpu = BenchConfig(device="cuda")  # built without touching the device
     assert (gpu.presets, gpu.batch_size, gpu.prompt_len, gpu.new_tokens, gpu.dtype, gpu.compile) == (
         ("gpt2", "gpt2-medium"), 64, 256, 128, "bfloat16", True)

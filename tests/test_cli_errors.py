@@ -202,3 +202,21 @@ def test_hh_records_with_empty_chosen_reply_train(tmp_path, files, runs):
                  "--output-dir", str(tmp_path / "sft")]) == 0
     assert main(["rm", *COMMON, "--model", str(runs["sft_export"]), "--lora-rank", "2", "--max-steps", "5",
                  "--no-export", "--data", data, "--output-dir", str(tmp_path / "rm")]) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize("argv", [
+    ["sft", "--preset", "tiny", "--device", "cuda"],
+    ["ppo", "--device", "cuda:1"],
+    ["demo", "--quick", "--device", "cuda"],
+    ["generate", "--model", "tiny", "--prompt", "hi", "--device", "cuda"],
+    ["serve", "--model", "tiny", "--device", "cuda"],
+    ["eval", "--policies", "runs/x", "--device", "cuda"],
+    ["bench", "--device", "cuda"],
+    ["grpo", "--device", "tpu"],
+    ["chat", "--model", "tiny", "--device", "tpu"],
+])
+def test_a_device_this_machine_lacks_is_one_line_naming_the_flag(capsys, argv):
+    # was a traceback ("Torch not compiled with CUDA enabled") from deep in the memory plan or a .to(device)
+    line = assert_user_error(capsys, argv, repr(argv[-1]), "(--device)")
+    assert ("no usable CUDA device" if argv[-1].startswith("cuda") else "is not a device") in line

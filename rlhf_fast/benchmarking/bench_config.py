@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_fast.config import option
+from rlhf_fast.config import option, resolve_device
 from rlhf_fast.errors import ConfigError
 from rlhf_fast.model import PRESETS
 
@@ -63,12 +63,9 @@ class BenchConfig:
     seed: int = option(0, "seed of the random-init weights and prompts")
 
     def __post_init__(self):
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        object.__setattr__(self, "device", device)
-        try:
-            cuda = torch.device(device).type == "cuda"
-        except RuntimeError as e:
-            raise ConfigError(str(e), "device") from None
+        device = resolve_device(self.device)
+        object.__setattr__(self, "device", self.device or device.type)
+        cuda = device.type == "cuda"
         for name, value in (GPU_DEFAULTS if cuda else CPU_DEFAULTS).items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_fast.config import option
+from rlhf_fast.config import option, resolve_device
 from rlhf_fast.data import arithmetic_split, load_prompts, load_tokenizer, synthetic_prompts
 from rlhf_fast.errors import ConfigError
 from rlhf_fast.generation import release_kv_caches
@@ -71,6 +71,7 @@ class EvalConfig:
     output_dir: str = option("runs/eval", "eval.json, eval.md, eval.png, samples.md")
 
     def __post_init__(self):
+        resolve_device(self.device)
         if not self.policies:
             raise EvalInputError("give at least one policy directory", "policies")
         if self.names is not None and len(self.names) != len(self.policies):

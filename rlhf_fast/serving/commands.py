@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_fast.config import option
+from rlhf_fast.config import option, resolve_device
 from rlhf_fast.errors import ConfigError, UserError
 
 from .batcher import BatchConfig
@@ -31,6 +31,9 @@ class ModelOptions:
     dtype: str = option("float32", "the weights' dtype on the device", choices=DTYPES)
     seed: int = option(0, "seed of a preset's random init; generate and chat also sample with it")
 
+    def __post_init__(self):
+        resolve_device(self.device)
+
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingOptions(ModelOptions):
@@ -42,6 +45,7 @@ class SamplingOptions(ModelOptions):
     top_p: float = option(1.0, "1.0 = off")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.max_new_tokens < 1:
             raise ConfigError(f"must be >= 1, got {self.max_new_tokens}", "max_new_tokens")
         if not self.temperature >= 0:
@@ -94,15 +98,6 @@ class GenerateConfig(SamplingOptions):
         return prompts
 
 
-def _device(name: str | None):
-    import torch
-
-    try:
-        return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise ConfigError(f"{name!r}: {e}", "device") from e
-
-
 def generate_command(config: GenerateConfig) -> int:
     import torch
 
@@ -111,7 +106,7 @@ def generate_command(config: GenerateConfig) -> int:
     from rlhf_fast.model import GPT
 
     prompts = config.prompts()
-    device = _device(config.device)
+    device = resolve_device(config.device)
     preset = _random_init(config.model)
     if preset:  # random init: a smoke test of the engine, not meaningful text
         torch.manual_seed(config.seed)
@@ -174,6 +169,7 @@ class ServeConfig(ModelOptions):
                                         "regardless, RLHF_FAST_NO_CUDA_GRAPH=1 turns it off)")
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"must be in [0, 65535], got {self.port}", "port")
         for key in ("max_batch_size", "batch_window_ms", "max_queue"):  # BatchConfig's own rules, one at a time

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from rlhf_fast.config import Config, option
+from rlhf_fast.config import Config, option, resolve_device
 from rlhf_fast.errors import ConfigError
 
 from .config import TrainConfig
@@ -78,6 +78,7 @@ class DemoCommand(Config):
     progress: bool = option(True, "progress bars")
 
     def __post_init__(self):
+        resolve_device(self.device)
         sentiment = self.task == "sentiment"
         for key in ("rm_steps", "ppo_iterations", "dpo_steps", "algo", "data", "rl_iterations"):
             synthetic_only = key in ("rm_steps", "ppo_iterations", "dpo_steps", "algo")

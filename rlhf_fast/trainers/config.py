@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_fast.config import Config, option, section
+from rlhf_fast.config import Config, option, resolve_device, section
 from rlhf_fast.distributed import PRECISIONS, DeepSpeedSettings
 from rlhf_fast.errors import ConfigError
 from rlhf_fast.model.compile import BACKENDS as COMPILE_BACKENDS
@@ -155,6 +155,8 @@ class RunSettings(Config):
         for name in ("log_every", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"must be >= 0, got {getattr(self, name)}", name)
+        if self.device is not None:
+            resolve_device(self.device)
         if self.compile_cache is not None and Path(self.compile_cache).is_file():
             raise ConfigError(f"{self.compile_cache} exists and is not a directory", "compile_cache")
         if self.resume and self.resume_if_possible:
