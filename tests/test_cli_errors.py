@@ -220,3 +220,27 @@ def test_a_device_this_machine_lacks_is_one_line_naming_the_flag(capsys, argv):
     # was a traceback ("Torch not compiled with CUDA enabled") from deep in the memory plan or a .to(device)
     line = assert_user_error(capsys, argv, repr(argv[-1]), "(--device)")
     assert ("no usable CUDA device" if argv[-1].startswith("cuda") else "is not a device") in line
+
+
+@pytest.fixture(scope="module")
+def corrupt_export(tmp_path_factory):
+    from rlhf_fast.model import GPT
+
+    d = tmp_path_factory.mktemp("corrupt")
+    GPT.from_preset("tiny").save_pretrained(d)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])  # a copy cut short
+    return d
+
+
+@pytest.mark.parametrize("command", ["generate", "sft", "dpo", "ppo", "chat"])
+def test_corrupt_weights_are_one_line_naming_the_file(capsys, tmp_path, corrupt_export, command):
+    # was a SafetensorError traceback in generate, sft, dpo and ppo
+    model = str(corrupt_export)
+    argv = {"generate": ["generate", "--model", model, "--prompt", "hi", "--tokenizer", "byte"],
+            "sft": ["sft", "--model", model, "--tokenizer", "byte", "--output-dir", str(tmp_path)],
+            "dpo": ["dpo", "--model", model, "--tokenizer", "byte", "--output-dir", str(tmp_path)],
+            "ppo": ["ppo", "--sft-model", model, "--reward-model", model, "--output-dir", str(tmp_path)],
+            "chat": ["chat", "--model", model]}[command]
+    line = assert_user_error(capsys, argv, corrupt_export / "model.safetensors")
+    assert "corrupt or truncated weights" in line or "could not load the model" in line

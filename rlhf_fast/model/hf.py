@@ -61,21 +61,32 @@ def _read_hf_config(directory: Path) -> dict:
     return cfg
 
 
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """One weight file; a corrupt or truncated one is a ValueError naming it, not a library traceback."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # SafetensorError, UnpicklingError, RuntimeError ("PytorchStreamReader failed ...")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: corrupt or truncated weights ({first})") from e
+
+
 def _load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     if (directory / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(directory / "model.safetensors"))
+        return _read_weights(directory / "model.safetensors")
     if (directory / "model.safetensors.index.json").is_file():
-        from safetensors.torch import load_file
-
         index = json.loads((directory / "model.safetensors.index.json").read_text())
         state = {}
         for shard in sorted(set(index["weight_map"].values())):
-            state.update(load_file(str(directory / shard)))
+            state.update(_read_weights(directory / shard))
         return state
     if (directory / "pytorch_model.bin").is_file():
-        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return _read_weights(directory / "pytorch_model.bin")
     raise FileNotFoundError(f"{directory} has no weights (looked for {', '.join(_WEIGHT_FILES)})")
 
 
