@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -182,3 +183,5 @@ def save_hf_gpt2(model, directory, *, merge_adapter: str | None = None) -> None:
     }
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    # safetensors writes through a private temporary file (mode 0600): give the weights config.json's mode
+    shutil.copymode(directory / "config.json", directory / "model.safetensors")

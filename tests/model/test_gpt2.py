@@ -67,6 +67,9 @@ def test_export_round_trip(tmp_path):
     torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
     again = GPT.from_pretrained(str(tmp_path / "out")).eval()
     torch.testing.assert_close(again(ids), ours(ids), atol=0, rtol=0)
+    # the weights are as readable as the config (safetensors' private temporary file left them 0600)
+    mode = lambda name: (tmp_path / "out" / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("model.safetensors") == mode("config.json")
 
 
 def test_hidden_states_shape_and_tied_head():
