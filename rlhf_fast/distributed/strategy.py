@@ -25,6 +25,7 @@ and imports nothing else from rlhf_fast.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -176,6 +177,10 @@ class SingleDeviceStrategy(Strategy):
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         self.precision = precision
         self.max_grad_norm = max_grad_norm
+        if precision == "fp16" and self.device.type != "cuda":  # runs (the kernel tests use it), but say so
+            logging.getLogger("rlhf_fast").warning(
+                "--precision fp16 on %s: fp16 autocast is meant for CUDA (slow here, and its loss scaling buys "
+                "nothing); bf16 or fp32 is the CPU choice", self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.model = self.optimizer = self.scheduler = None
 

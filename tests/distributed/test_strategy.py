@@ -61,3 +61,10 @@ def test_bf16_autocast_on_cpu():
     with strategy.autocast():
         y = nn.Linear(4, 4)(torch.randn(2, 4))
     assert y.dtype == torch.bfloat16
+
+
+def test_fp16_off_cuda_runs_but_says_so(caplog):
+    with caplog.at_level("WARNING", logger="rlhf_fast"):
+        SingleDeviceStrategy("cpu", "fp16")
+        SingleDeviceStrategy("cpu", "bf16")
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["--precision fp16 on cpu"]
