@@ -244,3 +244,19 @@ def test_corrupt_weights_are_one_line_naming_the_file(capsys, tmp_path, corrupt_
             "chat": ["chat", "--model", model]}[command]
     line = assert_user_error(capsys, argv, corrupt_export / "model.safetensors")
     assert "corrupt or truncated weights" in line or "could not load the model" in line
+
+
+def test_a_new_run_in_a_used_output_dir_is_refused_or_replaced_never_mixed(capsys, tmp_path):
+    run = [*SFT, "--max-steps", "1", "--output-dir", str(tmp_path)]
+    assert main(["sft", *run]) == 0
+    before = (tmp_path / "metrics.jsonl").read_text()
+    line = assert_user_error(capsys, ["sft", *run], tmp_path, "holds an earlier run", "--resume", "(--output-dir)")
+    assert "--overwrite" in line and (tmp_path / "metrics.jsonl").read_text() == before  # nothing touched
+    assert_user_error(capsys, ["sft", *run, "--overwrite", "--resume"], "--overwrite")
+    (tmp_path / "notes.txt").write_text("mine")  # not a run's file: --overwrite refuses rather than delete it
+    assert_user_error(capsys, ["sft", *run, "--overwrite"], "notes.txt", "(--output-dir)")
+    (tmp_path / "notes.txt").unlink()
+    (tmp_path / "checkpoints" / "step-00000001" / "stale").write_text("x")
+    assert main(["sft", *run, "--overwrite"]) == 0  # starts clean: the old checkpoints are gone
+    assert not (tmp_path / "checkpoints" / "step-00000001" / "stale").exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001"]

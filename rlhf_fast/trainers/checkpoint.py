@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlhf_fast.errors import CheckpointError
+from rlhf_fast.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -272,3 +272,28 @@ def resume_or_start(resume, run, checkpoints: CheckpointManager) -> bool:
                               "when there is none)", str(checkpoints.dir))
     log.info("no checkpoint in %s: starting from step 0", checkpoints.dir)
     return False
+
+
+# What a run writes into its directory: the only files --overwrite deletes.
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "export", "summary.json")
+RUN_PATTERNS = ("events.out.tfevents.*", "*.png")
+
+
+def claim_run_dir(run) -> None:
+    """Before a command starts a run in `run.output_dir`: an earlier run there is continued (--resume,
+    --resume-if-possible), replaced (--overwrite: its run files deleted, each named in the log), or refused
+    with one line. Never two runs' metrics, checkpoints and export mixed in one directory."""
+    d = Path(run.output_dir)
+    if run.resuming or not d.is_dir() or not any(d.iterdir()):
+        return
+    ours = [d / n for n in RUN_FILES if (d / n).exists()] + sorted(p for pat in RUN_PATTERNS for p in d.glob(pat))
+    if not run.overwrite:
+        raise ConfigError(f"{d} holds an earlier run: --resume (or --resume-if-possible) continues it, "
+                          "--overwrite replaces it, or give another --output-dir", "run.output_dir")
+    other = sorted(p.name for p in d.iterdir() if p not in ours)
+    if other:
+        raise ConfigError(f"{d} holds files no run writes ({', '.join(other[:3])}); --overwrite deletes only a "
+                          "run's own files: give another --output-dir", "run.output_dir")
+    for p in ours:
+        log.warning("--overwrite: deleting %s", p)
+        shutil.rmtree(p) if p.is_dir() else p.unlink()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from rlhf_fast.config import Config, option, resolve_device
 from rlhf_fast.errors import ConfigError
 
+from .checkpoint import claim_run_dir
 from .config import TrainConfig
 from .rl_config import GRPOConfig, PPOConfig
 
@@ -18,6 +19,7 @@ def train_command(config: TrainConfig) -> int:
     from .sft import build_sft_trainer
 
     builders = {"sft": build_sft_trainer, "rm": build_reward_trainer, "dpo": build_dpo_trainer}
+    claim_run_dir(config.run)
     trainer = builders[config.stage](config)
     trainer.train()
     if config.run.export:
@@ -30,6 +32,7 @@ def train_command(config: TrainConfig) -> int:
 def grpo_command(config: GRPOConfig) -> int:
     from .grpo import build_grpo_trainer
 
+    claim_run_dir(config.run)
     trainer = build_grpo_trainer(config)
     before = trainer.evaluate() if trainer.iteration == 0 and not config.run.resuming else None
     trainer.train()
@@ -47,6 +50,7 @@ def grpo_command(config: GRPOConfig) -> int:
 def ppo_command(config: PPOConfig) -> int:
     from .ppo import build_ppo_trainer
 
+    claim_run_dir(config.run)
     trainer = build_ppo_trainer(config)
     trainer.train()
     if config.run.export and trainer.strategy.is_main:

@@ -139,6 +139,8 @@ class RunSettings(Config):
     keep_last: int = option(2, "checkpoints kept")
     resume: bool = option(False, "continue from the newest intact checkpoint in --output-dir (an error when there "
                           "is none)")
+    overwrite: bool = option(False, "start over in an --output-dir that holds an earlier run: its config, metrics, "
+                             "checkpoints, export and curves are deleted first (each named in the log)")
     resume_if_possible: bool = option(False, "continue from the newest intact checkpoint when there is one, else "
                                       "start from step 0")
     progress: bool = option(True, "tqdm progress bar")
@@ -161,6 +163,8 @@ class RunSettings(Config):
             raise ConfigError(f"{self.compile_cache} exists and is not a directory", "compile_cache")
         if self.resume and self.resume_if_possible:
             raise ConfigError("give --resume or --resume-if-possible, not both", "resume")
+        if self.overwrite and self.resuming:
+            raise ConfigError("--overwrite starts over, --resume continues: give one", "overwrite")
 
     @property
     def resuming(self) -> bool:
