@@ -294,6 +294,8 @@ def claim_run_dir(run) -> None:
     if other:
         raise ConfigError(f"{d} holds files no run writes ({', '.join(other[:3])}); --overwrite deletes only a "
                           "run's own files: give another --output-dir", "run.output_dir")
+    if int(os.environ.get("RANK", "0")) != 0:  # launched ranks all check (and agree); the first one deletes
+        return
     for p in ours:
         log.warning("--overwrite: deleting %s", p)
         shutil.rmtree(p) if p.is_dir() else p.unlink()

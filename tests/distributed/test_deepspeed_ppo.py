@@ -162,9 +162,10 @@ def test_cli_ppo_full_parameter_under_deepspeed(tmp_path, ds_env, capsys, user_e
     assert "exported PPO policy" in capsys.readouterr().out
     assert GPT.from_pretrained(str(out / "export")).config.vocab_size == 320
     assert {p.name for p in (out / "strategy" / "step-00000001").iterdir() if p.is_dir()} == {"engine0", "engine1"}
-    assert "need --strategy deepspeed" in user_error([*common, "--zero-stage", "2"])
+    fresh = ["--output-dir", str(tmp_path / "fresh")]  # `out` holds the run above: refused before the flags
+    assert "need --strategy deepspeed" in user_error([*common, "--zero-stage", "2", *fresh])
     zero3 = ["--strategy", "deepspeed", "--zero-stage", "3", "--offload-params"]
-    assert "ZeRO stages 0-2" in user_error([*common, *zero3])
+    assert "ZeRO stages 0-2" in user_error([*common, *zero3, *fresh])
 
 
 def test_build_ppo_strategy_rejects_bad_input():
