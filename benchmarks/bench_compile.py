@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     env = environment()
     print(f"bench_compile: {preset}, backend {args.backend}, {env['device']}")
     cold = {mode: cold_in_subprocess(preset, mode, args.backend) for mode in ("whole", "regional")}
-    rows = [{"section": "cold", "preset": preset, "backend": args.backend, **{k: v for k, v in c.items()}}
+    rows = [{"section": "cold", "preset": preset, "backend": args.backend, **c}
             for c in cold.values()]
     speedup = cold["whole"]["compile_s"] / max(cold["regional"]["compile_s"], 1e-9)
     rows[1]["speedup_vs_whole"] = speedup

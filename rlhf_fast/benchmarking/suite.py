@@ -34,7 +34,7 @@ from rlhf_fast import kernels
 from rlhf_fast.config import from_flat
 from rlhf_fast.generation import release_kv_caches
 from rlhf_fast.model import GPT, ScalarHead, add_lora
-from rlhf_fast.model.compile import CACHE_ENV, CACHE_FILE
+from rlhf_fast.model.compile import CACHE_FILE, cache_dir
 from rlhf_fast.trainers.models import PPOModels
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
 
@@ -69,8 +69,8 @@ def process_age_s() -> float | None:
 
 def cache_file_bytes() -> int | None:
     """The size of $RLHF_FAST_COMPILE_CACHE/compile_cache.bin, None when there is none."""
-    directory = os.environ.get(CACHE_ENV)
-    path = Path(directory) / CACHE_FILE if directory else None
+    directory = cache_dir()
+    path = directory / CACHE_FILE if directory else None
     return path.stat().st_size if path is not None and path.exists() else None
 
 
@@ -245,10 +245,11 @@ def run_bench(cfg: BenchConfig, on_update: Callable[[dict], None] | None = None)
     cap = cap_memory(cfg.max_vram_gb, device) if cfg.max_vram_gb is not None else None
     dtype = getattr(torch, cfg.dtype)
     lengths, length_source = prompt_lengths(cfg)
+    cache = cache_dir()
     record = {"benchmark": "e2e", "environment": environment(), "config": dataclasses.asdict(cfg), "memory_cap": cap,
               "prompt_lengths": {"source": length_source, "mean": sum(lengths) / len(lengths), "min": min(lengths),
                                  "max": max(lengths)},
-              "gpu_monitor": None, "compile_cache": {"dir": os.environ.get(CACHE_ENV) or None, "loaded": None,
+              "gpu_monitor": None, "compile_cache": {"dir": str(cache) if cache else None, "loaded": None,
                                                      "bytes": cache_file_bytes()},
               "cold_start": None, "rows": [], "targets": {}, "complete": False}
 
