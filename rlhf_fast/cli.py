@@ -103,12 +103,46 @@ def cmd_info() -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with exact flag names (no `--max-step` for `--max-steps`: a prefix that a new flag could make
+    ambiguous later) and one-line errors: the mistake, a close flag name when there is one, and where the full
+    usage is; the whole usage block is for --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        import difflib
+
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            wrong = next((a.split("=", 1)[0] for a in message.split(":", 1)[1].split() if a.startswith("-")), None)
+            known = [o for p in self._all_parsers() for a in p._actions for o in a.option_strings]
+            close = difflib.get_close_matches(wrong or "", known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+        command = self._chosen.prog if getattr(self, "_chosen", None) else self.prog
+        print(f"rlhf-fast: error: {message}{hint} (see {command} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+    def _all_parsers(self):
+        chosen = getattr(self, "_chosen", None)
+        return [self] + ([chosen] if chosen is not None else [])
+
+    def parse_known_args(self, args=None, namespace=None):
+        # remember which subcommand's parser ran, so an error left to the top parser names its flags
+        sub = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is not None and args is not None:
+            self._chosen = next((sub.choices[a] for a in args if a in sub.choices), None)
+        return super().parse_known_args(args, namespace)
+
+
 def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, dict[str, str]]]:
     """The parser, and {command: {setting key: flag}}. `only`: add the flags of that command alone (the
     others are listed, without importing their config classes)."""
     from rlhf_fast.config import add_flags
 
-    parser = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="rlhf-fast", description=__doc__.split("\n")[0])
     # the deepspeed launcher passes --local_rank=N before the subcommand; the rank is read from LOCAL_RANK
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an input error "
@@ -179,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         bool(os.environ.get("RLHF_FAST_DEBUG"))
     flags: dict[str, str] = {}
     if not any(a in COMMANDS for a in argv) and not {"-h", "--help"} & set(argv):
+        word = next((a for a in argv if not a.startswith("-")), None)
+        if word is not None:  # a misspelt command: one line with the commands there are
+            print(f"rlhf-fast: error: unknown command {word!r}; commands: {', '.join(COMMANDS)} (see rlhf-fast "
+                  f"--help)", file=sys.stderr)
+            raise SystemExit(2)
         build_parser()[0].print_help(sys.stderr)  # no command: say which there are
         return 2
     try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -111,10 +112,7 @@ def build(cls, d: dict | None = None, *, base=None, source: str | None = None, _
             kwargs[name] = build(type(current), value, base=current, source=source, _prefix=f"{_prefix}{name}.")
             continue
         if name in d:
-            value = d[name]
-            if isinstance(value, list) and _plain_type(hints[name])[1]:
-                value = tuple(value)
-            kwargs[name] = value
+            kwargs[name] = checked_value(d[name], hints[name], f"{_prefix}{name}")
         elif current is _MISSING:
             raise ConfigError("a value is required", f"{_prefix}{name}")
         else:
@@ -125,6 +123,37 @@ def build(cls, d: dict | None = None, *, base=None, source: str | None = None, _
         raise ConfigError(e.what, f"{_prefix}{e.where}" if e.where else _prefix[:-1] or None) from e
     except (ValueError, TypeError) as e:  # a check without a key: the section
         raise ConfigError(" ".join(str(e).split()), _prefix[:-1] or source) from e
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def checked_value(value, hint, key: str):
+    """`value` as the type its setting declares (a list for a tuple setting becomes a tuple, an int for a float
+    setting a float, a path a str), or a ConfigError naming `key`: a config file's `{"lr": "fast"}` must fail
+    here with its key, not later as a TypeError deep in the run."""
+    typ, many = _plain_type(hint)
+    optional = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    if value is None and optional and type(None) in typing.get_args(hint):
+        return None
+    if many:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"must be a list, got {value!r} ({type(value).__name__})", key)
+        return tuple(_checked_scalar(v, typ, key) for v in value)
+    return _checked_scalar(value, typ, key)
+
+
+def _checked_scalar(value, typ, key: str):
+    if typ not in _TYPE_NAMES:  # a type the config system has no rule for: the section's own check decides
+        return value
+    ok = {bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool)
+          or isinstance(value, float) and value.is_integer(),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, (str, os.PathLike))}[typ]
+    if not ok:
+        raise ConfigError(f"must be {_TYPE_NAMES[typ]}, got {value!r} ({type(value).__name__})", key)
+    return os.fspath(value) if typ is str else typ(value)
 
 
 def load_config_file(path) -> dict:

@@ -260,3 +260,45 @@ def test_a_new_run_in_a_used_output_dir_is_refused_or_replaced_never_mixed(capsy
     assert main(["sft", *run, "--overwrite"]) == 0  # starts clean: the old checkpoints are gone
     assert not (tmp_path / "checkpoints" / "step-00000001" / "stale").exists()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001"]
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["sft", "--max-step", "3"], ["--max-step", "did you mean --max-steps?", "rlhf-fast sft --help"]),  # no prefixes
+    (["sft", "--lr", "fast"], ["--lr", "invalid float value"]),
+    (["grpo", "--precision", "fp8"], ["--precision", "invalid choice"]),
+    (["trian"], ["unknown command 'trian'", "sft"]),
+])
+def test_flag_mistakes_are_one_line_not_the_whole_usage(user_error, argv, names):
+    line = user_error(argv)
+    for name in names:
+        assert name in line, line
+    assert "usage:" not in line
+
+
+@pytest.mark.parametrize("setting, flag, message", [
+    ({"optim": {"lr": "fast"}}, "--lr", "must be a number, got 'fast'"),
+    ({"optim": {"max_steps": 2.5}}, "--max-steps", "must be an integer"),
+    ({"run": {"resume": "yes"}}, "--resume", "must be true or false"),
+    ({"optim": {"betas": [0.9, "x"]}}, "--betas", "must be a number"),
+    ({"data": {"data": 3}}, "--data", "must be a string"),
+])
+def test_config_file_values_of_the_wrong_type_name_the_setting(user_error, tmp_path, setting, flag, message):
+    line = user_error(["sft", "--config", str(write(tmp_path / "c.json", [json.dumps(setting)]))])
+    assert message in line and line.endswith(f"({flag})"), line
+
+
+def test_config_values_keep_their_declared_types():
+    from rlhf_fast.trainers import TrainConfig
+
+    config = TrainConfig.from_dict({"optim": {"lr": 1, "max_steps": 10.0, "betas": [0.8, 0.9]}})
+    assert (type(config.optim.lr), type(config.optim.max_steps), config.optim.betas) == (float, int, (0.8, 0.9))
+
+
+def test_plan_lengths_past_the_models_context_name_their_flags(user_error, tmp_path):
+    from rlhf_fast.model import GPT
+
+    GPT.from_preset("tiny").save_pretrained(tmp_path / "export")
+    n_positions = GPT.from_preset("tiny").config.n_positions
+    line = user_error(["plan", "--model", str(tmp_path / "export")])  # the default 256 + 128 tokens
+    assert f"n_positions={n_positions}" in line and "--prompt-len" in line and "--response-len" in line, line
+    assert main(["plan", "--model", str(tmp_path / "export"), "--prompt-len", "16", "--response-len", "8"]) == 0

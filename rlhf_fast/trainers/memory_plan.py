@@ -806,7 +806,12 @@ def plan_command(config: PlanCommand) -> int:
             return 1
         print(f"{DOC_PATH}: {'written' if config.write_docs else 'up to date'}")
         return 0
-    verdict = decide(config.shape(), config.settings, config.vram)
+    shape, s = config.shape(), config.settings
+    if s.seq_len > shape.n_positions:  # the defaults fit gpt2 sizes, not every export: name the flags that fix it
+        raise ConfigError(f"prompt {s.prompt_len} + response {s.response_len} tokens exceed the model's "
+                          f"n_positions={shape.n_positions}: lower --prompt-len / --response-len",
+                          "settings.prompt_len")
+    verdict = decide(shape, s, config.vram)
     print(format_verdict(verdict))
     if verdict.refused:
         print(f"rlhf-fast plan: {verdict.message()}", file=sys.stderr)
