@@ -53,6 +53,7 @@ class Server:
         cmd = [sys.executable, "-m", "rlhf_fast.cli", "serve", "--model", model, "--host", "127.0.0.1",
                "--port", str(self.port), *serve_args]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env.pop("RLHF_FAST_API_KEY", None)  # the clients send no key: a key set in this shell would 401 them
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:

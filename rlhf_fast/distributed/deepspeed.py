@@ -138,6 +138,10 @@ class DeepSpeedStrategy(Strategy):
     """Trainer strategy backed by DeepSpeed engines (one per prepared model)."""
 
     kind = "deepspeed"
+    # what DeepSpeed's optimizer-state files pickle (deepspeed 0.19; it loads them with weights_only=False itself)
+    checkpoint_globals = ("deepspeed.utils.tensor_fragment.fragment_address",
+                          "deepspeed.runtime.zero.config.ZeroStageEnum",
+                          "deepspeed.runtime.fp16.loss_scaler.LossScaler")
 
     def __init__(self, settings: DeepSpeedSettings | None = None, precision: str = "fp32",
                  max_grad_norm: float | None = 1.0, micro_batch_size: int = 1, grad_accum_steps: int = 1):

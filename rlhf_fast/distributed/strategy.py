@@ -49,6 +49,9 @@ class Strategy:
     """Everything a trainer calls. Defaults are those of one process holding whole parameters."""
 
     kind: str  # the `build_strategy` kind that builds it: "single" or "deepspeed"
+    # classes (module.qualname) that the files `save_checkpoint` writes under its directory pickle beyond tensors
+    # and plain containers; the trainer refuses any other on --resume (a crafted file), see trainers/checkpoint.py
+    checkpoint_globals: tuple[str, ...] = ()
     device: torch.device  # where the trained models' forwards run
     precision: str = "fp32"  # one of PRECISIONS
 

@@ -9,6 +9,10 @@ setting is a ConfigError naming it, raised before any model is loaded.
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +20,13 @@ from rlhf_fast.config import option, resolve_device
 from rlhf_fast.errors import ConfigError, UserError
 
 from .batcher import BatchConfig
+from .guard import API_KEY_ENV, ServerLimits
+
+log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")
 _BATCH = BatchConfig()  # the server's batching defaults live with the batcher
+_LIMITS = ServerLimits()  # and its request limits with the guard
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,6 +175,15 @@ class ServeConfig(ModelOptions):
     compile: bool | None = option(None, "torch.compile (inductor) the decode step before it is captured as a CUDA "
                                         "graph (default: off, it is a long compile; the CUDA graph is on for CUDA "
                                         "regardless, RLHF_FAST_NO_CUDA_GRAPH=1 turns it off)")
+    served_model_name: str | None = option(None, "the model id of /v1/models and of requests' `model` (default: "
+                                                 "the run directory's name for a run's export, a preset's name, "
+                                                 "else the HF config's _name_or_path or the directory's name)")
+    api_key: str | None = option(None, "require `Authorization: Bearer KEY` on every /v1/* route (default: "
+                                       f"${API_KEY_ENV}; unset: no key; /health and the chat page stay open)")
+    max_body_bytes: int = option(_LIMITS.max_body_bytes, "request bodies over this many bytes get 413")
+    max_streams: int = option(_LIMITS.max_streams, "streaming answers open at once before 429")
+    max_streams_per_client: int = option(_LIMITS.max_streams_per_client, "streaming answers open at once from "
+                                                                          "one client address before 429")
 
     def __post_init__(self):
         super().__post_init__()
@@ -177,10 +194,57 @@ class ServeConfig(ModelOptions):
                 BatchConfig(**{key: getattr(self, key)})
             except ValueError as e:
                 raise ConfigError(str(e), key) from e
+        for key in ("api_key", "max_body_bytes", "max_streams", "max_streams_per_client"):
+            try:
+                ServerLimits(**{key: getattr(self, key)})
+            except ValueError as e:
+                raise ConfigError(str(e), key) from e
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ConfigError("must not be empty", "served_model_name")
 
     def batch(self) -> BatchConfig:
         return BatchConfig(max_batch_size=self.max_batch_size, batch_window_ms=self.batch_window_ms,
                            max_queue=self.max_queue, compile=self.compile)
+
+    def limits(self) -> ServerLimits:
+        """The guard's settings; the key from --api-key, else $RLHF_FAST_API_KEY (unset or empty: none)."""
+        return ServerLimits(api_key=self.api_key or os.environ.get(API_KEY_ENV) or None,
+                            max_body_bytes=self.max_body_bytes, max_streams=self.max_streams,
+                            max_streams_per_client=self.max_streams_per_client)
+
+
+def served_model_name(model: str) -> str:
+    """The default model id for `--model`: a preset's name; for `<run>/export` beside the run's config.json, the
+    run directory's name (`runs/demo/ppo/export` -> "ppo": every export is called "export"); for another
+    directory, its HF config's `_name_or_path` when that names a model rather than a local path, else the
+    directory's name."""
+    if _random_init(model):
+        return model
+    directory = Path(model).resolve()
+    run_config = directory.parent / "config.json"
+    if directory.name == "export" and run_config.is_file() and "stage" in _json_object(run_config):
+        return directory.parent.name
+    name = _json_object(directory / "config.json").get("_name_or_path")
+    if isinstance(name, str) and name.strip() and not Path(name).is_absolute() and not Path(name).exists():
+        return name.strip()
+    return directory.name
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing or unreadable: no name from it (loading the model reports real faults)
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def serve_command(config: ServeConfig) -> int:
@@ -192,6 +256,11 @@ def serve_command(config: ServeConfig) -> int:
     from .conversation import load_chat_model
     from .server import serve
 
-    model, tokenizer, name = load_chat_model(config.model, device=config.device, dtype=config.dtype, seed=config.seed)
-    serve(model, tokenizer, name, host=config.host, port=config.port, batch=config.batch())
+    limits = config.limits()
+    if limits.api_key is None and not _is_loopback(config.host):
+        log.warning("serving on %s without an API key: anyone who reaches this address can generate; give --api-key "
+                    "or $%s", config.host, API_KEY_ENV)
+    model, tokenizer, _ = load_chat_model(config.model, device=config.device, dtype=config.dtype, seed=config.seed)
+    name = config.served_model_name or served_model_name(config.model)
+    serve(model, tokenizer, name, host=config.host, port=config.port, batch=config.batch(), limits=limits)
     return 0

@@ -12,7 +12,9 @@ Every request goes through the dynamic batcher (batcher.py); handlers only await
 keeps answering (/health included) while the worker thread generates. `stream: true` answers with server-sent
 events ("data: {chunk}", then "data: [DONE]"); a client that leaves mid-reply frees its slot. Errors are
 OpenAI-shaped JSON, {"error": {"message", "type", "param", "code"}}: 400 naming the field (`param`) for a bad
-request, 404 for an unknown model or path, 429 when the queue is full, 500 when generation itself fails.
+request, 401 without the API key (when the server has one), 404 for an unknown model or path, 413 for a body
+over the size limit, 429 when the queue is full or too many streams are open, 500 when generation itself fails.
+The key check and the limits are in guard.py.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from starlette.exceptions import HTTPException
 
 from .batcher import BatchConfig, Batcher, Completion, GenerationError, QueueFull, Request, Sampling
 from .conversation import check_messages, hh_prompt
+from .guard import APIError, RequireApiKey, ServerLimits, StreamSlots, read_body
 
 INDEX_HTML = Path(__file__).parent / "static" / "index.html"
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -41,29 +44,6 @@ MAX_STOP = 4  # stop strings per request, as OpenAI
 NEUTRAL = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,),
            "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "suffix": ("",),
            "tools": ([],)}
-
-
-class APIError(Exception):
-    """An error answer: HTTP status, message, and the request field it is about (OpenAI's `param`)."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    @classmethod
-    def from_value_error(cls, e: ValueError) -> APIError:
-        """400 from a ValueError whose message starts with the field it names ("messages[1].role: ...")."""
-        message = str(e)
-        field, sep, _ = message.partition(": ")
-        return cls(400, message, field if sep and " " not in field else None)
-
-    def response(self) -> JSONResponse:
-        kind = {404: "not_found_error", 429: "rate_limit_error"}.get(self.status, "invalid_request_error")
-        if self.status >= 500:
-            kind = "server_error"
-        headers = {"Retry-After": "1"} if self.status == 429 else None
-        return JSONResponse({"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}},
-                            status_code=self.status, headers=headers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,9 +152,10 @@ def parse_request(body, *, chat: bool, model_name: str, tokenizer, n_positions: 
     return request, stream, include_usage
 
 
-async def _json_body(http: HTTPRequest):
+async def _json_body(http: HTTPRequest, limit: int):
+    body = await read_body(http, limit)  # 413 beyond the limit
     try:
-        return json.loads(await http.body())
+        return json.loads(body)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise APIError(400, f"invalid JSON in the request body: {e}") from None
 
@@ -221,6 +202,21 @@ async def _stream(completion: Completion, chat: bool, head: dict, include_usage:
     yield "data: [DONE]\n\n"
 
 
+class _SlotStream(StreamingResponse):
+    """A streaming answer that calls `release` once it ends, however it ends: also when the client is gone before
+    the body generator starts (then the generator's own finally never runs)."""
+
+    def __init__(self, content, release, **kwargs):
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
 async def _disconnected(http: HTTPRequest) -> None:
     """Returns when the client has gone (the body is read: all that is left to receive is the disconnect)."""
     while (await http.receive())["type"] != "http.disconnect":
@@ -245,11 +241,14 @@ async def _text_unless_gone(http: HTTPRequest, completion: Completion) -> str | 
 # The app
 
 
-def create_app(model, tokenizer, model_name: str, batch: BatchConfig | None = None) -> FastAPI:
+def create_app(model, tokenizer, model_name: str, batch: BatchConfig | None = None,
+               limits: ServerLimits | None = None) -> FastAPI:
     """The server's FastAPI app: `model` (eval mode, on its device) and `tokenizer` served as `model_name`,
-    batched as `batch` says. The batcher's worker thread runs from app startup to shutdown (the lifespan); it
-    is `app.state.batcher`."""
+    batched as `batch` says, guarded as `limits` says (API key, body size, open streams). The batcher's worker
+    thread runs from app startup to shutdown (the lifespan); it is `app.state.batcher`."""
     batcher = Batcher(model, tokenizer, batch or BatchConfig())
+    limits = limits or ServerLimits()
+    streams = StreamSlots(limits.max_streams, limits.max_streams_per_client)
     n_positions = model.config.n_positions
     started = int(time.time())
 
@@ -263,6 +262,8 @@ def create_app(model, tokenizer, model_name: str, batch: BatchConfig | None = No
 
     app = FastAPI(title="rlhf-fast serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher
+    if limits.api_key is not None:
+        app.add_middleware(RequireApiKey, api_key=limits.api_key)
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
@@ -273,20 +274,30 @@ def create_app(model, tokenizer, model_name: str, batch: BatchConfig | None = No
         return APIError(e.status_code, str(e.detail)).response()
 
     async def answer(http: HTTPRequest, chat: bool):
-        request, stream, include_usage = parse_request(await _json_body(http), chat=chat, model_name=model_name,
-                                                       tokenizer=tokenizer, n_positions=n_positions)
+        request, stream, include_usage = parse_request(await _json_body(http, limits.max_body_bytes), chat=chat,
+                                                       model_name=model_name, tokenizer=tokenizer,
+                                                       n_positions=n_positions)
+        client = http.client.host if http.client else "?"
+        if stream:
+            streams.acquire(client)  # 429 when this client (or everyone) has too many open
         try:
             completion = batcher.submit(request)
-        except QueueFull as e:
-            raise APIError(429, f"server busy: {e}; retry later", code="queue_full") from None
-        except GenerationError as e:
+        except (QueueFull, GenerationError) as e:
+            if stream:
+                streams.release(client)
+            if isinstance(e, QueueFull):
+                raise APIError(429, f"server busy: {e}; retry later", code="queue_full") from None
             raise APIError(503, str(e)) from None
         kind = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
         head = dict(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, object=kind, created=int(time.time()),
                     model=model_name)
         if stream:
-            return StreamingResponse(_stream(completion, chat, head, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            def release():
+                completion.cancel()  # a no-op once it has finished
+                streams.release(client)
+
+            return _SlotStream(_stream(completion, chat, head, include_usage), release, media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             text = await _text_unless_gone(http, completion)
         except GenerationError as e:
@@ -319,7 +330,7 @@ def create_app(model, tokenizer, model_name: str, batch: BatchConfig | None = No
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, **batcher.stats()}
+        return {"status": "ok", "model": model_name, "streams": streams.count(), **batcher.stats()}
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -331,9 +342,9 @@ def create_app(model, tokenizer, model_name: str, batch: BatchConfig | None = No
 
 
 def serve(model, tokenizer, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
-          batch: BatchConfig | None = None, log_level: str = "info") -> None:
+          batch: BatchConfig | None = None, limits: ServerLimits | None = None, log_level: str = "info") -> None:
     """Run the server until interrupted (Ctrl-C)."""
     import uvicorn
 
-    uvicorn.run(create_app(model, tokenizer, model_name, batch), host=host, port=port, log_level=log_level,
+    uvicorn.run(create_app(model, tokenizer, model_name, batch, limits), host=host, port=port, log_level=log_level,
                 timeout_graceful_shutdown=5)

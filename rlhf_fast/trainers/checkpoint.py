@@ -10,6 +10,11 @@ is written and flushed; `trainer_state.json` is written last, lists the .pt file
 checkpoint. A crash mid-save therefore leaves at most a stale temp directory (removed by the next save)
 and never touches the previous checkpoint. A checkpoint damaged later (a truncated copy, a full disk) is
 moved aside by `load_latest`, which then resumes from the one before.
+
+Every .pt file loads with `torch.load(weights_only=True)`: a checkpoint holds only tensors and plain containers
+(RNG states included, see `capture_rng_state`), so a crafted file cannot run code on --resume. A file that needs
+full unpickling (a checkpoint from before this rule, or a tampered one) is refused with an UnsafeCheckpointError
+naming it, unless the run says --trust-checkpoint (then it loads with a warning).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -34,7 +40,12 @@ STATE_FILE = "trainer_state.json"
 
 
 def capture_rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy, torch (and CUDA) RNG states as tensors, ints, floats, str and tuples only, so that they load
+    under weights_only=True (numpy's key array is stored as an int64 tensor, not as an ndarray)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    numpy_state = (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                   float(cached_gaussian))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -42,7 +53,11 @@ def capture_rng_state() -> dict:
 
 def restore_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state[1], torch.Tensor):  # else numpy's own tuple, from a trusted pre-weights_only checkpoint
+        name, keys, *rest = numpy_state
+        numpy_state = (name, keys.numpy().astype(np.uint32), *rest)
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -54,6 +69,38 @@ class CorruptCheckpointError(CheckpointError):
 
 class IncompleteCheckpointError(CorruptCheckpointError, FileNotFoundError):
     """A checkpoint file that is not there (also a FileNotFoundError)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file that loads only with full unpickling (which can run any code); `where` is that file.
+    Not a corrupt file: it is refused, never moved aside or skipped."""
+
+
+def _load_pt(path: Path, trust: bool):
+    """torch.load of one checkpoint file under weights_only=True. A file that needs other globals is refused
+    (UnsafeCheckpointError), or with `trust` loaded in full after a warning; a file that cannot be read at all is a
+    CorruptCheckpointError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        try:  # a static scan of the pickle's opcodes: nothing in the file runs
+            unsafe = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)))
+        except Exception:  # not a torch zip file at all
+            unsafe = []
+        if not unsafe:
+            raise CorruptCheckpointError(f"unreadable ({_brief(e)})", str(path)) from None
+    except Exception as e:  # truncated, empty, not a torch file: whatever torch raises
+        raise CorruptCheckpointError(f"unreadable ({_brief(e)})", str(path)) from e
+    shown = ", ".join(unsafe[:3]) + (", ..." if len(unsafe) > 3 else "")
+    if not trust:
+        raise UnsafeCheckpointError(f"loads only with full unpickling, which can run any code (it needs {shown}): "
+                                    "refused; --trust-checkpoint loads it if you trust this file", str(path))
+    log.warning("--trust-checkpoint: loading %s with full unpickling (it needs %s); a crafted file runs code here",
+                path, shown)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CorruptCheckpointError(f"unreadable ({_brief(e)})", str(path)) from e
 
 
 def _brief(e: Exception) -> str:
@@ -77,12 +124,13 @@ def _fsync_dir(path: Path) -> None:
 class CheckpointManager:
     """Save / find / load checkpoints of one run directory."""
 
-    def __init__(self, run_dir, keep_last: int = 2):
+    def __init__(self, run_dir, keep_last: int = 2, trust: bool = False):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / "checkpoints"
         self.keep_last = keep_last
+        self.trust = trust  # --trust-checkpoint: files that need full unpickling load (with a warning)
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -158,7 +206,7 @@ class CheckpointManager:
         moved = []
         for path in reversed(self.checkpoints()):
             try:
-                blobs, state = self.load(path)
+                blobs, state = self.load(path, trust=self.trust)
             except CorruptCheckpointError as e:
                 reason = f"{Path(e.where).name}: {e.what}"
                 aside = self._move_aside(path)
@@ -193,11 +241,12 @@ class CheckpointManager:
         return aside
 
     @staticmethod
-    def load(path) -> tuple[dict[str, object], dict]:
-        """({name: object}, trainer_state) of a checkpoint directory.
+    def load(path, trust: bool = False) -> tuple[dict[str, object], dict]:
+        """({name: object}, trainer_state) of a checkpoint directory, every .pt file loaded under weights_only=True.
 
         Raises CorruptCheckpointError naming the file that is missing or cannot be read (a directory
-        without trainer_state.json: IncompleteCheckpointError, also a FileNotFoundError).
+        without trainer_state.json: IncompleteCheckpointError, also a FileNotFoundError), UnsafeCheckpointError
+        naming a file that needs full unpickling (loaded instead, with a warning, when `trust`).
         """
         path = Path(path)
         state_path = path / STATE_FILE
@@ -213,14 +262,7 @@ class CheckpointManager:
         for name in trainer_state.get("files", ["weights.pt"]):
             if not (path / name).is_file():
                 raise IncompleteCheckpointError(f"{name} is missing", str(path / name))
-        tensors = {}
-        for p in sorted(path.glob("*.pt")):
-            try:
-                # weights_only=False: optimizer and RNG states hold numpy arrays and tuples; these files
-                # are our own checkpoints, not downloads.
-                tensors[p.stem] = torch.load(p, map_location="cpu", weights_only=False)
-            except Exception as e:  # truncated, empty, not a torch file: whatever torch raises
-                raise CorruptCheckpointError(f"unreadable ({_brief(e)})", str(p)) from e
+        tensors = {p.stem: _load_pt(p, trust) for p in sorted(path.glob("*.pt"))}
         return tensors, trainer_state
 
 
@@ -256,8 +298,32 @@ def restore_collective(strategy, checkpoints: CheckpointManager, trainable: dict
     with torch.no_grad(), strategy.gathered(trainable.values(), modify=True):
         for n, p in trainable.items():
             p.copy_(blobs["weights"][n])
-    strategy.load_checkpoint(blobs["optim"], strategy_dir(checkpoints, step))
+    directory = strategy_dir(checkpoints, step)
+    check_library_files(directory, strategy.checkpoint_globals, checkpoints.trust)
+    strategy.load_checkpoint(blobs["optim"], directory)
     restore_rng_state(blobs["rng"])
+
+
+def check_library_files(directory: Path, allowed: tuple[str, ...], trust: bool) -> None:
+    """The files a library loads itself with full unpickling (DeepSpeed's engine state, under `directory`): each
+    .pt file's pickle is scanned (nothing in it runs) and one that names a class outside torch's safe set and
+    `allowed` is refused with an UnsafeCheckpointError naming it, or with `trust` loaded after a warning."""
+    if not Path(directory).is_dir():
+        return
+    for path in sorted(Path(directory).rglob("*.pt")):
+        try:
+            unsafe = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - set(allowed))
+        except Exception as e:  # not a torch zip file: the library's own load says what is wrong with it
+            log.debug("%s: not scanned (%s)", path, _brief(e))
+            continue
+        if not unsafe:
+            continue
+        shown = ", ".join(unsafe[:3]) + (", ..." if len(unsafe) > 3 else "")
+        if not trust:
+            raise UnsafeCheckpointError(f"its library loads it with full unpickling, and it names {shown}, which "
+                                        "none of its files should: refused; --trust-checkpoint loads it if you "
+                                        "trust this file", str(path))
+        log.warning("--trust-checkpoint: %s names %s; loading it with full unpickling", path, shown)
 
 
 def resume_or_start(resume, run, checkpoints: CheckpointManager) -> bool:
@@ -265,6 +331,7 @@ def resume_or_start(resume, run, checkpoints: CheckpointManager) -> bool:
     run. `run` is the run section: --resume without a checkpoint is an error, --resume-if-possible starts over."""
     if not run.resuming:
         return False
+    checkpoints.trust = run.trust_checkpoint  # the run's consent to full unpickling (--trust-checkpoint)
     if resume():
         return True
     if run.resume:
@@ -275,7 +342,7 @@ def resume_or_start(resume, run, checkpoints: CheckpointManager) -> bool:
 
 
 # What a run writes into its directory: the only files --overwrite deletes.
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "export", "summary.json")
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "export", "summary.json", "wandb")
 RUN_PATTERNS = ("events.out.tfevents.*", "*.png")
 
 
