@@ -73,15 +73,22 @@ class AdvantageConfig:
             raise ValueError(f"std_eps must be > 0, got {self.std_eps}")
 
 
-def compute_advantages(config: AdvantageConfig, rewards, mask, values=None):
-    """(advantages, returns) from the estimator `config.estimator`, optionally whitened."""
+def compute_advantages(config: AdvantageConfig, rewards, mask, values=None, *, all_reduce=None):
+    """(advantages, returns) from the estimator `config.estimator`, optionally whitened.
+
+    `mask` is the loss mask: a row it leaves empty (a truncated response under DAPO's overlong filtering) is
+    no member of its group's baseline and no part of the whitening statistics. `all_reduce` (a tensor -> its
+    sum over data-parallel ranks): whitening over every rank's tokens (groups never straddle ranks).
+    """
     if rewards.dim() != 2 or mask.shape != rewards.shape:
         raise ValueError(
             f"rewards and mask must share a (B, T) shape, got {tuple(rewards.shape)}, {tuple(mask.shape)}"
         )
     advantages, returns = ADVANTAGE_ESTIMATORS[config.estimator](rewards, mask, values, config)
-    if config.whiten:
-        advantages = masked_whiten(advantages, mask)
+    if config.estimator == "reinforce_pp":  # its baseline and scale are the whole batch's
+        advantages = masked_whiten(advantages, mask, eps=config.std_eps**2, all_reduce=all_reduce)
+    elif config.whiten:
+        advantages = masked_whiten(advantages, mask, all_reduce=all_reduce)
     return advantages, returns
 
 
@@ -96,11 +103,19 @@ def _bool(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask != 0
 
 
-def _grouped_scores(rewards, mask, group_size: int) -> torch.Tensor:
+def _grouped_scores(rewards, mask, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scores, members, n): (G, k) sequence scores, (G, k) bool "the row is in the loss" (a row the mask
+    leaves empty is not), (G, 1) members per group."""
     B = rewards.shape[0]
     if B % group_size:
         raise ValueError(f"batch of {B} rows is not a whole number of groups of {group_size}")
-    return masked_sum(rewards.float(), mask, dim=1).view(B // group_size, group_size)  # (G, k)
+    members = _bool(mask).any(dim=1).view(B // group_size, group_size)
+    scores = masked_sum(rewards.float(), mask, dim=1).view(B // group_size, group_size)  # (G, k)
+    return scores, members, members.sum(dim=1, keepdim=True)
+
+
+def _group_mean(scores, members, n) -> torch.Tensor:
+    return torch.where(members, scores, 0.0).sum(dim=1, keepdim=True) / n.clamp(min=1)  # (G, 1)
 
 
 def _broadcast(advantage, score, mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,26 +128,28 @@ def _broadcast(advantage, score, mask) -> tuple[torch.Tensor, torch.Tensor]:
 @register_advantage_estimator("grpo")
 def grpo_advantages(rewards, mask, values, config: AdvantageConfig):
     """Shao et al. 2024 (DeepSeekMath), outcome supervision: (score - group mean) / (group std + eps)."""
-    scores = _grouped_scores(rewards, mask, config.group_size)
-    std = scores.std(dim=1, keepdim=True)  # Bessel-corrected, as in the paper's reference code
-    return _broadcast((scores - scores.mean(dim=1, keepdim=True)) / (std + config.std_eps), scores, mask)
+    scores, members, n = _grouped_scores(rewards, mask, config.group_size)
+    mean = _group_mean(scores, members, n)
+    centered = torch.where(members, scores - mean, 0.0)
+    std = (centered.square().sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()  # Bessel, as the paper's code
+    return _broadcast(centered / (std + config.std_eps), scores, mask)
 
 
 @register_advantage_estimator("dr_grpo")
 def dr_grpo_advantages(rewards, mask, values, config: AdvantageConfig):
     """Liu et al. 2025 (Understanding R1-Zero-like training): score - group mean. Dividing by the group
     std up-weights prompts that are nearly always (or never) solved; Dr. GRPO drops it."""
-    scores = _grouped_scores(rewards, mask, config.group_size)
-    return _broadcast(scores - scores.mean(dim=1, keepdim=True), scores, mask)
+    scores, members, n = _grouped_scores(rewards, mask, config.group_size)
+    return _broadcast(torch.where(members, scores - _group_mean(scores, members, n), 0.0), scores, mask)
 
 
 @register_advantage_estimator("rloo")
 def rloo_advantages(rewards, mask, values, config: AdvantageConfig):
     """Ahmadian et al. 2024: score minus the mean score of the other k - 1 samples of the prompt."""
-    scores = _grouped_scores(rewards, mask, config.group_size)
-    k = config.group_size
-    baseline = (scores.sum(dim=1, keepdim=True) - scores) / (k - 1)
-    return _broadcast(scores - baseline, scores, mask)
+    scores, members, n = _grouped_scores(rewards, mask, config.group_size)
+    total = torch.where(members, scores, 0.0).sum(dim=1, keepdim=True)
+    baseline = (total - scores) / (n - 1).clamp(min=1)
+    return _broadcast(torch.where(members & (n >= 2), scores - baseline, 0.0), scores, mask)  # alone: no baseline
 
 
 @register_advantage_estimator("reinforce_pp")
@@ -140,7 +157,8 @@ def reinforce_pp_advantages(rewards, mask, values, config: AdvantageConfig):
     """REINFORCE++ (Hu 2025): per-token discounted returns G_t, whitened over all of the batch's tokens.
 
     The baseline is the global mean and the scale the global std (floored: rsqrt(var + std_eps^2)), so
-    no critic and no groups are needed; the per-token KL penalty in `rewards` makes G_t token-level.
+    no critic and no groups are needed; the per-token KL penalty in `rewards` makes G_t token-level. This
+    returns G_t twice: `compute_advantages` whitens the first over the batch (every rank's, when distributed).
     """
     m = _bool(mask)
     r = torch.where(m, rewards.float(), torch.zeros((), device=rewards.device))  # (B, T)
@@ -149,4 +167,4 @@ def reinforce_pp_advantages(rewards, mask, values, config: AdvantageConfig):
     for t in reversed(range(r.shape[1])):  # masked positions carry the running return unchanged
         running = torch.where(m[:, t], r[:, t] + config.gamma * running, running)
         returns[:, t] = torch.where(m[:, t], running, 0.0)
-    return masked_whiten(returns, m, eps=config.std_eps**2), returns
+    return returns, returns

@@ -44,17 +44,28 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, all_reduce=None
 ) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) over mask != 0; masked positions come out 0.
 
     With `shift_mean=False` the mean is added back (scale-only whitening, as for value targets).
+    `all_reduce` (a tensor -> its sum over data-parallel ranks): the mean and variance are those of every
+    rank's selected elements, so each rank whitens its share of the batch exactly as one process would.
     """
     m = _bool(mask, x)
     # select first: garbage times the (finite) gradient of rsqrt(var) would otherwise be NaN
     x = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    mean, var = masked_mean(x, m), masked_var(x, m)
+    mean, var = (masked_mean(x, m), masked_var(x, m)) if all_reduce is None else _global_mean_var(x, m, all_reduce)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(m, whitened, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _global_mean_var(x: torch.Tensor, m: torch.Tensor, all_reduce) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and Bessel-corrected variance of the selected elements of every rank (two passes, as masked_var)."""
+    n = all_reduce(masked_count(m).to(x.dtype))
+    mean = all_reduce(x.sum()) / n.clamp(min=1)  # x is already 0 where unselected
+    centered = torch.where(m, x - mean, torch.zeros((), dtype=x.dtype, device=x.device))
+    var = all_reduce((centered * centered).sum()) / (n - 1).clamp(min=1)
+    return mean, torch.where(n >= 2, var, torch.zeros_like(var))

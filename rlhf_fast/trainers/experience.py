@@ -123,7 +123,8 @@ class ExperienceMaker:
     def __init__(self, models: PPOModels, *, max_new_tokens: int, eos_token_id: int | None,
                  pad_token_id: int | None, advantage: AdvantageConfig, temperature: float = 1.0,
                  kl_estimator: str = "k1", scorer=None, reference: bool = True, overlong_buffer: int = 0,
-                 overlong_penalty: float = 1.0, compile: bool | None = None, frozen_on_device=None):
+                 overlong_penalty: float = 1.0, compile: bool | None = None, frozen_on_device=None,
+                 all_reduce=None):
         if advantage.estimator == "gae" and not models.has_critic:
             raise ValueError("the gae estimator needs a critic (PPOModels with a value head); pick a critic-free "
                              "estimator (grpo, dr_grpo, rloo, reinforce_pp) or add a critic")
@@ -138,6 +139,7 @@ class ExperienceMaker:
         self.generation = dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
                                eos_token_id=eos_token_id, pad_token_id=pad_token_id, compile=compile)
         self.kl_estimator, self.reference = kl_estimator, reference
+        self.all_reduce = all_reduce  # tensor -> sum over data-parallel ranks: whitening statistics of every rank
         self.overlong = (overlong_buffer, overlong_penalty)
         # model -> context in which a separate frozen model is on the device (the strategy's on_device:
         # offloading between uses); nullcontext for None (a role played by the shared base)
@@ -205,7 +207,13 @@ class ExperienceMaker:
         with timer("advantages"):
             rewards, kl = shape_rewards(rollout.scores, logprobs, ref if ref is not None else logprobs,
                                         action_mask, kl_coef, self.kl_estimator)
-            advantages, returns = compute_advantages(self.advantage, rewards, action_mask, values)
+            # Baselines and whitening see every sampled response, as DAPO defines its group advantage; overlong
+            # filtering masks only the loss. Leaving truncated responses out of the baselines too made truncation
+            # a state no update ever pushes down: tests/trainers/test_grpo.py's task fell from 0.17 to 0.06 (the
+            # reinforce_pp baseline) instead of rising to 0.40 (README: RL options, --mask-truncated)
+            advantages, returns = compute_advantages(self.advantage, rewards, action_mask, values,
+                                                     all_reduce=self.all_reduce)
+            loss_mask = action_mask & ~rollout.truncated.unsqueeze(1) if mask_truncated else action_mask
         gap = torch.where(rollout.response_mask, (logprobs[:, first:] - rollout.logprobs).abs(), 0.0)
         n_tokens = rollout.response_mask.sum(dim=1).float()
         stats = {"score": rollout.scores.mean(), "score_std": rollout.scores.std() if len(n_tokens) > 1 else zero,
@@ -220,9 +228,7 @@ class ExperienceMaker:
         stats = {k: float(v) for k, v in stats.items()}
         stats.update(timer.times)
         stats["peak_mem_gb"] = peak_memory_gb(device)
-        if mask_truncated:  # DAPO overlong filtering: truncated responses take no part in the loss
-            action_mask = action_mask & ~rollout.truncated.unsqueeze(1)
-        exp = Experience(sequences=seq, attention_mask=mask, action_mask=action_mask, logprobs=logprobs,
+        exp = Experience(sequences=seq, attention_mask=mask, action_mask=loss_mask, logprobs=logprobs,
                          advantages=advantages, returns=returns, ref_logprobs=ref, values=values,
                          rewards=rewards, scores=rollout.scores)
         return exp, stats

@@ -181,6 +181,11 @@ class PlanSettings:
         return self.prompt_len + self.response_len
 
     @property
+    def scored_len(self) -> int:
+        """The longest sequence any pass reads: RL reward-model scoring appends an EOS to a truncated response."""
+        return self.seq_len + int(self.rl and self.has_reward_model)
+
+    @property
     def scoring_rows(self) -> int:
         return min(self.score_rows or self.rows, self.rows)
 
@@ -493,8 +498,9 @@ def plan_memory(shape: ModelShape, settings: PlanSettings, budget_gib: float = 1
     """The memory plan of `settings` on a model of `shape` under a budget of `budget_gib` GiB."""
     if budget_gib <= 0:
         raise ValueError(f"memory plan: the budget must be > 0 GiB, got {budget_gib}")
-    if settings.seq_len > shape.n_positions:
-        raise ValueError(f"memory plan: prompt {settings.prompt_len} + response {settings.response_len} tokens "
+    if settings.scored_len > shape.n_positions:
+        raise ValueError(f"memory plan: prompt {settings.prompt_len} + response {settings.response_len}"
+                         f"{' + 1 (the EOS scoring appends)' * (settings.scored_len > settings.seq_len)} tokens "
                          f"exceed the model's n_positions={shape.n_positions}")
     resident, host = _resident(shape, settings)
     phases = ([_generation(shape, settings), _scoring(shape, settings)] if settings.rl else [])
@@ -807,8 +813,9 @@ def plan_command(config: PlanCommand) -> int:
         print(f"{DOC_PATH}: {'written' if config.write_docs else 'up to date'}")
         return 0
     shape, s = config.shape(), config.settings
-    if s.seq_len > shape.n_positions:  # the defaults fit gpt2 sizes, not every export: name the flags that fix it
-        raise ConfigError(f"prompt {s.prompt_len} + response {s.response_len} tokens exceed the model's "
+    if s.scored_len > shape.n_positions:  # the defaults fit gpt2 sizes, not every export: name the flags to fix
+        raise ConfigError(f"prompt {s.prompt_len} + response {s.response_len}"
+                          f"{' + 1 (the EOS scoring appends)' * (s.scored_len > s.seq_len)} tokens exceed the model's "
                           f"n_positions={shape.n_positions}: lower --prompt-len / --response-len",
                           "settings.prompt_len")
     verdict = decide(shape, s, config.vram)

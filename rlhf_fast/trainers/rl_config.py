@@ -56,7 +56,9 @@ class RLSettings(Config):
     init_kl_coef: float = option(0.05, "per-token KL penalty in the reward (PPO, REINFORCE++)")
     kl_target: float | None = option(None, "adaptive KL controller's target KL per sequence (Ziegler et al. 2019; "
                                      "default: a fixed coefficient)")
-    kl_horizon: int = option(10000, "adaptive KL controller's horizon")
+    kl_horizon: int | None = option(None, "adaptive KL controller's horizon, in samples (default: a tenth of the "
+                                    "run's samples, so the coefficient can move up to e^+-2 over the run, as TRL's "
+                                    "10,000 does over 100k episodes)")
     kl_estimator: str = option("k1", "estimator of the reward's KL penalty: k1, k2, k3")
     kl_loss_coef: float = option(0.0, "k3 KL to the reference as a loss term (GRPO; DeepSeekMath used 0.04)")
     dynamic_sampling: bool = option(False, "DAPO: drop groups whose scores are all equal and sample more prompts "
@@ -75,6 +77,8 @@ class RLSettings(Config):
         for name in ("iterations", "rollout_batch_size", "group_size", "mini_batch_size", "epochs",
                      "max_new_tokens", "kl_horizon", "max_sampling_rounds", "eval_prompts", "eval_samples"):
             value = getattr(self, name)
+            if name == "kl_horizon" and value is None:
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"must be an int >= 1, got {value!r}", name)
         if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= self.mini_batch_size:
@@ -116,6 +120,10 @@ class RLSettings(Config):
     @property
     def rows(self) -> int:
         return self.rollout_batch_size * self.group_size
+
+    def kl_horizon_samples(self, world_size: int = 1) -> int:
+        """--kl-horizon, else a tenth of the samples the run will draw (every rank's rows, each iteration)."""
+        return self.kl_horizon or max(1, self.iterations * self.rows * world_size // 10)
 
     @property
     def micro_rows(self) -> int:

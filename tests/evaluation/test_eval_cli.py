@@ -28,9 +28,11 @@ def exports(tmp_path_factory):
     for seed, stage in enumerate(("sft", "ppo", "rm")):
         torch.manual_seed(seed)
         model = GPT.from_preset("tiny")
-        out = export_model(model, tok, "byte", root / stage / "export", merge_adapter=None)
+        out = export_model(model, tok, root / stage / "export", merge_adapter=None)
         if stage == "rm":
             torch.save(RewardHead(model.config.n_embd).state_dict(), out / REWARD_HEAD_FILE)
+    # a run directory holds the run's own config.json beside export/: eval must not take it for the model's
+    (root / "ppo" / "config.json").write_text(json.dumps({"model": {"preset": "tiny"}, "run": {"seed": 0}}))
     return root
 
 
@@ -135,3 +137,11 @@ def test_prompt_file_bad_lines_are_named_or_skipped(tmp_path):
         eval_prompts(EvalConfig(policies=("x",), prompts=str(f), num_prompts=2))
     config = EvalConfig(policies=("x",), prompts=str(f), num_prompts=2, skip_bad_examples=True)
     assert eval_prompts(config) == ["q3", "q4"]
+
+
+def test_samples_table_cells_hold_every_line_break():
+    from rlhf_fast.evaluation.evaluate import _cell
+
+    cell = _cell("a\rb\r\nc\nd\u2028e|f`g")
+    assert cell == "`a⏎b⏎c⏎d⏎e\\|f'g`" and len(cell.splitlines()) == 1
+    assert _cell("") == "*(empty)*"

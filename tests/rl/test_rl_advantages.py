@@ -104,3 +104,70 @@ def test_ppo_pipeline_triton_matches_torch():
         results[backend] = (adv, ret, loss, new_lp.grad, metrics["clip_frac"])
     for got, want in zip(results["triton"], results["torch"], strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_rows_the_mask_leaves_empty_are_no_members_of_their_group(estimator):
+    """A row with no token in the mask is no sample: a group of 4 with row 1 empty gives its other rows the
+    advantages a group of the 3 alone would (not a score of 0 in the baseline); one member alone gets none."""
+    rewards, _, mask = _batch(B=8, T=7, seed=3)
+    loss_mask = mask.clone()
+    loss_mask[1] = False  # group 0 keeps rows 0, 2, 3
+    loss_mask[5:8] = False  # group 1 keeps row 4 alone
+    adv, _ = compute_advantages(AdvantageConfig(estimator, group_size=4), rewards, loss_mask)
+    keep = [0, 2, 3]
+    alone, _ = compute_advantages(AdvantageConfig(estimator, group_size=3), rewards[keep], loss_mask[keep])
+    torch.testing.assert_close(adv[keep], alone, rtol=1e-5, atol=1e-6)
+    assert not adv[1].any() and not adv[4:].any()
+
+
+@pytest.mark.parametrize("estimator, whiten", [("gae", True), ("reinforce_pp", False)])
+def test_rows_the_mask_leaves_empty_are_not_in_the_whitening_statistics(estimator, whiten):
+    rewards, values, mask = _batch(B=6, T=9, seed=4)
+    loss_mask = mask.clone()
+    loss_mask[2] = False
+    cfg = AdvantageConfig(estimator, whiten=whiten, backend="torch")
+    vals = values if estimator == "gae" else None
+    adv, _ = compute_advantages(cfg, rewards, loss_mask, vals)
+    keep = [0, 1, 3, 4, 5]
+    alone, _ = compute_advantages(cfg, rewards[keep], loss_mask[keep], None if vals is None else vals[keep])
+    torch.testing.assert_close(adv[keep], alone, rtol=1e-5, atol=1e-6)
+    assert not adv[2].any()
+
+
+def _whiten_on_two_ranks(rank, world, init_file, rewards, mask, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        def all_reduce(t):
+            t = t.clone()
+            dist.all_reduce(t)
+            return t
+
+        rows = slice(rank * 3, rank * 3 + 3)
+        for estimator in ("reinforce_pp", "gae"):
+            cfg = AdvantageConfig(estimator, whiten=True, backend="torch")
+            values = torch.zeros_like(rewards[rows]) if estimator == "gae" else None
+            adv, _ = compute_advantages(cfg, rewards[rows], mask[rows], values, all_reduce=all_reduce)
+            torch.save(adv, f"{out}.{estimator}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_whitening_statistics_are_those_of_every_rank(tmp_path):
+    """2 CPU ranks (gloo), 3 rows each: each rank's whitened advantages are its rows of one process whitening
+    all 6 rows (REINFORCE++'s batch baseline, GAE's whitening)."""
+    import torch.multiprocessing as mp
+
+    rewards, _, mask = _batch(B=6, T=9, seed=5)
+    out = tmp_path / "adv"
+    mp.spawn(_whiten_on_two_ranks, args=(2, tmp_path / "init", rewards, mask, out), nprocs=2, join=True)
+    for estimator in ("reinforce_pp", "gae"):
+        cfg = AdvantageConfig(estimator, whiten=True, backend="torch")
+        values = torch.zeros_like(rewards) if estimator == "gae" else None
+        whole, _ = compute_advantages(cfg, rewards, mask, values)
+        split = torch.cat([torch.load(f"{out}.{estimator}.{r}") for r in range(2)])
+        torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+        alone, _ = compute_advantages(cfg, rewards[:3], mask[:3], None if values is None else values[:3])
+        assert not torch.allclose(alone, whole[:3], atol=1e-3)  # a rank on its own whitens differently

@@ -58,3 +58,18 @@ def test_adaptive_controller_follows_ziegler():
         AdaptiveKLController(0.1, target=0.0)
     with pytest.raises(ValueError, match=">= 0"):
         FixedKLController(-1.0)
+
+
+def test_default_kl_horizon_lets_the_coefficient_move_over_the_run():
+    """The default horizon scales with the run: a run whose KL stays far above target can raise the coefficient
+    several-fold (the old fixed 10,000 moved it ~2.6% over the demo's 40 x 32 samples), and far below it lower it."""
+    from rlhf_fast.trainers.rl_config import RLSettings
+
+    rl = RLSettings(iterations=40, rollout_batch_size=32)
+    assert rl.kl_horizon_samples() == 128 and rl.kl_horizon_samples(world_size=2) == 256
+    assert RLSettings(kl_horizon=10000).kl_horizon_samples() == 10000
+    up, down = (make_kl_controller(0.1, target=2.0, horizon=rl.kl_horizon_samples()) for _ in range(2))
+    for _ in range(rl.iterations):
+        up.update(20.0, n_steps=rl.rows)
+        down.update(0.0, n_steps=rl.rows)
+    assert up.value > 0.5 and down.value < 0.02

@@ -172,6 +172,12 @@ def test_settings_are_validated():
         PlanSettings(offload_optimizer=True)
     with pytest.raises(ValueError, match="n_positions=1024"):
         plan_memory(XL, replace(HEADLINE, prompt_len=1000), 16.0)
+    # the boundary: PPO's reward model reads the EOS appended to a truncated response, GRPO's function does not
+    edge = replace(HEADLINE, algo="ppo", prompt_len=1024 - HEADLINE.response_len)
+    with pytest.raises(ValueError, match=r"\+ 1 \(the EOS scoring appends\) tokens exceed the model's n_positions"):
+        plan_memory(XL, edge, 16.0)
+    plan_memory(XL, replace(edge, prompt_len=edge.prompt_len - 1), 16.0)
+    plan_memory(XL, replace(edge, algo="grpo"), 16.0)
 
 
 def test_sft_rm_dpo_have_only_an_update():
@@ -198,8 +204,8 @@ def test_hf_dir_shape(tmp_path):
 
 
 def test_cli_plan_proposes_and_exits_0(capsys):
-    argv = ["plan", "--preset", "gpt2-xl", "--precision", "bf16", "--lora", "--rollout-batch", "64", "--prompt-len",
-            "256", "--response-len", "128", "--micro-batch", "8", "--vram", "16"]  # abbreviated flags work too
+    argv = ["plan", "--preset", "gpt2-xl", "--precision", "bf16", "--lora", "--rollout-batch-size", "64",
+            "--prompt-len", "256", "--response-len", "128", "--micro-batch-size", "8", "--vram", "16"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "proposal: --micro-batch-size" in out and "--grad-checkpoint" in out
