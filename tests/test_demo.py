@@ -27,11 +27,12 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     assert (out / "ppo_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for stage in ("sft", "rm", "ppo"):
         assert (out / stage / "metrics.jsonl").is_file(), stage
+        assert (out / stage / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", stage
         assert any((out / stage / "checkpoints").glob("step-*")), stage
         assert (out / stage / "export" / "config.json").is_file(), stage
     assert (out / "rm" / "export" / "reward_adapter.pt").is_file()
     ppo_lines = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in ppo_lines if "train/score" in r] == [1, 2]
+    assert [r["step"] for r in ppo_lines if "score" in r] == [1, 2]
 
 
 def test_demo_config_rejects_bad_sizes():

@@ -1,6 +1,7 @@
 """Examples, tokenized datasets, collators and a resumable batch order.
 
-- SFT: prompt + response + EOS; the loss covers response and EOS tokens only (`loss_mask`).
+- SFT: prompt + response + EOS; the loss covers response and EOS tokens only (`loss_mask`). An empty prompt
+  (language modelling) is a lone EOS, so the loss covers every token of the text.
 - Preference pairs: prompt + chosen / prompt + rejected, each ending in EOS.
 - Prompts only (for RL): prompt token ids.
 
@@ -36,7 +37,10 @@ class PreferenceExample:
 
 
 def _encode(tokenizer, prompt: str, response: str, max_prompt_len: int, max_len: int, force_eos: bool):
-    return encode_pair(tokenizer.encode(prompt), tokenizer.encode(response), eos_token_id=tokenizer.eos_token_id,
+    # An empty prompt (language-modelling data, {"text"}) becomes EOS, GPT-2's document separator, so that the
+    # text's first token is predicted (and trained on) too: position t predicts token t + 1.
+    prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_token_id]
+    return encode_pair(prompt_ids, tokenizer.encode(response), eos_token_id=tokenizer.eos_token_id,
                        max_prompt_len=max_prompt_len, max_len=max_len, force_eos=force_eos)
 
 
@@ -117,7 +121,8 @@ class PromptDataset(torch.utils.data.Dataset):
         self.items = []
         for p in prompts:
             p = p.prompt if isinstance(p, (SFTExample, PreferenceExample)) else p
-            self.items.append({"prompt_ids": tokenizer.encode(p)[-max_prompt_len:], "prompt": p})
+            ids = tokenizer.encode(p)[-max_prompt_len:] if p else [tokenizer.eos_token_id]  # as in _encode
+            self.items.append({"prompt_ids": ids, "prompt": p})
 
     def __len__(self):
         return len(self.items)

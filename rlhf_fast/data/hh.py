@@ -104,13 +104,9 @@ def load_hh(source: str, split: str = "train", *, subset: str | None = None, ski
 def _load_hh_hub(name: str, split: str, subset: str | None, skip_bad_examples: bool, report: LoadReport):
     if subset is not None and name == HUB_NAME and subset not in HUB_SUBSETS:
         raise DataError(f"unknown HH-RLHF subset {subset!r}; known: {', '.join(HUB_SUBSETS)}", name)
-    import datasets
+    from .hub import load_hub_dataset
 
-    try:
-        rows = datasets.load_dataset(name, data_dir=subset, split=split)
-    except Exception as e:  # offline, unknown name, ...: say what was tried
-        raise MissingDataError(f"not a local file or directory, and could not be loaded from the dataset hub "
-                               f"({type(e).__name__}: {e})", name) from e
+    rows = load_hub_dataset(name, data_dir=subset, split=split)
     examples = []
     for i, record in enumerate(rows):
         try:

@@ -87,12 +87,12 @@ def read_jsonl(path, parse, *, skip_bad_examples: bool = False, report: LoadRepo
     return out
 
 
-def first_record(path, *, skip_bad_examples: bool = False) -> dict | None:
-    """The first JSON object of a .jsonl(.gz) file (to tell its format), None when it has none. A bad line
-    before it raises BadExampleError, or is passed over with `skip_bad_examples` (the full read counts it)."""
+def first_record_at(path, *, skip_bad_examples: bool = False) -> tuple[int, dict] | None:
+    """(line number, first JSON object) of a .jsonl(.gz) file (to tell its format), None when it has none. A bad
+    line before it raises BadExampleError, or is passed over with `skip_bad_examples` (the full read counts it)."""
     for lineno, line in numbered_lines(require_file(Path(path))):
         try:
-            return as_object(decode_line(line))
+            return lineno, as_object(decode_line(line))
         except ValueError as e:
             if not skip_bad_examples:
                 raise BadExampleError(f"{e}; {SKIP_HINT}", f"{path}:{lineno}") from None

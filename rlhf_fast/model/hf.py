@@ -2,6 +2,8 @@
 
 HF GPT-2 stores its attention/MLP projections as `Conv1D` with weight (in, out); ours are
 nn.Linear (out, in), so those four weights are transposed both ways. Everything else maps by name.
+An export's config.json carries the token ids of its tokenizer (so HF `generate` stops at EOS); a reward
+model's export adds `score.weight`, which makes the same directory a `GPT2ForSequenceClassification`.
 """
 
 from __future__ import annotations
@@ -18,24 +20,42 @@ from .gpt2 import GPTConfig
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # HF's causal-mask buffers in old checkpoints
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+HUB_PROBE_TIMEOUT_S = 10.0  # the first request to the model hub; a hub that answers answers well within it
+SCORE_WEIGHT = "score.weight"  # GPT2ForSequenceClassification's (bias-free) score head, in reward-model exports
 
 
 def resolve_checkpoint_dir(name_or_path: str) -> Path:
-    """A local directory as is; otherwise a hub name (e.g. "gpt2-medium") downloaded by huggingface_hub."""
+    """A local directory as is; otherwise a hub name (e.g. "gpt2-medium"): the hub cache first, then the hub."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     looks_local = os.sep in str(name_or_path) and not _looks_like_repo_id(str(name_or_path))
     if looks_local or path.exists():
         raise FileNotFoundError(f"checkpoint directory not found: {name_or_path}")
-    try:
-        from huggingface_hub import snapshot_download
+    return _from_hub(str(name_or_path))
 
-        return Path(snapshot_download(str(name_or_path), allow_patterns=["config.json", *_WEIGHT_FILES,
-                                                                         "*.safetensors"]))
-    except Exception as e:  # offline, unknown repo, ...: say what was tried
-        raise FileNotFoundError(f"{name_or_path!r} is not a local directory and could not be fetched "
-                                f"from the model hub ({type(e).__name__}: {e})") from e
+
+def _from_hub(name: str) -> Path:
+    """The hub cache's snapshot of `name`, else a download. Offline (HF_HUB_OFFLINE) or with no hub answering
+    within HUB_PROBE_TIMEOUT_S this fails at once with one line: a bare download would wait on a hub that cannot
+    answer, retrying with back-off (each retry logged)."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    patterns = ["config.json", *_WEIGHT_FILES, "*.safetensors"]
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # not in the cache (or an incomplete snapshot): ask the hub
+        pass
+    where = f"{name!r} is not a local directory and not in the Hugging Face hub cache"
+    if constants.is_offline_mode():
+        raise FileNotFoundError(f"{where}, and HF_HUB_OFFLINE is set (download it where the hub is reachable, "
+                                "or give a local directory)")
+    try:  # one short request, no retries: tells an unreachable hub or unknown repo apart from a slow download
+        HfApi().model_info(name, timeout=HUB_PROBE_TIMEOUT_S)
+        return Path(snapshot_download(name, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, ...: say what was tried, on one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise FileNotFoundError(f"{where}, and the model hub did not provide it ({type(e).__name__}: {first})") from e
 
 
 def _looks_like_repo_id(s: str) -> bool:
@@ -115,7 +135,7 @@ def load_hf_gpt2(cls, name_or_path: str, **config_overrides):
     loaded = set()
     with torch.no_grad():
         for key, tensor in state.items():
-            if key.endswith(_IGNORED_SUFFIXES):
+            if key.endswith(_IGNORED_SUFFIXES) or key == SCORE_WEIGHT:  # the score head is the reward model's
                 continue
             name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
             if name not in ours:
@@ -133,7 +153,13 @@ def load_hf_gpt2(cls, name_or_path: str, **config_overrides):
     return model
 
 
-def save_hf_gpt2(model, directory, *, merge_adapter: str | None = None) -> None:
+def save_hf_gpt2(model, directory, *, merge_adapter: str | None = None, token_ids: dict | None = None,
+                 score_head=None) -> None:
+    """Write `model` as an HF GPT-2 directory. token_ids: {"bos_token_id", "eos_token_id", "pad_token_id"} of its
+    tokenizer, into config.json (default: GPT-2's <|endoftext|> for a 50,257-token vocabulary). score_head:
+    (weight (1, C), bias ()) of a reward head, written as GPT2ForSequenceClassification's `score.weight`; HF's
+    score has no bias, so a non-zero bias b is folded into ln_f's bias (ln_f.bias += b w / |w|^2, which adds
+    exactly w . delta = b to the score); that ln_f only feeds the score in a reward-model export."""
     from safetensors.torch import save_file
 
     from .lora import lora_modules
@@ -161,8 +187,10 @@ def save_hf_gpt2(model, directory, *, merge_adapter: str | None = None) -> None:
         if name.endswith(_CONV1D):
             tensor = tensor.t()
         state[name] = tensor.contiguous().cpu()
+    if score_head is not None:
+        state.update(_score_state(state["transformer.ln_f.bias"], *score_head))
     hf_config = {
-        "architectures": ["GPT2LMHeadModel"],
+        "architectures": ["GPT2LMHeadModel"] if score_head is None else ["GPT2ForSequenceClassification"],
         "model_type": "gpt2",
         "vocab_size": cfg.vocab_size,
         "n_positions": cfg.n_positions,
@@ -177,11 +205,28 @@ def save_hf_gpt2(model, directory, *, merge_adapter: str | None = None) -> None:
         "embd_pdrop": cfg.dropout,
         "attn_pdrop": 0.0,
         "tie_word_embeddings": True,
-        # <|endoftext|> for the real GPT-2 vocabulary; small vocabularies name their EOS elsewhere.
-        "bos_token_id": 50256 if cfg.vocab_size == 50257 else None,
-        "eos_token_id": 50256 if cfg.vocab_size == 50257 else None,
     }
+    gpt2_eos = 50256 if cfg.vocab_size == 50257 else None  # <|endoftext|> of the real GPT-2 vocabulary
+    hf_config.update(token_ids or {"bos_token_id": gpt2_eos, "eos_token_id": gpt2_eos, "pad_token_id": gpt2_eos})
+    if score_head is not None:
+        hf_config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     # safetensors writes through a private temporary file (mode 0600): give the weights config.json's mode
     shutil.copymode(directory / "config.json", directory / "model.safetensors")
+
+
+def _score_state(ln_f_bias: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"score.weight"} (+ the shifted "transformer.ln_f.bias" when the head has a bias): see `save_hf_gpt2`."""
+    w = weight.detach().float().cpu().reshape(1, -1)
+    if w.shape[1] != ln_f_bias.shape[0]:
+        raise ValueError(f"score head weight has {w.shape[1]} inputs, the model's hidden size is {ln_f_bias.shape[0]}")
+    out = {SCORE_WEIGHT: w.to(ln_f_bias.dtype).contiguous()}
+    b = float(bias.detach())
+    if b != 0.0:
+        norm2 = float((w.double() ** 2).sum())
+        if norm2 == 0.0:
+            raise ValueError("the reward head's weight is all zeros: its bias cannot be folded into the export")
+        shift = (b / norm2) * w[0].double()
+        out["transformer.ln_f.bias"] = (ln_f_bias.double() + shift).to(ln_f_bias.dtype).contiguous()
+    return out

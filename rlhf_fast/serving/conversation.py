@@ -126,7 +126,6 @@ def load_chat_model(name: str, *, device=None, dtype: str = "float32", seed: int
 
     from rlhf_fast.data import load_tokenizer
     from rlhf_fast.model import GPT, PRESETS
-    from rlhf_fast.trainers.builders import export_tokenizer_name
 
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -144,7 +143,7 @@ def load_chat_model(name: str, *, device=None, dtype: str = "float32", seed: int
                                     "pass an export such as runs/demo/ppo/export")
         try:
             model = GPT.from_pretrained(str(directory))
-            tokenizer = load_tokenizer(export_tokenizer_name(directory))
+            tokenizer = load_tokenizer(directory)
         except (ValueError, OSError):
             raise
         except Exception as e:  # corrupt safetensors, a marker without "tokenizer", ...

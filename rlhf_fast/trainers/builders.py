@@ -1,25 +1,27 @@
 """Model and tokenizer I/O of the trainers: build a GPT (+ LoRA adapter) from the model settings, export
-one as an HF GPT-2 directory, and find the tokenizer that belongs to an export.
+one as an HF GPT-2 directory (with its tokenizer as HF files and its token ids in config.json), and, with
+--export-adapter, its LoRA adapter as a PEFT directory.
 
-An export of a byte-tokenizer model carries `TOKENIZER_MARKER` (HF tokenizers save their own files), so
-`export_tokenizer_name(directory)` names what `load_tokenizer` needs for any export.
+`load_tokenizer(directory)` (rlhf_fast.data.tokenizer) is the one way to load an export's tokenizer: a
+byte-tokenizer export carries `TOKENIZER_MARKER` besides its HF tokenizer files, so it comes back as the
+`ByteTokenizer` it was trained with.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
 
-from rlhf_fast.data import load_tokenizer
+from rlhf_fast.data.tokenizer import TOKENIZER_MARKER, load_tokenizer, save_tokenizer, tokenizer_name  # noqa: F401
 from rlhf_fast.distributed import Strategy, build_strategy
 from rlhf_fast.model import GPT, add_lora
+from rlhf_fast.model.hf import save_hf_gpt2
 
 from .config import TrainConfig
 
-TOKENIZER_MARKER = "rlhf_fast_tokenizer.json"  # written into exports of byte-tokenizer models
+ADAPTER_EXPORT_DIR = "adapter"  # --export-adapter: <export>/adapter/, a PEFT adapter directory
 
 
 def build_model(config: TrainConfig, adapter: str) -> tuple[GPT, object]:
@@ -48,16 +50,13 @@ def resolve_tokenizer_name(config: TrainConfig) -> str:
         return m.tokenizer
     if m.model is None:
         return "byte" if m.preset in ("tiny", "demo") else "gpt2"
-    marker = Path(m.model) / TOKENIZER_MARKER
-    if marker.is_file():
-        return json.loads(marker.read_text())["tokenizer"]
-    return m.model
+    return tokenizer_name(m.model)
 
 
 def export_tokenizer_name(directory: Path) -> str:
-    """What `load_tokenizer` needs for the export in `directory` (its marker's name, else the directory)."""
-    marker = Path(directory) / TOKENIZER_MARKER
-    return json.loads(marker.read_text())["tokenizer"] if marker.is_file() else str(directory)
+    """The tokenizer of the export in `directory`, for messages: "byte" (its marker) or the directory itself.
+    Load it with `load_tokenizer(directory)`."""
+    return tokenizer_name(directory)
 
 
 def tokenizer_signature(tokenizer) -> str:
@@ -69,15 +68,49 @@ def tokenizer_signature(tokenizer) -> str:
     return hashlib.sha256(repr(items).encode()).hexdigest()
 
 
-def export_model(model: GPT, tokenizer, tokenizer_name: str, directory, merge_adapter: str | None) -> Path:
-    """HF GPT-2 directory with the adapter merged in, plus what is needed to load its tokenizer."""
+def export_token_ids(tokenizer, *, scores: bool = False) -> dict:
+    """config.json's token ids for an export with `tokenizer` (HF `generate` stops at eos_token_id).
+
+    scores=True (a reward model, also a GPT2ForSequenceClassification): HF scores the rightmost token that is not
+    pad_token_id, rlhf_fast the last real token, which is the EOS a response ends in. Where pad == EOS (GPT-2) HF
+    would skip that EOS, so pad_token_id is then the vocabulary size: an id no sequence holds."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if scores and pad == eos:
+        pad = tokenizer.vocab_size
+    return {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad}
+
+
+def export_model(model: GPT, tokenizer, directory, merge_adapter: str | None, *, score_head=None) -> Path:
+    """HF GPT-2 directory with the adapter merged in, its tokenizer as HF files and its token ids in config.json.
+    score_head: a reward model's head, written as GPT2ForSequenceClassification's score (`hf.save_hf_gpt2`)."""
     directory = Path(directory)
-    model.save_pretrained(directory, merge_adapter=merge_adapter)
-    if hasattr(tokenizer, "tok"):
-        tokenizer.tok.save_pretrained(directory)
-    else:
-        (directory / TOKENIZER_MARKER).write_text(json.dumps({"tokenizer": tokenizer_name}))
+    head = None if score_head is None else (score_head.proj.weight, score_head.proj.bias)
+    save_hf_gpt2(model, directory, merge_adapter=merge_adapter, score_head=head,
+                 token_ids=export_token_ids(tokenizer, scores=score_head is not None))
+    save_tokenizer(tokenizer, directory)
     return directory
+
+
+def export_peft_adapter(config, model: GPT, adapter: str | None, tokenizer, directory, *, score_head=None):
+    """--export-adapter: `adapter` as a PEFT directory <directory>/adapter/ (None without the option). Its base is
+    the --model the run started from, else (a random-init preset) the unmerged base written to adapter/base/."""
+    if not config.run.export_adapter:
+        return None
+    from rlhf_fast.model.peft_export import save_peft_adapter
+
+    if adapter is None:  # resolve_defaults refuses --export-adapter without LoRA before step 1
+        raise ValueError("--export-adapter needs a LoRA run")
+    out = Path(directory) / ADAPTER_EXPORT_DIR
+    if config.model.model is not None:
+        local = Path(config.model.model).expanduser()
+        base = str(local.resolve()) if local.is_dir() else config.model.model  # a directory, else a hub name
+    else:
+        base_dir = out / "base"
+        save_hf_gpt2(model, base_dir, token_ids=export_token_ids(tokenizer))
+        save_tokenizer(tokenizer, base_dir)
+        base = str(base_dir.resolve())
+    head = None if score_head is None else (score_head.proj.weight, score_head.proj.bias)
+    return save_peft_adapter(model, adapter, out, base_model_name_or_path=base, score_head=head)
 
 
 def train_strategy(config) -> Strategy:

@@ -19,6 +19,8 @@ from rlhf_fast.distributed import PRECISIONS, DeepSpeedSettings
 from rlhf_fast.errors import ConfigError
 from rlhf_fast.model.compile import BACKENDS as COMPILE_BACKENDS
 
+from .metrics import REPORT_TO, check_report_to
+
 STAGES = ("sft", "rm", "dpo")
 STRATEGIES = ("single", "deepspeed")
 SCHEDULES = ("cosine", "constant")
@@ -63,9 +65,17 @@ class LoRASettings(Config):
 
 @dataclass(frozen=True)
 class DataSettings(Config):
-    data: str = option("synthetic", "'synthetic', an HH-RLHF hub name (Anthropic/hh-rlhf), a .jsonl/.jsonl.gz "
-                       "file or a directory of them (ppo/grpo: also a .jsonl of {\"prompt\": ...} lines)")
-    subset: str | None = option(None, "HH-RLHF data subset, e.g. harmless-base", flag="--data-subset")
+    data: str = option("synthetic", "'synthetic'; a .jsonl/.jsonl.gz file or a directory of them (files named "
+                       "*train*/*test* are the splits, else the tail is held out); or a hub dataset, NAME (train + "
+                       "test splits) or NAME:SPLIT. Records in TRL's formats: {\"prompt\", \"completion\"}, "
+                       "{\"messages\"}, {\"text\"}, {\"prompt\"}, {\"prompt\", \"chosen\", \"rejected\"} "
+                       "or {\"chosen\", \"rejected\"} (HH-RLHF dialogues or message lists), as the command needs")
+    subset: str | None = option(None, "file-name prefix in a --data directory (harmless-base: harmless-base-*), "
+                                "the data directory of Anthropic/hh-rlhf, else the hub dataset's config name",
+                                flag="--data-subset")
+    chat_template: str | None = option(None, "Jinja chat template (a string or a .jinja file) rendering "
+                                       "conversational records, given messages and add_generation_prompt (default: "
+                                       "HH's '\\n\\nHuman: ...\\n\\nAssistant: ...' format)")
     max_prompt_len: int = option(48, "prompt tokens kept (from the end)")
     max_len: int = option(112, "prompt + response tokens kept")
     eval_size: int = option(200, "held-out examples (pairs, prompts) for evaluation")
@@ -134,6 +144,9 @@ class RunSettings(Config):
     compile_cache: str | None = option(None, "directory of the compile cache: loaded before the first step, saved "
                                        "after it and at the end (default: $RLHF_FAST_COMPILE_CACHE)")
     log_every: int = option(10, "steps (RL: iterations) between metrics.jsonl lines")
+    report_to: tuple[str, ...] = option(("auto",), "where metrics go besides metrics.jsonl: tensorboard, wandb "
+                                        "(both: --report-to tensorboard wandb; $WANDB_MODE=offline needs no network), "
+                                        "none, or auto: tensorboard when installed", choices=REPORT_TO)
     eval_every: int = option(100, "steps (RL: iterations) between evaluations (0: only at the end)")
     save_every: int = option(100, "steps (RL: iterations) between checkpoints (0: only at the end)")
     keep_last: int = option(2, "checkpoints kept")
@@ -143,9 +156,13 @@ class RunSettings(Config):
                              "checkpoints, export and curves are deleted first (each named in the log)")
     resume_if_possible: bool = option(False, "continue from the newest intact checkpoint when there is one, else "
                                       "start from step 0")
+    trust_checkpoint: bool = option(False, "on resume, load checkpoint files that need full unpickling (older "
+                                    "checkpoints; it can run any code: only for files you trust)")
     progress: bool = option(True, "tqdm progress bar")
     export: bool = option(True, "write the trained model (adapters merged) to <output-dir>/export, loadable as "
                           "--model")
+    export_adapter: bool = option(False, "LoRA runs: also write the trained adapter, unmerged, as a PEFT adapter "
+                                  "directory <output-dir>/export/adapter (base: --model, else export/adapter/base)")
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -154,6 +171,7 @@ class RunSettings(Config):
             raise ConfigError(f"must be one of {STRATEGIES}, got {self.strategy!r}", "strategy")
         if self.keep_last < 1:
             raise ConfigError(f"must be >= 1, got {self.keep_last}", "keep_last")
+        object.__setattr__(self, "report_to", check_report_to(self.report_to))
         for name in ("log_every", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"must be >= 0, got {getattr(self, name)}", name)
@@ -230,5 +248,8 @@ def resolve_defaults(config, output_dir: str) -> None:
                           "deepspeed", "run.strategy")
     if config.lora.enabled is None:
         object.__setattr__(config, "lora", dataclasses.replace(config.lora, enabled=config.model.model is not None))
+    if config.run.export_adapter and not config.lora.enabled:
+        raise ConfigError("writes a LoRA adapter: it needs a LoRA run (--lora; a --preset run trains all weights by "
+                          "default)", "run.export_adapter")
     if config.run.output_dir is None:
         object.__setattr__(config, "run", dataclasses.replace(config.run, output_dir=output_dir))

@@ -9,8 +9,8 @@
 Then a summary table (SFT loss, RM accuracy, held-out reward of the SFT vs the PPO policy, their gold
 reward by the task's own rule (`synthetic_gold_reward`: reward hacking shows up as RM reward up, gold
 down), the RM win-rate of the PPO policy over the SFT policy with a 95% bootstrap interval, KL, time per
-phase), `summary.json`, and `ppo_curves.png` (reward and KL per PPO iteration). Each stage leaves its
-config, metrics.jsonl, checkpoints and export under <output_dir>/{sft,rm,ppo}.
+phase), `summary.json`, and `ppo_curves.png` (the PPO stage's curves: reward, KL and loss per iteration).
+Each stage leaves its config, metrics.jsonl, curves.png, checkpoints and export under <output_dir>/{sft,rm,ppo}.
 
 The task has 8 subjects x 4 question templates, so "held-out prompts" are a separate seeded draw of
 prompts (the prompt space is small); the responses scored are fresh samples of each policy.
@@ -32,6 +32,7 @@ from rlhf_fast.rl import AdvantageConfig
 from rlhf_fast.rl.winrate import win_rate
 
 from .config import DataSettings, DPOSettings, LoRASettings, ModelSettings, OptimSettings, RunSettings, TrainConfig
+from .curves import RL_PANELS, write_curves
 from .dpo import build_dpo_trainer
 from .experience import ExperienceMaker
 from .heldout import held_out_responses
@@ -161,7 +162,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "max_gen_logprob_gap": max(h["gen_logprob_gap_max"] for h in ppo.history),
         "config": asdict(cfg),
     })
-    plot_curves(ppo.history, root / "ppo_curves.png")
+    write_curves(root / "ppo", RL_PANELS, title="demo: PPO", xlabel="PPO iteration", path=root / "ppo_curves.png")
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -208,27 +209,6 @@ def gold_and_win_rate(prompts: list[str], sft, policy, algo: str, seed: int, gol
 
 def _mean(values) -> float:
     return float(sum(values)) / len(values)
-
-
-def plot_curves(history: list[dict], path) -> Path:
-    """PNG of the rollout reward and the KL to the reference over PPO iterations."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    it = range(1, len(history) + 1)
-    fig, (ax_r, ax_kl) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_r.plot(it, [h["score"] for h in history], marker=".")
-    ax_r.set(title="reward-model score of rollouts", xlabel="PPO iteration", ylabel="mean score")
-    ax_kl.plot(it, [h["kl"] for h in history], marker=".", color="tab:red")
-    ax_kl.set(title="KL to the reference", xlabel="PPO iteration", ylabel="nats / sequence")
-    for ax in (ax_r, ax_kl):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
 
 
 def format_summary(summary: dict) -> str:

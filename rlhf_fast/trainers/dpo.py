@@ -22,7 +22,7 @@ from rlhf_fast.data import PreferenceCollator, PreferenceDataset, ResumableBatch
 from rlhf_fast.model import GPT, disable_adapters
 from rlhf_fast.rl import REFERENCE_FREE, preference_loss_fn, preference_metrics
 
-from .builders import build_model, export_model, resolve_tokenizer_name, train_strategy
+from .builders import build_model, export_model, export_peft_adapter, train_strategy
 from .config import TrainConfig
 from .loop import Trainer, TrainModule
 from .metrics import log
@@ -107,8 +107,9 @@ class DPOTrainer(Trainer):
         return {k: v / max(n, 1) for k, v in sums.items()}
 
     def export(self, directory):
-        name = resolve_tokenizer_name(self.config)
-        return export_model(self.model, self.tokenizer, name, directory, merge_adapter=self.adapter)
+        directory = export_model(self.model, self.tokenizer, directory, merge_adapter=self.adapter)
+        export_peft_adapter(self.config, self.model, self.adapter, self.tokenizer, directory)
+        return directory
 
 
 def build_dpo_trainer(config: TrainConfig) -> DPOTrainer:
@@ -129,7 +130,8 @@ def build_dpo_trainer(config: TrainConfig) -> DPOTrainer:
                              f"the policy {m.model} {model.config.vocab_size}: they need the same tokenizer")
     train, held_out, report = load_preference_splits(d.data, subset=d.subset, eval_size=d.eval_size,
                                                      synthetic_size=d.synthetic_size, seed=config.run.seed,
-                                                     skip_bad_examples=d.skip_bad_examples)
+                                                     skip_bad_examples=d.skip_bad_examples,
+                                                     chat_template=d.chat_template)
     train_ds = PreferenceDataset(train, tokenizer, d.max_prompt_len, d.max_len, drop_identical=True)
     eval_ds = PreferenceDataset(held_out, tokenizer, d.max_prompt_len, d.max_len, drop_identical=True)
     if not len(train_ds) or not len(eval_ds):

@@ -76,7 +76,7 @@ class GRPOTrainer(RLTrainer):
 def build_grpo_trainer(config: GRPOConfig, strategy: Strategy | None = None) -> GRPOTrainer:
     """Everything a GRPO run needs, from its config: policy (+ adapter `policy` in LoRA mode), prompts,
     the reward function or reward model, and (optionally) a cold-start SFT warm-up on the task."""
-    from rlhf_fast.data import arithmetic_split, load_preference_splits
+    from rlhf_fast.data import arithmetic_split, load_prompts
 
     strategy = strategy if strategy is not None else train_strategy(config)
     model, tokenizer = build_model(config, adapter=POLICY)
@@ -86,11 +86,10 @@ def build_grpo_trainer(config: GRPOConfig, strategy: Strategy | None = None) -> 
         m = config.model
         reward_fn = load_reward_model_scorer(m.reward_model, tokenizer, model.config.vocab_size, strategy.device,
                                              attn_backend=m.attn_backend, kernel_backend=m.kernel_backend)
-        train, held_out, _ = load_preference_splits(d.data, subset=d.subset, eval_size=d.eval_size,
-                                                    synthetic_size=d.synthetic_size, seed=config.run.seed,
-                                                    skip_bad_examples=d.skip_bad_examples)
-        train_prompts = list(dict.fromkeys(ex.prompt for ex in train))
-        eval_prompts = list(dict.fromkeys(ex.prompt for ex in held_out))
+        train, held_out = load_prompts(d.data, subset=d.subset, eval_size=d.eval_size,
+                                       synthetic_size=d.synthetic_size, seed=config.run.seed,
+                                       skip_bad_examples=d.skip_bad_examples, chat_template=d.chat_template)
+        train_prompts, eval_prompts = list(dict.fromkeys(train)), list(dict.fromkeys(held_out))
     else:
         problems, held_out = arithmetic_split(config.rl.eval_prompts, config.run.seed, t.max_operand, t.ops)
         train_prompts, eval_prompts = [p.prompt for p in problems], [p.prompt for p in held_out]

@@ -24,6 +24,7 @@ from rlhf_fast.model import GPT
 from .checkpoint import CheckpointManager, restore_collective, resume_or_start, save_collective
 from .compiling import RunCompiler
 from .config import TrainConfig
+from .curves import LOSS, STAGE_PANELS, write_curves
 from .memory_plan import check_trainer_memory
 from .metrics import MetricsLogger, log
 
@@ -89,7 +90,8 @@ class Trainer:
         self.compiler = RunCompiler(config.run, self.device, module, is_main=strategy.is_main,
                                     partitioned=strategy.partitions_parameters)
         self.checkpoints = CheckpointManager(self.run_dir, config.run.keep_last)
-        self.logger = MetricsLogger(self.run_dir, enabled=strategy.is_main)
+        self.logger = MetricsLogger(self.run_dir, enabled=strategy.is_main, report_to=config.run.report_to,
+                                    config=config.to_dict())
         self.step = 0
         self.history: list[dict] = []  # per-step train metrics of this process (for tests and callers)
 
@@ -138,7 +140,17 @@ class Trainer:
         return {**totals, **self.compiler.step_metrics()}
 
     def train(self, until_step: int | None = None) -> list[dict]:
-        """Train to optim.max_steps (or stop early at `until_step`, saving a checkpoint there)."""
+        """Train to optim.max_steps (or stop early at `until_step`, saving a checkpoint there), then draw the run's
+        curves.png from its metrics.jsonl. The metric sinks (TensorBoard, wandb) close however it ends."""
+        try:
+            self._train(until_step)
+        finally:
+            self.logger.close()
+        if self.strategy.is_main:
+            write_curves(self.run_dir, STAGE_PANELS.get(self.stage, LOSS), title=f"{self.stage}: {self.run_dir}")
+        return self.history
+
+    def _train(self, until_step: int | None) -> None:
         run, max_steps = self.config.run, self.config.optim.max_steps
         stop = max_steps if until_step is None else min(until_step, max_steps)
         resumed = resume_or_start(self.resume, run, self.checkpoints)
@@ -170,8 +182,6 @@ class Trainer:
             self._log_eval()
         self.save()
         self.compiler.save()
-        self.logger.close()
-        return self.history
 
     def _log_eval(self) -> dict[str, float]:
         metrics = self.evaluate()

@@ -26,7 +26,7 @@ from rlhf_fast.model import GPT, ScalarHead, add_lora, load_adapter
 from .builders import export_tokenizer_name, tokenizer_signature
 from .metrics import log
 from .models import POLICY, REWARD, VALUE, PPOModels
-from .reward import REWARD_ADAPTER_FILE, REWARD_META_FILE, load_reward_model, weights_fingerprint
+from .reward import REWARD_ADAPTER_FILE, REWARD_META_FILE, load_adapter_head, load_reward_model, weights_fingerprint
 from .rl_config import PPOConfig
 from .rl_loop import RLTrainer
 
@@ -64,7 +64,7 @@ def build_ppo_trainer(config: PPOConfig, strategy: Strategy | None = None) -> PP
                                         kernel_backend=m.kernel_backend, seed=seed, critic=config.rl.critic,
                                         grad_checkpoint=m.grad_checkpoint)
     train, held_out = load_prompts(d.data, subset=d.subset, eval_size=d.eval_size, synthetic_size=d.synthetic_size,
-                                   seed=seed, skip_bad_examples=d.skip_bad_examples)
+                                   seed=seed, skip_bad_examples=d.skip_bad_examples, chat_template=d.chat_template)
     prompts = prompt_batches(train, tokenizer, config.rl.rollout_batch_size, d.max_prompt_len, seed)
     return PPOTrainer(config, models, tokenizer, prompts, held_out, strategy=strategy)
 
@@ -94,8 +94,7 @@ def load_ppo_models(sft_model, reward_model, *, lora: bool = True, lora_rank: in
     """
     sft_dir = _existing_dir(sft_model, "SFT model directory", "--sft-model")
     rm_dir = _existing_dir(reward_model, "reward model directory", "--reward-model")
-    tokenizer = load_tokenizer(export_tokenizer_name(sft_dir))
-    rm_tokenizer = load_tokenizer(export_tokenizer_name(rm_dir))
+    tokenizer, rm_tokenizer = load_tokenizer(sft_dir), load_tokenizer(rm_dir)
     if tokenizer_signature(tokenizer) != tokenizer_signature(rm_tokenizer):
         raise ValueError(f"the reward model {rm_dir} was trained with a different tokenizer "
                          f"({export_tokenizer_name(rm_dir)}, {rm_tokenizer.vocab_size} tokens) than the SFT "
@@ -122,6 +121,7 @@ def load_ppo_models(sft_model, reward_model, *, lora: bool = True, lora_rank: in
         add_lora(policy, VALUE, rank=lora_rank, alpha=lora_alpha)
     if shared:
         load_adapter(policy, rm_dir / REWARD_ADAPTER_FILE, REWARD)
+        reward_head = load_adapter_head(rm_dir)  # the head as trained on the unmerged base
         reward_model = None  # one frozen base for all four roles
     else:
         log.info("%s was not trained as a LoRA adapter on %s: keeping it as a separate frozen model",

@@ -11,14 +11,16 @@ import torch.nn.functional as F
 
 from rlhf_fast.data import PreferenceCollator, PreferenceDataset, ResumableBatches, load_preference_splits
 from rlhf_fast.model import GPT, RewardHead, reward_scores, save_adapter
+from rlhf_fast.model.hf import SCORE_WEIGHT
 
-from .builders import build_model, export_model, resolve_tokenizer_name, train_strategy
+from .builders import build_model, export_model, export_peft_adapter, train_strategy
 from .config import TrainConfig
 from .loop import Trainer, TrainModule
 from .metrics import log
 from .sft import check_max_len
 
-REWARD_HEAD_FILE = "reward_head.pt"
+REWARD_HEAD_FILE = "reward_head.pt"  # older exports' head (a torch.save); new ones hold score.weight + the file below
+ADAPTER_HEAD_FILE = "reward_head.safetensors"  # the head as trained, beside the LoRA adapter on the unmerged base
 REWARD_ADAPTER_FILE = "reward_adapter.pt"  # LoRA RMs: the adapter itself, for PPO on the same frozen base
 REWARD_META_FILE = "rlhf_fast_reward.json"
 
@@ -76,28 +78,73 @@ class RewardTrainer(Trainer):
         return {k: v / n for k, v in sums.items()}
 
     def export(self, directory):
-        name = resolve_tokenizer_name(self.config)
+        """The merged RM as an HF directory that is also a GPT2ForSequenceClassification (`score.weight`, see
+        `export_model`), + for LoRA RMs the adapter and its head (PPO puts them on the SFT base)."""
+        from safetensors.torch import save_file
+
         model, head = self.module.model, self.module.head
-        directory = export_model(model, self.tokenizer, name, directory, merge_adapter=self.adapter)
-        torch.save({k: v.cpu() for k, v in head.state_dict().items()}, directory / REWARD_HEAD_FILE)
-        meta = {"head": REWARD_HEAD_FILE, "score": "last real token"}
+        directory = export_model(model, self.tokenizer, directory, merge_adapter=self.adapter, score_head=head)
+        meta = {"head": SCORE_WEIGHT, "score": "last real token"}
         if self.adapter is not None:  # PPO can then put this adapter on the SFT base instead of a 2nd model
             save_adapter(model, self.adapter, directory / REWARD_ADAPTER_FILE)
-            meta.update(adapter=REWARD_ADAPTER_FILE, base_fingerprint=weights_fingerprint(model))
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()},
+                      str(directory / ADAPTER_HEAD_FILE))
+            meta.update(adapter=REWARD_ADAPTER_FILE, adapter_head=ADAPTER_HEAD_FILE,
+                        base_fingerprint=weights_fingerprint(model))
         (directory / REWARD_META_FILE).write_text(json.dumps(meta))
+        export_peft_adapter(self.config, model, self.adapter, self.tokenizer, directory, score_head=head)
         return directory
 
 
 def load_reward_model(directory, **config_overrides) -> tuple[GPT, RewardHead]:
-    """(model, head) of an exported reward model (merged HF GPT-2 directory + reward_head.pt)."""
+    """(model, head) of an exported reward model: the merged model with its `score.weight` (what HF's
+    GPT2ForSequenceClassification loads; the head's bias is folded into ln_f, so the head's is 0), or, in an
+    older export, reward_head.pt."""
     directory = Path(directory)
-    head_path = directory / REWARD_HEAD_FILE
-    if not head_path.is_file():
-        raise FileNotFoundError(f"{directory} has no {REWARD_HEAD_FILE}: not an exported reward model")
+    weight = _score_weight(directory)
+    legacy = directory / REWARD_HEAD_FILE
+    if weight is None and not legacy.is_file():
+        raise FileNotFoundError(f"{directory} has no {SCORE_WEIGHT} in model.safetensors and no {REWARD_HEAD_FILE}: "
+                                "not an exported reward model")
     model = GPT.from_pretrained(str(directory), **config_overrides)
     head = RewardHead(model.config.n_embd)
-    head.load_state_dict(torch.load(head_path, map_location="cpu", weights_only=True))
+    if weight is None:
+        head.load_state_dict(torch.load(legacy, map_location="cpu", weights_only=True))
+    else:
+        head.load_state_dict({"proj.weight": weight.float(), "proj.bias": torch.zeros(1)})
     return model, head
+
+
+def load_adapter_head(directory) -> RewardHead:
+    """The reward head that goes with a LoRA RM export's adapter (on the unmerged base, where ln_f holds no
+    folded bias): reward_head.safetensors, or reward_head.pt in older exports."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    path = directory / ADAPTER_HEAD_FILE
+    if path.is_file():
+        state = load_file(str(path))
+    elif (directory / REWARD_HEAD_FILE).is_file():
+        state = torch.load(directory / REWARD_HEAD_FILE, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{directory} has no {ADAPTER_HEAD_FILE}: the reward adapter's head is missing")
+    head = RewardHead(state["proj.weight"].shape[1])
+    head.load_state_dict(state)
+    return head
+
+
+def _score_weight(directory: Path) -> torch.Tensor | None:
+    """score.weight (1, C) of an export's model.safetensors, or None (an older export, or sharded weights)."""
+    from safetensors import safe_open
+
+    path = directory / "model.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(SCORE_WEIGHT) if SCORE_WEIGHT in f.keys() else None
+    except Exception as e:  # a truncated file: say which
+        raise ValueError(f"{path}: corrupt or truncated weights ({type(e).__name__}: {e})") from e
 
 
 def build_reward_trainer(config: TrainConfig) -> RewardTrainer:
@@ -110,7 +157,8 @@ def build_reward_trainer(config: TrainConfig) -> RewardTrainer:
     d = config.data
     train, held_out, report = load_preference_splits(d.data, subset=d.subset, eval_size=d.eval_size,
                                                      synthetic_size=d.synthetic_size, seed=config.run.seed,
-                                                     skip_bad_examples=d.skip_bad_examples)
+                                                     skip_bad_examples=d.skip_bad_examples,
+                                                     chat_template=d.chat_template)
     train_ds = PreferenceDataset(train, tokenizer, d.max_prompt_len, d.max_len)
     eval_ds = PreferenceDataset(held_out, tokenizer, d.max_prompt_len, d.max_len)
     batches = ResumableBatches(train_ds, config.optim.micro_batch_size, PreferenceCollator(tokenizer),

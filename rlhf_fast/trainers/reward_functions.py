@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -243,6 +242,16 @@ class WeightedScorer(Scorer):
         return sum(w * scorer(rollout).float() for scorer, w in self.parts)
 
 
+def eos_scored_models(scorer) -> list[GPT]:
+    """The models `scorer` runs on token ids. Each reads prompt + response + the EOS appended to a truncated
+    response (`Rollout.scoring_inputs`): one position more than the policy generated."""
+    if isinstance(scorer, ModelScorer):
+        return [scorer.model] if scorer.eos is not None else []
+    if isinstance(scorer, WeightedScorer):
+        return [model for part, _ in scorer.parts for model in eos_scored_models(part)]
+    return []
+
+
 def load_reward_model_scorer(
     directory,
     policy_tokenizer,
@@ -252,18 +261,13 @@ def load_reward_model_scorer(
 ) -> ModelScorer:
     """A ModelScorer from an `rlhf-fast rm` export; clear errors for a missing directory or an RM whose
     tokenizer/vocabulary differs from the policy's."""
-    from .builders import TOKENIZER_MARKER
     from .reward import load_reward_model
 
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"reward model directory not found: {directory}")
     model, head = load_reward_model(directory, **config_overrides)
-    marker = directory / TOKENIZER_MARKER
-    if marker.is_file():
-        rm_tokenizer = load_tokenizer(json.loads(marker.read_text())["tokenizer"])
-    else:
-        rm_tokenizer = load_tokenizer(str(directory))
+    rm_tokenizer = load_tokenizer(directory)
     mismatch = (
         rm_tokenizer.vocab_size != policy_tokenizer.vocab_size
         or rm_tokenizer.eos_token_id != policy_tokenizer.eos_token_id

@@ -22,14 +22,16 @@ from rlhf_fast.distributed import Strategy
 from rlhf_fast.generation import release_kv_caches
 from rlhf_fast.rl import make_kl_controller
 
-from .builders import export_model, train_strategy
+from .builders import export_model, export_peft_adapter, train_strategy
 from .checkpoint import CheckpointManager, restore_collective, resume_or_start, save_collective
 from .compiling import RunCompiler
+from .curves import RL_PANELS, write_curves
 from .experience import ExperienceMaker, PhaseTimer, Rollout, peak_memory_gb
 from .loop import TrainModule, adamw, lr_lambda
 from .memory_plan import check_trainer_memory
 from .metrics import MetricsLogger, log
 from .models import POLICY, PPOModels
+from .reward_functions import eos_scored_models
 from .rl_config import RLConfig
 from .rl_update import PolicyUpdate
 
@@ -54,7 +56,7 @@ class RLTrainer(PolicyUpdate):
         eval_prompts = list(eval_prompts or [])[: rl.eval_prompts]
         self.eval_prompts = [tokenizer.encode(p)[keep] if isinstance(p, str) else list(p) for p in eval_prompts or []]
         self.eval_texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in eval_prompts or []]
-        self._check_lengths()
+        self._check_lengths(scorer)
         self._check_strategy()
         check_trainer_memory(self, scorer)  # CUDA: refuse a run whose memory plan does not fit
         self.run_dir = Path(run.output_dir)
@@ -63,34 +65,45 @@ class RLTrainer(PolicyUpdate):
             raise ValueError(f"{self.stage}: nothing to train (no parameter of the policy/critic requires grad)")
         self.actor, self.critic = self._prepare_models()
         self.compiler = RunCompiler(run, self.device, models, is_main=strategy.is_main)
-        self.kl_ctl = make_kl_controller(rl.init_kl_coef, rl.kl_target, rl.kl_horizon)
+        self.kl_ctl = make_kl_controller(rl.init_kl_coef, rl.kl_target, rl.kl_horizon_samples(strategy.world_size))
         self.maker = ExperienceMaker(
             models, max_new_tokens=rl.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, advantage=rl.advantage_config(config.model.kernel_backend),
             temperature=rl.temperature, kl_estimator=rl.kl_estimator, scorer=scorer,
             reference=rl.init_kl_coef > 0 or rl.kl_target is not None or rl.kl_loss_coef > 0,
             overlong_buffer=rl.overlong_buffer, overlong_penalty=rl.overlong_penalty,
-            frozen_on_device=self.frozen_on_device)
+            frozen_on_device=self.frozen_on_device,
+            all_reduce=strategy.all_reduce_sum if strategy.world_size > 1 else None)
         # the fused kernel computes exactly this case; the weighted free functions every other one
         self.fused = rl.loss_aggregation == "token_mean" and rl.clip_eps_high in (None, rl.clip_eps)
         # Own generators: rollouts and minibatch order are reproducible and saved with checkpoints.
         self.rollout_gen = torch.Generator(self.device).manual_seed(run.seed)
         self.shuffle_gen = torch.Generator().manual_seed(run.seed + 1)
         self.checkpoints = CheckpointManager(self.run_dir, run.keep_last)
-        self.logger = MetricsLogger(self.run_dir, enabled=strategy.is_main)
+        self.logger = MetricsLogger(self.run_dir, enabled=strategy.is_main, report_to=run.report_to,
+                                    config=config.to_dict())
         self.iteration = 0
+        self._warned_short_batch = False
         self.history: list[dict] = []  # per-iteration metrics of this process
         self.eval_history: list[dict] = []
 
     # --- set-up -------------------------------------------------------------------------------------
-    def _check_lengths(self) -> None:
-        n_positions = self.models.policy.config.n_positions
+    def _check_lengths(self, scorer) -> None:
+        """The longest prompt + --max-new-tokens fits the policy; one more (the EOS appended to a truncated
+        response before it is scored) fits every model that scores tokens."""
         items = getattr(getattr(self.prompts, "dataset", None), "items", [])  # a PromptDataset's prompts
         longest = max([len(it["prompt_ids"]) for it in items]
                       + [len(p) for p in self.eval_prompts] + [0])
-        if longest + self.rl.max_new_tokens > n_positions:
-            raise ValueError(f"prompts of up to {longest} tokens (--max-prompt-len) + --max-new-tokens "
-                             f"{self.rl.max_new_tokens} exceed the model's n_positions={n_positions}: lower one")
+        m = self.models
+        scoring = eos_scored_models(scorer) if scorer is not None else \
+            [m.reward_model or m.policy] * (m.reward_head is not None)  # the models' reward role
+        for model, extra, what in [(m.policy, 0, "the policy's")] + [(s, 1, "the scoring model's")
+                                                                     for s in scoring]:
+            n_positions = model.config.n_positions
+            if longest + self.rl.max_new_tokens + extra > n_positions:
+                eos = " + 1 (the EOS appended to a truncated response for scoring)" if extra else ""
+                raise ValueError(f"prompts of up to {longest} tokens (--max-prompt-len) + --max-new-tokens "
+                                 f"{self.rl.max_new_tokens}{eos} exceed {what} n_positions={n_positions}: lower one")
 
     def _check_strategy(self) -> None:
         s, minibatch = self.strategy, self.rl.mini_batch_size
@@ -174,6 +187,12 @@ class RLTrainer(PolicyUpdate):
                                                timer=timer)
         if rl.dynamic_sampling:
             stats["sampling_rounds"] = rounds
+            stats["groups_trained"] = min(groups, rl.rollout_batch_size)
+            if groups < rl.rollout_batch_size and not self._warned_short_batch:
+                self._warned_short_batch = True  # once a run; metrics.jsonl's groups_trained has every iteration
+                log.warning("dynamic sampling: only %d of %d groups had score spread after %d rounds "
+                            "(--max-sampling-rounds); iteration %d trained on %s", groups, rl.rollout_batch_size,
+                            rounds, self.iteration + 1, f"{groups} groups" if groups else "a batch without signal")
         if self.strategy.world_size > 1:  # every rank adapts the KL coefficient to the same global mean
             stats = {k: self.strategy.all_reduce_mean(v) for k, v in stats.items()}
         return exp, stats
@@ -201,7 +220,17 @@ class RLTrainer(PolicyUpdate):
 
     # --- the loop -------------------------------------------------------------------------------------
     def train(self, until_iteration: int | None = None) -> list[dict]:
-        """Run to rl.iterations (or stop at `until_iteration`, saving a checkpoint there)."""
+        """Run to rl.iterations (or stop at `until_iteration`, saving a checkpoint there), then draw the run's
+        curves.png from its metrics.jsonl. The metric sinks (TensorBoard, wandb) close however it ends."""
+        try:
+            self._train(until_iteration)
+        finally:
+            self.logger.close()
+        if self.strategy.is_main:
+            write_curves(self.run_dir, RL_PANELS, title=f"{self.stage}: {self.run_dir}", xlabel="iteration")
+        return self.history
+
+    def _train(self, until_iteration: int | None) -> None:
         run, total = self.config.run, self.rl.iterations
         stop = total if until_iteration is None else min(until_iteration, total)
         resumed = resume_or_start(self.resume, run, self.checkpoints)
@@ -221,7 +250,8 @@ class RLTrainer(PolicyUpdate):
             bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.3f}",
                             gap=f"{metrics['gen_logprob_gap_max']:.1e}")
             if run.log_every and self.iteration % run.log_every == 0:
-                self.logger.log(self.iteration, metrics)
+                # as `step` names them (score, kl, time/generate, train/loss, ...): already one vocabulary
+                self.logger.log(self.iteration, metrics, prefix=None)
             if run.eval_every and self.iteration % run.eval_every == 0 and self.iteration < total:
                 self.log_eval()
             if run.save_every and self.iteration % run.save_every == 0 and self.iteration < stop:
@@ -232,8 +262,6 @@ class RLTrainer(PolicyUpdate):
             self.log_eval()
         self.save()
         self.compiler.save()
-        self.logger.close()
-        return self.history
 
     def log_eval(self) -> dict[str, float]:
         metrics = self.evaluate()
@@ -273,6 +301,7 @@ class RLTrainer(PolicyUpdate):
 
     def export(self, directory) -> Path:
         """The policy as an HF GPT-2 directory (policy adapter merged in LoRA mode) that `--model` loads."""
-        name = getattr(self.tokenizer, "name", "byte")
-        return export_model(self.models.policy, self.tokenizer, name, directory,
-                            merge_adapter=POLICY if self.models.lora else None)
+        adapter = POLICY if self.models.lora else None
+        directory = export_model(self.models.policy, self.tokenizer, directory, merge_adapter=adapter)
+        export_peft_adapter(self.config, self.models.policy, adapter, self.tokenizer, directory)
+        return directory

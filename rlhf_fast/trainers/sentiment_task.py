@@ -266,7 +266,7 @@ def run_sentiment_task(cfg: SentimentTaskConfig) -> dict:
     loss_before = eval_loss(model, held_out_sft, tokenizer)
     sft_losses = train_sft(model, tokenizer, train, cfg)
     sft_loss = eval_loss(model, held_out_sft, tokenizer)
-    export_model(model, tokenizer, cfg.tokenizer, root / "sft" / "export", merge_adapter=None)
+    export_model(model, tokenizer, root / "sft" / "export", merge_adapter=None)
     times["sft"] = time.perf_counter() - t0
     log.info("sft: %d steps, held-out loss %.3f -> %.3f", cfg.sft_steps, loss_before, sft_loss)
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_fast.data import ResumableBatches, SFTCollator, SFTDataset, load_preference_splits
+from rlhf_fast.data import ResumableBatches, SFTCollator, SFTDataset, load_sft_splits
 from rlhf_fast.model import GPT, set_adapter
 from rlhf_fast.model.lora import adapter_names
 
-from .builders import build_model, export_model, resolve_tokenizer_name, train_strategy
+from .builders import build_model, export_model, export_peft_adapter, train_strategy
 from .config import TrainConfig
 from .loop import Trainer, TrainModule
 from .metrics import log
@@ -60,8 +60,9 @@ class SFTTrainer(Trainer):
         return {"loss": total / max(count, 1)}
 
     def export(self, directory):
-        name = resolve_tokenizer_name(self.config)
-        return export_model(self.module.model, self.tokenizer, name, directory, merge_adapter=self.adapter)
+        directory = export_model(self.module.model, self.tokenizer, directory, merge_adapter=self.adapter)
+        export_peft_adapter(self.config, self.module.model, self.adapter, self.tokenizer, directory)
+        return directory
 
 
 def check_max_len(config: TrainConfig, model: GPT) -> None:
@@ -80,9 +81,9 @@ def build_sft_trainer(config: TrainConfig) -> SFTTrainer:
     model, tokenizer = build_model(config, adapter="policy")
     check_max_len(config, model)
     d = config.data
-    train, held_out, report = load_preference_splits(d.data, subset=d.subset, eval_size=d.eval_size,
-                                                     synthetic_size=d.synthetic_size, seed=config.run.seed,
-                                                     skip_bad_examples=d.skip_bad_examples)
+    train, held_out, report = load_sft_splits(d.data, subset=d.subset, eval_size=d.eval_size,
+                                              synthetic_size=d.synthetic_size, seed=config.run.seed,
+                                              skip_bad_examples=d.skip_bad_examples, chat_template=d.chat_template)
     train_ds = SFTDataset(train, tokenizer, d.max_prompt_len, d.max_len)
     eval_ds = SFTDataset(held_out, tokenizer, d.max_prompt_len, d.max_len)
     batches = ResumableBatches(train_ds, config.optim.micro_batch_size, SFTCollator(tokenizer),

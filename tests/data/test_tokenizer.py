@@ -294,7 +294,7 @@ def test_export_with_gpt2_tokenizer_reloads_offline(gpt2_tok, tmp_path):
 
     torch.manual_seed(0)
     model = GPT.from_preset("tiny", vocab_size=50304, attn_backend="torch")
-    directory = export_model(model, gpt2_tok, "gpt2", tmp_path / "export", merge_adapter=None)
+    directory = export_model(model, gpt2_tok, tmp_path / "export", merge_adapter=None)
     texts = GPT2_TEXTS[:3] + GPT2_TEXTS[8:11]
     code = ("import json, sys\nfrom rlhf_fast.data import load_tokenizer\nfrom rlhf_fast.trainers.builders import "
             "export_tokenizer_name\nfrom pathlib import Path\n"

@@ -46,7 +46,7 @@ def test_sft_then_rm_pipeline_from_cli(tmp_path, capsys):
     saved = json.loads((rm_dir / "config.json").read_text())
     assert saved["stage"] == "rm"
     assert saved["lora"] == {"enabled": True, "rank": 2, "alpha": 16.0, "dropout": 0.0}
-    assert (rm_dir / "export" / "reward_head.pt").is_file()
+    assert (rm_dir / "export" / "reward_head.safetensors").is_file()  # no pickle in an export (issue 31)
     assert "exported merged model" in capsys.readouterr().out
 
     # --resume on a finished run: nothing left to train, same final checkpoint

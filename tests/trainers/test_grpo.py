@@ -314,4 +314,4 @@ def test_compiled_run_compiles_the_region_only_in_its_first_iteration(tmp_path, 
     assert history[-1]["compile_graphs"] == compiles[0]
     assert len({h["response_len"] for h in history}) > 1  # the shapes did change
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["train/compiles"] for r in logged if "train/compiles" in r] == compiles
+    assert [r["compiles"] for r in logged if "compiles" in r] == compiles

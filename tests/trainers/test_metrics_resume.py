@@ -10,7 +10,7 @@ def _records(run):
 
 
 def _first_run(run, steps):
-    logger = MetricsLogger(run, tensorboard=False)
+    logger = MetricsLogger(run, report_to="none")
     logger.event(0, data="synthetic")
     for step in range(1, steps + 1):
         logger.log(step, {"loss": 1.0 / step})
@@ -21,7 +21,7 @@ def _first_run(run, steps):
 def test_resume_drops_the_steps_it_logs_again_and_keeps_its_own_lines(tmp_path):
     run = tmp_path / "run"
     _first_run(run, steps=5)  # crashed after step 5; its last checkpoint was step 2
-    resumed = MetricsLogger(run, tensorboard=False)
+    resumed = MetricsLogger(run, report_to="none")
     resumed.event(0, data="synthetic", resumed=True)  # a builder's data report, before training starts
     resumed.truncate(2)
     resumed.log(3, {"loss": 0.3})
@@ -34,7 +34,7 @@ def test_resume_drops_the_steps_it_logs_again_and_keeps_its_own_lines(tmp_path):
 def test_fresh_start_drops_an_earlier_run_but_not_its_own_report(tmp_path):
     run = tmp_path / "run"
     _first_run(run, steps=3)
-    fresh = MetricsLogger(run, tensorboard=False)
+    fresh = MetricsLogger(run, report_to="none")
     fresh.event(0, data="hh")
     fresh.truncate(-1)
     fresh.log(1, {"loss": 2.0})
@@ -50,7 +50,7 @@ def test_a_torn_last_line_is_dropped_other_odd_lines_kept(tmp_path):
     lines = [json.dumps({"step": 1, "x": 1}), "not json, but not ours to judge", json.dumps({"note": "no step"}),
              json.dumps({"step": 4, "x": 4}), '{"step": 5, "x']  # the crash cut the last write short
     (run / "metrics.jsonl").write_text("\n".join(lines))
-    logger = MetricsLogger(run, tensorboard=False)
+    logger = MetricsLogger(run, report_to="none")
     logger.event(0, data="d")  # lands on a line of its own despite the torn line before it
     logger.truncate(3)
     kept = (run / "metrics.jsonl").read_text().splitlines()
@@ -65,5 +65,5 @@ def test_only_the_main_process_writes(tmp_path):
     other_rank.truncate(-1)
     other_rank.log(9, {"loss": 0.0})
     assert (run / "metrics.jsonl").read_text() == before
-    MetricsLogger(tmp_path / "empty", tensorboard=False).truncate(0)  # no file yet: nothing to do
+    MetricsLogger(tmp_path / "empty", report_to="none").truncate(0)  # no file yet: nothing to do
     assert not (tmp_path / "empty" / "metrics.jsonl").exists()

@@ -40,6 +40,23 @@ def test_lengths_are_checked_before_the_first_step(tmp_path):
         tiny_trainer(tmp_path, max_new_tokens=n_positions - 5)
 
 
+def test_length_check_counts_the_eos_a_token_scorer_appends(tmp_path):
+    """At the boundary: longest prompt + --max-new-tokens = n_positions fits the policy, but the reward model
+    reads one position more (the EOS appended to a truncated response), so it is refused with an RM scorer and
+    accepted with a function scorer; one token less fits both."""
+    import re
+
+    n_positions = GPT.from_preset("tiny").config.n_positions
+    with pytest.raises(ValueError) as e:
+        tiny_trainer(tmp_path, max_new_tokens=n_positions)
+    longest = int(re.search(r"prompts of up to (\d+) tokens", str(e.value)).group(1))
+    at_boundary = n_positions - longest
+    with pytest.raises(ValueError, match=r"\+ 1 \(the EOS appended .*\) exceed the scoring model's n_positions"):
+        tiny_trainer(tmp_path / "rm", max_new_tokens=at_boundary)
+    tiny_trainer(tmp_path / "rm_ok", max_new_tokens=at_boundary - 1)
+    tiny_trainer(tmp_path / "fn", max_new_tokens=at_boundary, scorer=lambda rollout: rollout.truncated.float())
+
+
 def test_rollouts_refuse_top_k_top_p_and_bad_pairings():
     with pytest.raises(ValueError, match="top_k / top_p are not allowed"):
         RLSettings(top_k=5)
@@ -122,7 +139,26 @@ def test_dynamic_sampling_keeps_only_groups_with_signal(tmp_path):
     exp, stats = trainer.rollout()
     assert calls == [6, 6] and stats["sampling_rounds"] == 2  # 2 + 2 groups with signal: the first 3 kept
     assert len(exp) == 6 and (exp.scores.view(-1, 2).std(dim=1) > 0).all()
-    assert stats["groups_without_signal"] == 0.0
+    assert stats["groups_without_signal"] == 0.0 and stats["groups_trained"] == 3
+
+
+def test_dynamic_sampling_says_once_when_it_trains_on_fewer_groups(tmp_path, caplog):
+    """Only one group in four has signal and 2 rounds are allowed: the batch stays short (2 of 3 groups), one
+    warning says so, and groups_trained records it each iteration."""
+
+    def one_group_in_four(rollout):
+        B = len(rollout.truncated)
+        scores = torch.arange(B, dtype=torch.float32)
+        return torch.where(torch.arange(B) // 2 % 4 == 0, scores, 1.0)
+
+    trainer = tiny_trainer(tmp_path, models=critic_free_models(), estimator="grpo", group_size=2,
+                           rollout_batch_size=4, mini_batch_size=4, dynamic_sampling=True, max_sampling_rounds=2,
+                           scorer=one_group_in_four)
+    with caplog.at_level("WARNING", logger="rlhf_fast"):
+        stats = [trainer.rollout()[1] for _ in range(2)]
+    assert [s["groups_trained"] for s in stats] == [2, 2]
+    warnings = [r.getMessage() for r in caplog.records if "dynamic sampling" in r.getMessage()]
+    assert len(warnings) == 1 and "only 2 of 4 groups" in warnings[0] and "--max-sampling-rounds" in warnings[0]
 
 
 def test_truncated_responses_penalised_or_masked(tmp_path):
