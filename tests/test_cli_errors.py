@@ -5,9 +5,13 @@ line, `rlhf-fast: error: <what> (<where>)`, naming the place to fix (file:line, 
 no traceback; `--debug` before the subcommand lets the exception (a ValueError) propagate. Resuming: `--resume`
 needs a checkpoint (`--resume-if-possible` starts fresh without one), a corrupt newest checkpoint is moved aside
 and the previous one used, and metrics.jsonl holds each train step once after a resume. Also: HH records with an
-empty chosen reply train, and `ppo --skip-bad-examples` skips a bad prompt line.
+empty chosen reply train, and `ppo --skip-bad-examples` skips a bad prompt line. Flag mistakes (a prefix, a typo,
+an unknown command), config-file values of the wrong type, plan lengths past the model's context, data in no known
+format, a --report-to sink that is not installed and --export-adapter without LoRA are one line too; checkpoint
+files that need unpickling and bad serve limits: tests/test_cli_errors_safety.py.
 """
 
+import importlib.util
 import json
 import shutil
 import time
@@ -302,3 +306,50 @@ def test_plan_lengths_past_the_models_context_name_their_flags(user_error, tmp_p
     line = user_error(["plan", "--model", str(tmp_path / "export")])  # the default 256 + 128 tokens
     assert f"n_positions={n_positions}" in line and "--prompt-len" in line and "--response-len" in line, line
     assert main(["plan", "--model", str(tmp_path / "export"), "--prompt-len", "16", "--response-len", "8"]) == 0
+
+
+# --- data formats, --report-to, --export-adapter ---------------------------------------------------------------
+FORMATS_FAST = ["--preset", "tiny", "--attn-backend", "sdpa", "--device", "cpu", "--max-steps", "2",
+                "--micro-batch-size", "2", "--eval-size", "2", "--max-prompt-len", "16", "--max-len", "40",
+                "--no-progress"]
+
+
+def _jsonl_file(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def _without(*names):
+    """importlib.util.find_spec as on a machine without `names` installed."""
+    real = importlib.util.find_spec
+    return lambda name, *a, **k: None if name in names else real(name, *a, **k)
+
+
+def test_wrong_or_unknown_formats_are_one_line_errors(tmp_path, user_error):
+    prompts = _jsonl_file(tmp_path / "prompts.jsonl", [{"prompt": "q"}] * 4)
+    line = user_error(["sft", *FORMATS_FAST, "--data", prompts, "--output-dir", str(tmp_path / "a")])
+    assert "prompt-only records ({\"prompt\"}) are not SFT data" in line and line.endswith(f"({prompts}:1)")
+    odd = _jsonl_file(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}] * 4)
+    line = user_error(["sft", *FORMATS_FAST, "--data", odd, "--output-dir", str(tmp_path / "b")])
+    assert "no known dataset format (keys: answer, question)" in line and '{"prompt", "completion"}' in line
+    assert line.endswith(f"({odd}:1)")
+
+
+def test_cli_names_report_to_when_its_package_is_missing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", _without("tensorboard"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sft", *SFT, "--max-steps", "2", "--output-dir", str(tmp_path / "run"), "--report-to", "tensorboard"])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert "pip install tensorboard" in err[0] and err[0].endswith("(--report-to)"), err[0]
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_export_adapter_without_lora_is_one_line(tmp_path, capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sft", *SFT, "--max-steps", "1", "--export-adapter", "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "--export-adapter" in err and "LoRA" in err
+

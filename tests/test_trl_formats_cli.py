@@ -1,5 +1,6 @@
 """TRL-format data through the CLI: sft → dpo on prompt/completion and preference files, sft/rm on the offline
-HH directory layout, conversational SFT with --chat-template, and the one-line errors."""
+HH directory layout, conversational SFT with --chat-template and its one-line errors (a record in no known
+format: tests/test_cli_errors.py)."""
 
 import gzip
 import json
@@ -69,13 +70,3 @@ def test_conversational_sft_with_a_chat_template_file(tmp_path, user_error):
     line = user_error([*args, "--output-dir", str(tmp_path / "bad2"), "--chat-template",
                        "{{ raise_exception('mine') }}"])
     assert "chat template: mine" in line and line.endswith(f"({data}:1)")  # the records went through it
-
-
-def test_wrong_or_unknown_formats_are_one_line_errors(tmp_path, user_error):
-    prompts = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": "q"}] * 4)
-    line = user_error(["sft", "--preset", "tiny", *FAST, "--data", prompts, "--output-dir", str(tmp_path / "a")])
-    assert "prompt-only records ({\"prompt\"}) are not SFT data" in line and line.endswith(f"({prompts}:1)")
-    odd = _jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}] * 4)
-    line = user_error(["sft", "--preset", "tiny", *FAST, "--data", odd, "--output-dir", str(tmp_path / "b")])
-    assert "no known dataset format (keys: answer, question)" in line and '{"prompt", "completion"}' in line
-    assert line.endswith(f"({odd}:1)")

@@ -80,12 +80,3 @@ def test_preset_lora_export_adapter_writes_its_base(tmp_path):
                  "--output-dir", str(run)]) == 0
     cfg = _logits_equal_through_peft(run / "export", torch.randint(0, 256, (2, 11)))
     assert cfg["base_model_name_or_path"] == str((run / "export" / "adapter" / "base").resolve())
-
-
-def test_export_adapter_without_lora_is_one_line(tmp_path, capsys):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["sft", *TRAIN, "--preset", "tiny", "--export-adapter", "--output-dir", str(tmp_path / "run")])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
-    assert "--export-adapter" in err and "LoRA" in err
