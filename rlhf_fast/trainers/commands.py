@@ -73,7 +73,7 @@ class DemoCommand(Config):
     seed: int = option(0, "seed of every stage")
     data: str | None = option(None, "--task sentiment: an HH-RLHF .jsonl(.gz) file or directory (default: "
                               "../shared/data/hh-rlhf)")
-    sft_steps: int | None = option(None, "SFT optimizer steps (default: 300; sentiment 250)")
+    sft_steps: int | None = option(None, "SFT optimizer steps (default: 400; sentiment 250)")
     rm_steps: int | None = option(None, "reward-model optimizer steps (default: 200)")
     ppo_iterations: int | None = option(None, "PPO iterations (default: 40)")
     dpo_steps: int | None = option(None, "--algo dpo: DPO optimizer steps (default: 200)")

@@ -28,6 +28,7 @@ RL_PANELS: Panels = (
     ("reward", ("score", "eval/reward", "eval/greedy_reward")),
     ("KL to the reference (nats / sequence)", ("kl", "eval/kl")),
     ("loss", ("train/loss", "train/policy_loss", "train/value_loss")),
+    ("gold reward (held-out; a measure, not trained on)", ("eval/gold", "eval/greedy_gold")),
 )
 
 
@@ -94,3 +95,33 @@ def write_curves(run_dir, panels: Panels, *, title: str | None = None, xlabel: s
     if not plot_curves(read_metrics(run_dir / "metrics.jsonl"), path, panels, title=title, xlabel=xlabel):
         return None
     return path
+
+
+def plot_gold_vs_kl(points: list[dict], path, *, title: str | None = None) -> Path | None:
+    """The over-optimisation picture of Gao et al. (2022): held-out gold reward against KL to the reference,
+    one point per evaluation ({"iteration", "kl", "gold", "greedy_gold"}), each labelled by its iteration.
+    None (no file) without points."""
+    points = [p for p in points if isinstance(p.get("kl"), (int, float)) and "gold" in p]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    kl = [p["kl"] for p in points]
+    for key, label in (("gold", "sampled"), ("greedy_gold", "greedy")):
+        if all(key in p for p in points):
+            ax.plot(kl, [p[key] for p in points], marker="o", label=label)
+    for p in points:
+        ax.annotate(str(p["iteration"]), (p["kl"], p["gold"]), textcoords="offset points", xytext=(3, 3),
+                    fontsize="x-small")
+    ax.set(xlabel="KL to the reference (nats / sequence)", ylabel="gold reward (held-out)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

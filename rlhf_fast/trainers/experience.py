@@ -235,20 +235,23 @@ class ExperienceMaker:
 
     @torch.no_grad()
     def evaluate(self, tokenizer, prompt_ids: list[list[int]], texts: list[str] | None = None, *, batch_size: int = 32,
-                 samples: int = 1, seed: int = 1234, autocast=contextlib.nullcontext) -> dict[str, float]:
+                 samples: int = 1, seed: int = 1234, autocast=contextlib.nullcontext, gold=None) -> dict[str, float]:
         """On held-out prompts: mean score of `samples` sampled responses each (with its std, the summed-k1
         KL to the reference when there is one, and the length) and of the greedy response. A fixed-seed
-        generator of its own: training RNG is untouched."""
+        generator of its own: training RNG is untouched. `gold` (a RewardFunction of the prompt texts and
+        completions, e.g. a task's own rule): also their mean gold reward, `gold` and `greedy_gold`, a measure
+        only (never a training signal)."""
         m, t = self.models, self.temperature
         device = next(m.policy.parameters()).device
         gen = torch.Generator(device).manual_seed(seed)
-        scores, greedy, kls, lengths = [], [], [], []
+        scores, greedy, kls, lengths, gold_scores = [], [], [], [], []
         for i in range(0, len(prompt_ids), batch_size):
             ids, mask = (x.to(device) for x in tokenizer.pad(prompt_ids[i: i + batch_size], side="left"))
             chunk = None if texts is None else texts[i: i + batch_size]
             with autocast():
                 r = self.sample(ids, mask, chunk, generator=gen, group_size=samples, penalise=False)
-                greedy.append(self.sample(ids, mask, chunk, greedy=True, group_size=1, penalise=False).scores)
+                g = self.sample(ids, mask, chunk, greedy=True, group_size=1, penalise=False)
+                greedy.append(g.scores)
                 if self.reference:
                     first, seq, amask = ids.shape[1] - 1, r.sequences, r.attention_mask
                     lp = m.policy_logprobs(seq, amask, first, temperature=t)[:, first:]
@@ -257,11 +260,18 @@ class ExperienceMaker:
                     kls.append(torch.where(r.response_mask, kl_k1(lp.float(), ref.float()), 0.0).sum(dim=1))
             scores.append(r.scores)
             lengths.append(r.response_mask.sum(dim=1).float())
+            if gold is not None and chunk is not None:
+                gold_scores.append((gold([p for p in chunk for _ in range(samples)], r.completions(tokenizer)),
+                                    gold(chunk, g.completions(tokenizer))))
         scores = torch.cat(scores)
         out = {"reward": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
                "greedy_reward": float(torch.cat(greedy).mean()), "response_len": float(torch.cat(lengths).mean())}
         if kls:
             out["kl"] = float(torch.cat(kls).mean())
+        if gold_scores:
+            for key, i in (("gold", 0), ("greedy_gold", 1)):
+                values = [float(v) for part in gold_scores for v in part[i]]
+                out[key] = sum(values) / len(values)
         return out
 
     def make(self, input_ids, attention_mask, prompts: list[str] | None = None, *, kl_coef: float,

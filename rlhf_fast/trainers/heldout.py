@@ -5,6 +5,7 @@ score, length, whether it was cut at max_new_tokens, and (when asked) its summed
 the greedy response. The demo judges these with the task's gold reward and a win-rate; `rlhf-fast eval`
 with everything else. With the same seed and batch size it samples exactly the responses `evaluate`
 scores: the generator is seeded the same way, and greedy decoding draws no random numbers.
+`sample_completions` samples a bare model (no scorer): the demo's SFT policy, whose samples become RM pairs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_fast.generation import generate
 from rlhf_fast.rl import kl_k1
 
 from .experience import ExperienceMaker
@@ -68,3 +70,22 @@ def held_out_responses(maker: ExperienceMaker, tokenizer, prompt_ids: list[list[
     cat = {k: torch.cat(v) if v else None for k, v in parts.items()}
     return HeldOutResponses(completions, cat["scores"], cat["lengths"], cat["truncated"], cat["kl"],
                             greedy_texts if greedy else None, cat["greedy_scores"])
+
+
+@torch.no_grad()
+def sample_completions(model, tokenizer, prompts: list[str], *, samples: int, max_new_tokens: int,
+                       temperature: float = 1.0, seed: int = 0, batch_size: int = 32) -> list[str]:
+    """`samples` sampled responses per prompt (rows g*samples .. g*samples + samples - 1 answer prompts[g]),
+    decoded without EOS, from `model` as it is (its adapters as set), on the device of its parameters."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed)
+    model.eval()
+    out: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = tokenizer.pad([tokenizer.encode(p) for p in prompts[i: i + batch_size]], side="left")
+        ids, mask = ids.repeat_interleave(samples, 0).to(device), mask.repeat_interleave(samples, 0).to(device)
+        r = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, generator=gen,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        response, rmask = r.sequences[:, ids.shape[1]:].cpu(), r.response_mask.bool().cpu()
+        out += [tokenizer.decode(row[m].tolist()) for row, m in zip(response, rmask)]
+    return out

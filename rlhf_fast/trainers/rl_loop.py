@@ -84,6 +84,9 @@ class RLTrainer(PolicyUpdate):
                                     config=config.to_dict())
         self.iteration = 0
         self._warned_short_batch = False
+        # a task's own rule (RewardFunction of prompt texts and completions) measured at every evaluation as
+        # eval/gold and eval/greedy_gold: a held-out measure, never a training signal (the demo sets it)
+        self.gold = None
         self.history: list[dict] = []  # per-iteration metrics of this process
         self.eval_history: list[dict] = []
 
@@ -216,7 +219,8 @@ class RLTrainer(PolicyUpdate):
             return {}
         return self.maker.evaluate(self.tokenizer, self.eval_prompts, self.eval_texts,
                                    batch_size=batch_size or self.rl.rollout_batch_size,
-                                   samples=self.rl.eval_samples, seed=seed, autocast=self.strategy.autocast)
+                                   samples=self.rl.eval_samples, seed=seed, autocast=self.strategy.autocast,
+                                   gold=self.gold)
 
     # --- the loop -------------------------------------------------------------------------------------
     def train(self, until_iteration: int | None = None) -> list[dict]:

