@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_fast.data.tokenizer import TOKENIZER_MARKER, load_tokenizer, save_tokenizer, tokenizer_name  # noqa: F401
+from rlhf_fast.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_name
 from rlhf_fast.distributed import Strategy, build_strategy
 from rlhf_fast.model import GPT, add_lora
 from rlhf_fast.model.hf import save_hf_gpt2
@@ -51,12 +51,6 @@ def resolve_tokenizer_name(config: TrainConfig) -> str:
     if m.model is None:
         return "byte" if m.preset in ("tiny", "demo") else "gpt2"
     return tokenizer_name(m.model)
-
-
-def export_tokenizer_name(directory: Path) -> str:
-    """The tokenizer of the export in `directory`, for messages: "byte" (its marker) or the directory itself.
-    Load it with `load_tokenizer(directory)`."""
-    return tokenizer_name(directory)
 
 
 def tokenizer_signature(tokenizer) -> str:

@@ -19,18 +19,19 @@ from pathlib import Path
 import torch
 
 from rlhf_fast.data import PromptCollator, PromptDataset, ResumableBatches, load_prompts, load_tokenizer
+from rlhf_fast.data.tokenizer import tokenizer_name
 from rlhf_fast.distributed import Strategy
 from rlhf_fast.errors import ConfigError
 from rlhf_fast.model import GPT, ScalarHead, add_lora, load_adapter
 
-from .builders import export_tokenizer_name, tokenizer_signature
+from .builders import tokenizer_signature
 from .metrics import log
 from .models import POLICY, REWARD, VALUE, PPOModels
 from .reward import REWARD_ADAPTER_FILE, REWARD_META_FILE, load_adapter_head, load_reward_model, weights_fingerprint
 from .rl_config import PPOConfig
 from .rl_loop import RLTrainer
 
-__all__ = ["PPOConfig", "PPOTrainer", "build_ppo_trainer", "export_tokenizer_name", "load_ppo_models",
+__all__ = ["PPOConfig", "PPOTrainer", "build_ppo_trainer", "load_ppo_models",
            "prompt_batches", "tokenizer_signature"]
 
 
@@ -97,8 +98,8 @@ def load_ppo_models(sft_model, reward_model, *, lora: bool = True, lora_rank: in
     tokenizer, rm_tokenizer = load_tokenizer(sft_dir), load_tokenizer(rm_dir)
     if tokenizer_signature(tokenizer) != tokenizer_signature(rm_tokenizer):
         raise ValueError(f"the reward model {rm_dir} was trained with a different tokenizer "
-                         f"({export_tokenizer_name(rm_dir)}, {rm_tokenizer.vocab_size} tokens) than the SFT "
-                         f"policy {sft_dir} ({export_tokenizer_name(sft_dir)}, {tokenizer.vocab_size} tokens)")
+                         f"({tokenizer_name(rm_dir)}, {rm_tokenizer.vocab_size} tokens) than the SFT "
+                         f"policy {sft_dir} ({tokenizer_name(sft_dir)}, {tokenizer.vocab_size} tokens)")
     backends = dict(attn_backend=attn_backend, kernel_backend=kernel_backend)
     torch.manual_seed(seed)  # LoRA A matrices and the value head
     trained = dict(backends, grad_checkpoint=grad_checkpoint)

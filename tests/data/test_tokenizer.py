@@ -296,9 +296,8 @@ def test_export_with_gpt2_tokenizer_reloads_offline(gpt2_tok, tmp_path):
     model = GPT.from_preset("tiny", vocab_size=50304, attn_backend="torch")
     directory = export_model(model, gpt2_tok, tmp_path / "export", merge_adapter=None)
     texts = GPT2_TEXTS[:3] + GPT2_TEXTS[8:11]
-    code = ("import json, sys\nfrom rlhf_fast.data import load_tokenizer\nfrom rlhf_fast.trainers.builders import "
-            "export_tokenizer_name\nfrom pathlib import Path\n"
-            "tok = load_tokenizer(export_tokenizer_name(Path(sys.argv[1])))\n"
+    code = ("import json, sys\nfrom rlhf_fast.data import load_tokenizer\n"
+            "tok = load_tokenizer(sys.argv[1])\n"
             "print(json.dumps([tok.source, tok.vocab_size, tok.eos_token_id, tok.pad_token_id, "
             "[tok.encode(t) for t in json.loads(sys.argv[2])]]))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache")}

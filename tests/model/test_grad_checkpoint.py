@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_fast.cli import main, parse
+from rlhf_fast.data.tokenizer import TOKENIZER_MARKER
 from rlhf_fast.model import GPT, GPTConfig, RewardHead, ScalarHead, add_lora
 from rlhf_fast.trainers import ModelSettings, RunSettings, TrainConfig
-from rlhf_fast.trainers.builders import TOKENIZER_MARKER, build_model
+from rlhf_fast.trainers.builders import build_model
 from rlhf_fast.trainers.models import PPOModels
 from rlhf_fast.trainers.ppo import load_ppo_models
 from rlhf_fast.trainers.reward import REWARD_HEAD_FILE

@@ -13,11 +13,12 @@ import torch
 
 from rlhf_fast.cli import main
 from rlhf_fast.data import ByteTokenizer, load_tokenizer
+from rlhf_fast.data.tokenizer import TOKENIZER_MARKER
 from rlhf_fast.generation import SamplingConfig, decode_graph, generate
 from rlhf_fast.model import GPT
 from rlhf_fast.serving.chat import ChatSession, run_repl
 from rlhf_fast.serving.conversation import hh_prompt
-from rlhf_fast.trainers.builders import TOKENIZER_MARKER, export_model
+from rlhf_fast.trainers.builders import export_model
 
 N = 12  # max new tokens per reply
 

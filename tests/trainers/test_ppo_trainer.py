@@ -8,10 +8,10 @@ from ppo_testing import stage_config, tiny_models, tiny_trainer
 from rlhf_fast.cli import main
 from rlhf_fast.config import from_flat
 from rlhf_fast.data import load_prompts, synthetic_prompts
+from rlhf_fast.data.tokenizer import TOKENIZER_MARKER
 from rlhf_fast.model import GPT, ScalarHead
 from rlhf_fast.model.lora import adapter_names
 from rlhf_fast.trainers import build_reward_trainer, build_sft_trainer, load_reward_model
-from rlhf_fast.trainers.builders import TOKENIZER_MARKER
 from rlhf_fast.trainers.models import use_adapter
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer, load_ppo_models, prompt_batches
 from rlhf_fast.trainers.reward import REWARD_HEAD_FILE
