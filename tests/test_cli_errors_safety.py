@@ -47,19 +47,12 @@ def sft_run(tmp_path_factory):
     return run
 
 
-def assert_refused(capsys, argv, *names) -> str:
-    """`main(argv)` exits 2 with one stderr line naming each of `names`, no traceback; returns the line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, (exit_info.value.code, err)
-    assert "Traceback" not in err, err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("rlhf-fast: error: "), err
+def assert_refused(user_error, argv, *names) -> str:
+    """`main(argv)` exits 2 with one stderr line (conftest's `user_error`) naming each of `names`; returns it."""
+    line = user_error(argv)
     for name in names:
-        assert str(name) in lines[0], f"{name!r} not named in: {lines[0]}"
-    return lines[0]
+        assert str(name) in line, f"{name!r} not named in: {line}"
+    return line
 
 
 def poison_optim(checkpoint: Path, marker: Path) -> Path:
@@ -84,13 +77,13 @@ def test_a_checkpoint_loads_under_weights_only(sft_run):
         torch.load(path, weights_only=True)  # raises on anything but tensors and plain containers
 
 
-def test_a_pickle_payload_is_refused_unless_trusted(tmp_path, sft_run, capsys, caplog):
+def test_a_pickle_payload_is_refused_unless_trusted(tmp_path, sft_run, user_error, capsys, caplog):
     run = shutil.copytree(sft_run, tmp_path / "run")
     marker = tmp_path / "payload-ran"
     optim = poison_optim(run / "checkpoints" / "step-00000004", marker)
     argv = ["sft", *RUN4, "--output-dir", str(run), "--resume"]
 
-    assert_refused(capsys, argv, optim, "--trust-checkpoint")
+    assert_refused(user_error, argv, optim, "--trust-checkpoint")
     assert not marker.exists(), "the payload ran on a plain --resume"
     assert (run / "checkpoints" / "step-00000004").is_dir(), "an unsafe checkpoint is not a corrupt one: left in place"
     assert not list((run / "checkpoints").glob("corrupt-*"))
@@ -102,12 +95,12 @@ def test_a_pickle_payload_is_refused_unless_trusted(tmp_path, sft_run, capsys, c
     assert any("--trust-checkpoint" in w and str(optim) in w for w in warned), warned
 
 
-def test_an_older_checkpoint_is_refused_then_resumes_exactly_when_trusted(tmp_path, sft_run, capsys):
+def test_an_older_checkpoint_is_refused_then_resumes_exactly_when_trusted(tmp_path, sft_run, user_error, capsys):
     run = shutil.copytree(sft_run, tmp_path / "run")
     shutil.rmtree(run / "checkpoints" / "step-00000004")
     rng = old_format_rng(run / "checkpoints" / "step-00000002")
     argv = ["sft", *RUN4, "--output-dir", str(run), "--resume"]
-    line = assert_refused(capsys, argv, rng, "--trust-checkpoint")
+    line = assert_refused(user_error, argv, rng, "--trust-checkpoint")
     assert "numpy" in line  # what the file needs
 
     assert main([*argv, "--trust-checkpoint"]) == 0
@@ -122,5 +115,5 @@ def test_an_older_checkpoint_is_refused_then_resumes_exactly_when_trusted(tmp_pa
 
 @pytest.mark.parametrize("flag, value", [("--api-key", ""), ("--max-body-bytes", "0"), ("--max-streams", "0"),
                                          ("--max-streams-per-client", "-1"), ("--served-model-name", " ")])
-def test_a_bad_serve_limit_names_its_flag(capsys, flag, value):
-    assert_refused(capsys, ["serve", "--model", "tiny", "--device", "cpu", flag, value], flag)
+def test_a_bad_serve_limit_names_its_flag(user_error, flag, value):
+    assert_refused(user_error, ["serve", "--model", "tiny", "--device", "cpu", flag, value], flag)

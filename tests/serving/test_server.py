@@ -4,11 +4,9 @@ the queue is full; 4xx JSON errors naming the field; a client leaving mid-stream
 /v1/models, the chat page; `rlhf-fast serve` without the extra. A tiny random-init model on CPU."""
 
 import json
-import socket
 import sys
 import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -17,9 +15,10 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from serving_testing import running, tiny_model  # noqa: E402
+
 from rlhf_fast.data import ByteTokenizer  # noqa: E402
 from rlhf_fast.generation import generate  # noqa: E402
-from rlhf_fast.model import GPT  # noqa: E402
 from rlhf_fast.serving import server as server_module  # noqa: E402
 from rlhf_fast.serving.batcher import BatchConfig  # noqa: E402
 from rlhf_fast.serving.conversation import end_of_reply, hh_prompt  # noqa: E402
@@ -30,31 +29,6 @@ NAME = "tiny-test"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    return GPT.from_preset("tiny", attn_backend="torch").eval()
-
-
-@contextmanager
-def running(app):
-    """Base URL of `app` served by uvicorn in a background thread on a free loopback port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

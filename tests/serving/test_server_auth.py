@@ -5,21 +5,19 @@ open; a body over --max-body-bytes gets 413 (declared or chunked); streams beyon
 --served-model-name (and its default), the key from $RLHF_FAST_API_KEY, the warning for a non-loopback host."""
 
 import json
-import socket
 import threading
 import time
-from contextlib import contextmanager
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from serving_testing import running, tiny_model  # noqa: E402
+
 from rlhf_fast.cli import main  # noqa: E402
 from rlhf_fast.data import ByteTokenizer  # noqa: E402
-from rlhf_fast.model import GPT  # noqa: E402
 from rlhf_fast.serving import server as server_module  # noqa: E402
 from rlhf_fast.serving.batcher import BatchConfig  # noqa: E402
 from rlhf_fast.serving.commands import served_model_name  # noqa: E402
@@ -33,31 +31,6 @@ NAME = "tiny-guarded"
 KEY = "sk-test-0123456789"
 COMPLETE, CHAT = "/v1/completions", "/v1/chat/completions"
 BODY = dict(prompt="Hi", max_tokens=3, temperature=0)
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    return GPT.from_preset("tiny", attn_backend="torch").eval()
-
-
-@contextmanager
-def running(app):
-    """Base URL of `app` served by uvicorn in a background thread on a free loopback port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

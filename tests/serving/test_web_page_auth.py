@@ -4,22 +4,17 @@ fragment (`/#api_key=KEY`, then gone from the address bar) or typed into #api-ke
 server: test_web_page.py.) Skips only when selenium, Chromium or chromedriver is missing."""
 
 import shutil
-import socket
-import threading
-import time
-from contextlib import contextmanager
 
 import pytest
-import torch
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 uvicorn = pytest.importorskip("uvicorn")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from serving_testing import running, tiny_model  # noqa: E402
 
 from rlhf_fast.data import ByteTokenizer  # noqa: E402
-from rlhf_fast.model import GPT  # noqa: E402
 from rlhf_fast.serving.batcher import BatchConfig  # noqa: E402
 from rlhf_fast.serving.guard import ServerLimits  # noqa: E402
 from rlhf_fast.serving.server import create_app  # noqa: E402
@@ -31,30 +26,9 @@ KEY = "sk-page-key"
 WAIT_S = 20
 
 
-@contextmanager
-def running(app):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def base():
-    torch.manual_seed(0)
-    model = GPT.from_preset("tiny", attn_backend="torch").eval()
-    app = create_app(model, ByteTokenizer(), NAME, BatchConfig(batch_window_ms=0), ServerLimits(api_key=KEY))
+    app = create_app(tiny_model(), ByteTokenizer(), NAME, BatchConfig(batch_window_ms=0), ServerLimits(api_key=KEY))
     with running(app) as url:
         yield url
 
